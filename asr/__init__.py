@@ -1,0 +1,1 @@
+"""Speech side of the server: VAD, segmentation, the shared Whisper engine, streaming."""

@@ -1,0 +1,186 @@
+"""Turns a stream of VAD probabilities into utterances."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .vad import SAMPLE_RATE, WINDOW, SileroVAD
+
+_WINDOW_S = WINDOW / SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    threshold: float = 0.5  # probability that starts speech
+    neg_threshold: float = 0.35  # speech goes on until the probability falls below this
+    min_speech_ms: int = 250  # shorter bursts are noise
+    preroll_ms: int = 300  # audio kept from before the onset: VAD fires after the first phoneme
+    endpoint_ms: int = 500  # silence that ends an utterance
+    tail_ms: int = 200  # silence kept after the last speech: Whisper ends words better with it
+    max_utterance_s: float = 20.0  # never beyond Whisper's 30 s window
+    split_pause_ms: int = 160  # a pause long enough to split an utterance grown past half its limit
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    utterance: int
+    start: float
+
+
+@dataclass(frozen=True)
+class SpeechEnded:
+    utterance: int
+    start: float  # onset, seconds on the stream timeline
+    end: float  # end of the last speech window
+    audio: np.ndarray  # pre-roll + speech + tail
+    audio_start: float  # timeline position of audio[0]
+
+
+SegmentEvent = SpeechStarted | SpeechEnded
+
+
+class Segmenter:
+    """Feed 16 kHz mono float32 audio; get utterance boundaries and their audio."""
+
+    def __init__(self, vad: SileroVAD, config: SegmenterConfig) -> None:
+        self._vad = vad
+        self.config = config
+        self._preroll_windows = max(1, round(config.preroll_ms / 1000 / _WINDOW_S))
+        self._endpoint_windows = max(1, round(config.endpoint_ms / 1000 / _WINDOW_S))
+        self._min_speech_windows = max(1, round(config.min_speech_ms / 1000 / _WINDOW_S))
+        self._tail_windows = min(self._endpoint_windows, round(config.tail_ms / 1000 / _WINDOW_S))
+        self._split_pause_windows = max(1, round(config.split_pause_ms / 1000 / _WINDOW_S))
+        self._max_windows = int(config.max_utterance_s / _WINDOW_S)
+        self._unprocessed = np.zeros(0, dtype=np.float32)
+        self._position = 0  # windows seen since the stream began
+        self._recent: deque[np.ndarray] = deque(maxlen=self._preroll_windows)
+        self._utterance = 0
+        self._windows: list[np.ndarray] = []  # current (candidate) utterance, pre-roll included
+        self._probs: list[float] = []
+        self._first = 0  # window index of _windows[0]
+        self._onset = 0  # window index where speech began
+        self._speech = 0  # speech windows in the candidate
+        self._silence = 0  # trailing windows below neg_threshold
+        self._confirmed = False
+        self._active = False
+
+    @property
+    def in_speech(self) -> bool:
+        return self._confirmed
+
+    @property
+    def utterance(self) -> int:
+        return self._utterance
+
+    @property
+    def onset(self) -> float:
+        """Timeline position where the current utterance's speech began."""
+        return round(self._onset * _WINDOW_S, 3)
+
+    def speech_audio(self) -> tuple[np.ndarray, float]:
+        """The confirmed utterance so far (for partials) and the timeline position of its start."""
+        return np.concatenate(self._windows), self._first * _WINDOW_S
+
+    def push(self, audio: np.ndarray) -> list[SegmentEvent]:
+        probs = self._vad(audio)
+        buf = np.concatenate([self._unprocessed, audio]) if self._unprocessed.size else audio
+        n = probs.size
+        self._unprocessed = buf[n * WINDOW :].copy()
+        events: list[SegmentEvent] = []
+        for i in range(n):
+            self._step(buf[i * WINDOW : (i + 1) * WINDOW], float(probs[i]), events)
+            self._position += 1
+        return events
+
+    def flush(self) -> list[SegmentEvent]:
+        """End of stream: whatever confirmed speech is in progress becomes an utterance."""
+        events: list[SegmentEvent] = []
+        if self._confirmed:
+            if self._unprocessed.size:
+                self._windows.append(self._unprocessed)
+            events.append(self._end(len(self._windows) - self._silence + self._tail_windows))
+        self._unprocessed = np.zeros(0, dtype=np.float32)
+        self._reset()
+        return events
+
+    def _step(self, window: np.ndarray, prob: float, events: list[SegmentEvent]) -> None:
+        c = self.config
+        if not self._active:
+            self._recent.append(window)
+            if prob >= c.threshold:
+                self._active = True
+                self._windows = list(self._recent)
+                self._probs = [0.0] * (len(self._windows) - 1) + [prob]
+                self._first = self._position - len(self._windows) + 1
+                self._onset = self._position
+                self._speech, self._silence = 1, 0
+            return
+        self._windows.append(window)
+        self._probs.append(prob)
+        if prob < c.neg_threshold:
+            self._silence += 1
+        else:
+            if prob >= c.threshold:
+                self._silence = 0
+            if self._silence == 0:
+                self._speech += 1
+        if not self._confirmed:
+            if self._speech >= self._min_speech_windows:
+                self._confirmed = True
+                self._utterance += 1
+                events.append(SpeechStarted(self._utterance, round(self._onset * _WINDOW_S, 3)))
+            elif self._silence >= self._endpoint_windows:
+                self._discard()
+            return
+        length = len(self._windows)
+        if self._silence >= self._endpoint_windows or (
+            length > self._max_windows // 2 and self._silence >= self._split_pause_windows
+        ):
+            keep = length - self._silence + self._tail_windows
+            events.append(self._end(keep))
+            self._carry_over(keep)
+        elif length >= self._max_windows:
+            cut = self._quietest_point()
+            events.append(self._end(cut))
+            self._carry_over(cut, still_speaking=True)
+            events.append(SpeechStarted(self._utterance, round(self._onset * _WINDOW_S, 3)))
+
+    def _end(self, keep: int) -> SpeechEnded:
+        speech_end = self._first + len(self._windows) - self._silence
+        return SpeechEnded(
+            utterance=self._utterance,
+            start=round(self._onset * _WINDOW_S, 3),
+            end=round(min(speech_end, self._first + keep) * _WINDOW_S, 3),
+            audio=np.concatenate(self._windows[:keep]),
+            audio_start=round(self._first * _WINDOW_S, 3),
+        )
+
+    def _quietest_point(self) -> int:
+        # Forced split: cut where speech is least likely in the last quarter, not mid-word.
+        lo = len(self._probs) * 3 // 4
+        return lo + int(np.argmin(self._probs[lo:])) + 1
+
+    def _carry_over(self, cut: int, still_speaking: bool = False) -> None:
+        rest_windows, rest_probs = self._windows[cut:], self._probs[cut:]
+        first = self._first + cut
+        self._reset()
+        if still_speaking:
+            self._active = self._confirmed = True
+            self._utterance += 1
+            self._windows, self._probs = rest_windows, rest_probs
+            self._first = self._onset = first
+            self._speech = len(rest_windows)
+        else:
+            self._recent.extend(rest_windows)
+
+    def _discard(self) -> None:
+        self._recent.extend(self._windows)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._windows, self._probs = [], []
+        self._speech = self._silence = 0
+        self._confirmed = self._active = False

@@ -1,0 +1,149 @@
+"""One stream's speech pipeline: 16 kHz audio in, protocol events out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .engine import Transcript
+from .segmenter import Segmenter, SpeechEnded, SpeechStarted
+from .vad import SAMPLE_RATE
+from .worker import DecodeWorker, Overloaded
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    language: str | None  # None: detect per utterance
+    partials: bool = True
+    partial_interval_ms: int = 600
+
+
+class SpeechStream:
+    """Feeds the segmenter, asks the worker for partials and finals, emits events in order."""
+
+    def __init__(self, worker: DecodeWorker, segmenter: Segmenter, options: StreamOptions,
+                 emit: Callable[[Event], None]) -> None:
+        self._worker = worker
+        self._segmenter = segmenter
+        self.options = options
+        self._emit = emit
+        self.samples = 0
+        self.utterances = 0
+        self._partial_task: asyncio.Task | None = None
+        self._partial_audio = 0  # utterance samples covered by the last partial request
+        self._previous_words: list[str] = []
+        self._last_final: asyncio.Task | None = None
+        self._finals_pending = 0
+
+    @property
+    def finals_pending(self) -> int:
+        return self._finals_pending
+
+    def feed(self, pcm: np.ndarray) -> None:
+        """16 kHz mono float32. Cheap: VAD and bookkeeping only; decoding is queued."""
+        self.samples += pcm.size
+        for event in self._segmenter.push(pcm):
+            self._on_segment(event)
+        self._maybe_partial()
+
+    async def finish(self) -> None:
+        """End of input: close the utterance in progress and wait until its final is sent."""
+        for event in self._segmenter.flush():
+            self._on_segment(event)
+        if self._last_final is not None:
+            await asyncio.shield(self._last_final)
+
+    def close(self) -> None:
+        for task in (self._partial_task, self._last_final):
+            if task is not None and not task.done():
+                task.cancel()
+
+    def _on_segment(self, event: SpeechStarted | SpeechEnded) -> None:
+        if isinstance(event, SpeechStarted):
+            self._partial_audio = 0
+            self._previous_words = []
+            self._emit({"type": "speech.started", "utterance": event.utterance, "start": event.start})
+            return
+        self.utterances += 1
+        self._emit({"type": "speech.stopped", "utterance": event.utterance, "end": event.end})
+        self._finals_pending += 1
+        self._last_final = asyncio.create_task(self._final(event, self._last_final))
+
+    async def _final(self, event: SpeechEnded, previous: asyncio.Task | None) -> None:
+        try:
+            result = await self._worker.final(event.audio, self.options.language)
+        except Overloaded as e:
+            result = None
+            self._emit({"type": "error", "code": "overloaded", "message": str(e)})
+        except Exception:
+            log.exception("final decode failed")
+            result = None
+            self._emit({"type": "error", "code": "decode_failed",
+                        "message": "transcription of an utterance failed"})
+        if previous is not None:
+            await asyncio.shield(previous)  # finals leave in utterance order
+        self._finals_pending -= 1
+        self._emit(_final_event(event, result, self.options.language))
+
+    def _maybe_partial(self) -> None:
+        if not (self.options.partials and self._segmenter.in_speech):
+            return
+        if self._partial_task is not None and not self._partial_task.done():
+            return
+        audio, _ = self._segmenter.speech_audio()
+        interval = self.options.partial_interval_ms * SAMPLE_RATE // 1000
+        # The first partial goes as soon as speech is confirmed; then one per interval of new audio.
+        if self._partial_audio and audio.size - self._partial_audio < interval:
+            return
+        self._partial_audio = audio.size
+        self._partial_task = asyncio.create_task(self._partial(self._segmenter.utterance, audio))
+
+    async def _partial(self, utterance: int, audio: np.ndarray) -> None:
+        try:
+            result = await self._worker.partial(id(self), audio, self.options.language)
+        except Exception:
+            log.exception("partial decode failed")
+            return
+        # A partial that comes back after its utterance ended would arrive after speech.stopped.
+        if result is None or utterance != self._segmenter.utterance or not self._segmenter.in_speech:
+            return
+        words = result.text.split()
+        stable = _common_prefix(self._previous_words, words)
+        self._previous_words = words
+        self._emit({"type": "transcript.partial", "utterance": utterance, "text": result.text,
+                    "stable": " ".join(stable), "start": self._segmenter.onset})
+
+
+def _common_prefix(a: list[str], b: list[str]) -> list[str]:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return b[:n]
+
+
+def _final_event(event: SpeechEnded, result: Transcript | None, language: str | None) -> Event:
+    offset = event.audio_start
+    words = [] if result is None else [
+        {"word": w.word, "start": round(offset + w.start, 3), "end": round(offset + w.end, 3),
+         "probability": w.probability}
+        for w in result.words
+    ]
+    return {
+        "type": "transcript.final",
+        "utterance": event.utterance,
+        "text": "" if result is None else result.text,
+        "start": event.start,
+        "end": event.end,
+        "language": result.language if result is not None else language,
+        "words": words,
+    }

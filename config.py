@@ -1,0 +1,93 @@
+"""Every server setting, in one place: each is a command-line flag and an environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Mapping, Sequence
+
+ENV_PREFIX = "STT_"
+
+
+def _ice_servers(value: str) -> list[dict[str, Any]]:
+    """A JSON list of RTCIceServer objects, or comma-separated URLs."""
+    value = value.strip()
+    if not value:
+        return []
+    if value.startswith("["):
+        servers = json.loads(value)
+        if not isinstance(servers, list) or not all(isinstance(s, dict) and "urls" in s for s in servers):
+            raise ValueError("ICE servers JSON must be a list of objects with 'urls'")
+        return servers
+    return [{"urls": url.strip()} for url in value.split(",") if url.strip()]
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8000, metadata={"help": "TCP port for HTTP and signaling"})
+    model: str = field(default="tiny.en", metadata={
+        "help": "tiny.en (embedded), base (packaged multilingual), a CTranslate2 model folder, "
+                "or a faster-whisper hub name (needs network once)"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or auto"})
+    compute_type: str = field(default="int8", metadata={"help": "CTranslate2 compute type"})
+    cpu_threads: int = field(default=0, metadata={"help": "threads for Whisper (0: all cores)"})
+    beam_size: int = field(default=5, metadata={"help": "beam size for finals (partials are greedy)"})
+    language: str = field(default="", metadata={
+        "help": "default language code; empty: en for English-only models, detect otherwise"})
+    endpoint_ms: int = field(default=500, metadata={"help": "silence that ends an utterance"})
+    partial_interval_ms: int = field(default=600, metadata={
+        "help": "new audio between two partial hypotheses"})
+    vad_threshold: float = field(default=0.5, metadata={"help": "speech probability that starts speech"})
+    min_speech_ms: int = field(default=250, metadata={"help": "shorter sounds are ignored"})
+    preroll_ms: int = field(default=300, metadata={"help": "audio kept from before speech onset"})
+    max_utterance_s: float = field(default=20.0, metadata={"help": "longer speech is split (max 30)"})
+    max_sessions: int = field(default=16, metadata={"help": "concurrent sessions; more get 503"})
+    ice_timeout_s: float = field(default=15.0, metadata={"help": "time for ICE to connect"})
+    idle_timeout_s: float = field(default=30.0, metadata={"help": "end a session with no audio for this long"})
+    max_session_s: float = field(default=3600.0, metadata={"help": "longest session"})
+    max_offer_bytes: int = field(default=65536, metadata={"help": "largest accepted SDP offer"})
+    ice_servers: list = field(default_factory=list, metadata={
+        "help": "STUN/TURN servers: JSON list of RTCIceServer objects, or comma-separated URLs; "
+                "empty by default (no public STUN server is ever contacted)",
+        "parse": _ice_servers})
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_utterance_s <= 30:
+            raise ValueError("max_utterance_s must be in (0, 30]: Whisper sees at most 30 s")
+        if self.endpoint_ms < 100:
+            raise ValueError("endpoint_ms must be at least 100")
+        if self.max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None,
+                  environ: Mapping[str, str] = os.environ) -> "Config":
+        parser = argparse.ArgumentParser(description="Live speech-to-text server (WebRTC + Whisper)")
+        for f in fields(cls):
+            env = ENV_PREFIX + f.name.upper()
+            parse = f.metadata.get("parse") or _PARSERS[f.type]
+            default = f.default_factory() if f.default is MISSING else f.default
+            # argparse runs `type` on string defaults too, so an environment value is parsed alike.
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=parse,
+                                default=environ.get(env, default),
+                                help=f"{f.metadata['help']} [env {env}]")
+        ns = parser.parse_args(argv)
+        try:
+            return cls(**vars(ns))
+        except ValueError as e:
+            parser.error(str(e))
+
+
+_PARSERS = {"str": str, "int": int, "float": float, "bool": _bool}

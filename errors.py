@@ -1,0 +1,44 @@
+"""Client-facing errors: one JSON shape for every HTTP route."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+    def response(self) -> web.Response:
+        return error_response(self.status, self.code, self.message, self.headers)
+
+
+def error_response(status: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    body = json.dumps({"error": {"code": code, "message": message}})
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return e.response()
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error_response(e.status, _HTTP_CODES.get(e.status, "http_error"), e.reason,
+                              {k: v for k, v in e.headers.items() if k.lower() == "allow"})
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal server error")

@@ -1,0 +1,137 @@
+"""The server's end of one WebRTC session: audio track in, events out on the data channel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import av
+import numpy as np
+from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from sessions import Session
+
+log = logging.getLogger(__name__)
+
+_FLUSH_TIMEOUT_S = 2.0
+
+
+def rtc_configuration(ice_servers: list[dict[str, Any]]) -> RTCConfiguration:
+    # Always explicit: with no configuration aiortc would ask Google's public STUN server.
+    return RTCConfiguration(iceServers=[
+        RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+        for s in ice_servers
+    ])
+
+
+class PeerSession:
+    """Binds a session to its RTCPeerConnection; the session's lifecycle rules."""
+
+    def __init__(self, session: Session, ice_servers: list[dict[str, Any]], ice_timeout_s: float):
+        self.session = session
+        self.pc = RTCPeerConnection(rtc_configuration(ice_servers))
+        self.channel: RTCDataChannel | None = None
+        self._reader: asyncio.Task | None = None
+        self._ice_timer = asyncio.create_task(self._ice_deadline(ice_timeout_s))
+        session.on_close(self.close)
+        self.pc.on("datachannel", self._on_datachannel)
+        self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_state)
+
+    async def answer(self, offer_sdp: str) -> str:
+        from aiortc import RTCSessionDescription
+
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        # aiortc gathers every candidate inside setLocalDescription: the answer is complete.
+        return self.pc.localDescription.sdp
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if self.channel is not None:
+            return  # the first channel the client opens carries the events
+        self.channel = channel
+        channel.on("message", self._on_message)
+        channel.on("close", lambda: self._end("peer_closed"))
+        info = self.session.info()
+        self._send({"type": "session.started", **info})
+        self.session.add_sink(self._send)
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and self._reader is None:
+            self._reader = asyncio.create_task(self._read(track))
+
+    async def _on_state(self) -> None:
+        state = self.pc.connectionState
+        if state == "connected":
+            self._ice_timer.cancel()
+        elif state in ("failed", "closed"):
+            self._end("connection_failed" if state == "failed" else "peer_closed")
+
+    async def _ice_deadline(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+        if self.pc.connectionState != "connected":
+            self._end("ice_timeout")
+
+    async def _read(self, track: MediaStreamTrack) -> None:
+        # One resampler for the track's life: it keeps filter state across frames.
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
+        try:
+            while True:
+                frame = await track.recv()  # promptly: aiortc queues unread frames without bound
+                for out in resampler.resample(frame):
+                    self.session.feed(_to_float(out))
+        except MediaStreamError:
+            for out in resampler.resample(None):
+                self.session.feed(_to_float(out))
+            self._end("peer_closed")
+
+    def _on_message(self, message: str | bytes) -> None:
+        try:
+            data = json.loads(message)
+        except (ValueError, UnicodeDecodeError):
+            self._send({"type": "error", "code": "bad_message", "message": "message is not valid JSON"})
+            return
+        kind = data.get("type") if isinstance(data, dict) else None
+        if kind == "stop":
+            self._end("stop")
+        else:
+            self._send({"type": "error", "code": "unknown_message",
+                        "message": f"unknown message type {kind!r}; the client may send: stop"})
+
+    def _send(self, event: dict[str, Any]) -> None:
+        if self.channel is not None and self.channel.readyState == "open":
+            self.channel.send(json.dumps(event, separators=(",", ":")))
+
+    def _end(self, reason: str) -> None:
+        if not self.session.ended:
+            asyncio.create_task(self.session.end(reason))
+
+    async def close(self) -> None:
+        self._ice_timer.cancel()
+        await self._flush()
+        if self._reader is not None:
+            self._reader.cancel()
+        await self.pc.close()
+
+    async def _flush(self) -> None:
+        """Let the last events reach the client before the association is torn down."""
+        if self.channel is None or self.channel.readyState != "open":
+            return
+        sctp = self.pc.sctp
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _FLUSH_TIMEOUT_S
+        while loop.time() < deadline:
+            # aiortc exposes no "all acknowledged" signal; its queues are the ground truth.
+            pending = self.channel.bufferedAmount or (sctp is not None and (
+                getattr(sctp, "_data_channel_queue", None) or getattr(sctp, "_outbound_queue", None)
+                or getattr(sctp, "_sent_queue", None)))
+            if not pending:
+                return
+            await asyncio.sleep(0.02)
+
+
+def _to_float(frame: av.AudioFrame) -> np.ndarray:
+    return frame.to_ndarray().reshape(-1).astype(np.float32) / 32768.0

@@ -1,0 +1,105 @@
+"""HTTP offer/answer (WHIP, RFC 9725): POST an SDP offer, get the complete answer; DELETE to end."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+from aiortc.sdp import SessionDescription
+
+from errors import ApiError
+from sessions import SessionRegistry
+
+from .peer import PeerSession
+
+log = logging.getLogger(__name__)
+
+REGISTRY = web.AppKey("registry", SessionRegistry)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/rtc", post_offer)
+    app.router.add_delete("/v1/rtc/{session_id}", delete_session)
+
+
+async def post_offer(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    config = registry.config
+    content_type = request.content_type
+    if content_type not in ("application/sdp", "application/json"):
+        raise ApiError(415, "unsupported_media_type",
+                       "send the offer as application/sdp, or application/json {type, sdp}")
+    body = await _read_limited(request, config.max_offer_bytes)
+    raw_options = dict(request.query)
+    if content_type == "application/json":
+        sdp, extra = _parse_json_offer(body)
+        raw_options.update(extra)
+    else:
+        try:
+            sdp = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "bad_sdp", "the offer is not UTF-8 text") from None
+    options = registry.options(raw_options)
+    _check_offer(sdp)
+    registry.check_capacity()
+
+    session = registry.create("webrtc", options)
+    peer = PeerSession(session, config.ice_servers, config.ice_timeout_s)
+    try:
+        answer = await peer.answer(sdp)
+    except Exception as e:
+        log.info("rejected offer: %s", e)
+        await session.end("bad_offer")
+        raise ApiError(400, "bad_sdp", f"the offer could not be negotiated: {e}") from None
+    location = f"/v1/rtc/{session.id}"
+    if content_type == "application/sdp":
+        return web.Response(status=201, text=answer, content_type="application/sdp",
+                            headers={"Location": location})
+    return web.json_response({"type": "answer", "sdp": answer, "session_id": session.id},
+                             status=201, headers={"Location": location})
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    session = registry.get(request.match_info["session_id"])
+    if session is None:
+        raise ApiError(404, "unknown_session", "no such session")
+    await session.end("deleted")
+    return web.json_response({"session_id": session.id, "reason": session.reason})
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "too_large", f"the offer is larger than {limit} bytes")
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise ApiError(413, "too_large", f"the offer is larger than {limit} bytes")
+    return body
+
+
+def _parse_json_offer(body: bytes) -> tuple[str, dict]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise ApiError(400, "bad_json", "the body is not valid JSON") from None
+    if not isinstance(data, dict) or data.get("type") != "offer" or not isinstance(data.get("sdp"), str):
+        raise ApiError(400, "bad_offer", 'expected {"type": "offer", "sdp": "..."}')
+    return data["sdp"], {k: v for k, v in data.items() if k not in ("type", "sdp")}
+
+
+def _check_offer(sdp: str) -> None:
+    """Refuse what can never become a transcription before any peer is built."""
+    if not sdp.lstrip().startswith("v=0"):
+        raise ApiError(400, "bad_sdp", "the body is not an SDP offer")
+    try:
+        description = SessionDescription.parse(sdp)
+    except Exception:
+        raise ApiError(400, "bad_sdp", "the SDP offer could not be parsed") from None
+    audio = [m for m in description.media if m.kind == "audio"]
+    if not audio:
+        raise ApiError(400, "no_audio", "the offer has no audio track")
+    if not any(c.mimeType.lower() == "audio/opus" for m in audio for c in m.rtp.codecs):
+        raise ApiError(400, "no_opus", "the offer's audio does not offer Opus")
+    if not any(m.direction in ("sendonly", "sendrecv", None) for m in audio):
+        raise ApiError(400, "no_audio", "the offer sends no audio")

@@ -1,0 +1,244 @@
+"""Sessions, whatever their transport: options, lifecycle, limits, and where their events go."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any, Awaitable, Callable, Mapping
+
+import numpy as np
+
+from asr.segmenter import Segmenter, SegmenterConfig
+from asr.stream import Event, SpeechStream, StreamOptions
+from asr.vad import SileroModel, SileroVAD
+from asr.worker import DecodeWorker
+from config import Config
+from errors import ApiError
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Event], None]
+
+_FINISH_TIMEOUT_S = 15.0  # longest wait for the last final when a session ends
+_BACKLOG = 256  # events kept for a sink that is not attached yet
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    language: str | None
+    partials: bool
+    endpoint_ms: int
+
+
+def parse_options(raw: Mapping[str, Any], config: Config, languages: frozenset[str],
+                  default_language: str | None) -> SessionOptions:
+    """Options from a query string or JSON body; anything unknown or malformed is a 400."""
+    unknown = set(raw) - {"language", "partials", "endpoint_ms"}
+    if unknown:
+        raise ApiError(400, "unknown_option", f"unknown option(s): {', '.join(sorted(unknown))}")
+    language = default_language
+    if "language" in raw:
+        value = raw["language"]
+        if not isinstance(value, str) or not value:
+            raise ApiError(400, "bad_option", "language must be a language code")
+        if value == "auto":
+            if len(languages) == 1:
+                raise ApiError(400, "bad_option", "this model knows one language: detection is off")
+            language = None
+        elif value not in languages:
+            raise ApiError(400, "bad_option",
+                           f"language {value!r} is not supported by this model"
+                           + ("" if len(languages) > 1 else " (English only)"))
+        else:
+            language = value
+    partials = True
+    if "partials" in raw:
+        value = raw["partials"]
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            value = value.lower() in ("true", "1")
+        if not isinstance(value, bool):
+            raise ApiError(400, "bad_option", "partials must be true or false")
+        partials = value
+    endpoint_ms = config.endpoint_ms
+    if "endpoint_ms" in raw:
+        value = raw["endpoint_ms"]
+        try:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            endpoint_ms = int(value)
+        except (TypeError, ValueError):
+            raise ApiError(400, "bad_option", "endpoint_ms must be an integer") from None
+        if not 100 <= endpoint_ms <= 5000:
+            raise ApiError(400, "bad_option", "endpoint_ms must be between 100 and 5000")
+    return SessionOptions(language, partials, endpoint_ms)
+
+
+class Session:
+    """One live stream: audio in through feed(), events out to its sinks, ended exactly once."""
+
+    def __init__(self, registry: "SessionRegistry", transport: str, options: SessionOptions,
+                 stream_factory: Callable[[Sink], SpeechStream]) -> None:
+        self.id = uuid.uuid4().hex
+        self.transport = transport
+        self.options = options
+        self.started = time.monotonic()
+        self.last_audio = self.started
+        self.reason: str | None = None
+        self._registry = registry
+        self._sinks: list[Sink] = []
+        self._backlog: deque[Event] = deque(maxlen=_BACKLOG)
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._ended = asyncio.Event()
+        self._ending = False
+        self.stream = stream_factory(self.emit)
+        self._watchdog = asyncio.create_task(self._watch())
+
+    @property
+    def ended(self) -> bool:
+        return self._ended.is_set()
+
+    def info(self) -> dict[str, Any]:
+        """The fields of session.started."""
+        return {"session_id": self.id, "model": self._registry.worker.engine.name,
+                "language": self.options.language, "sample_rate": 16000}
+
+    def add_sink(self, sink: Sink) -> None:
+        """The first sink also gets what was said before it came (the data channel opens late)."""
+        if not self._sinks:
+            for event in self._backlog:
+                sink(event)
+            self._backlog.clear()
+        self._sinks.append(sink)
+
+    def remove_sink(self, sink: Sink) -> None:
+        if sink in self._sinks:
+            self._sinks.remove(sink)
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        self._closers.append(closer)
+
+    def emit(self, event: Event) -> None:
+        if not self._sinks:
+            self._backlog.append(event)
+        for sink in list(self._sinks):
+            try:
+                sink(event)
+            except Exception:  # one broken sink must not starve the others
+                log.exception("session %s: sink failed", self.id)
+                self.remove_sink(sink)
+
+    def feed(self, pcm: np.ndarray) -> None:
+        if self._ending:
+            return
+        self.last_audio = time.monotonic()
+        self.stream.feed(pcm)
+
+    async def end(self, reason: str) -> None:
+        """Finalize speech in progress, send its final, then session.ended; idempotent."""
+        if self._ending:
+            await self._ended.wait()
+            return
+        self._ending = True
+        self.reason = reason
+        if asyncio.current_task() is not self._watchdog:
+            self._watchdog.cancel()
+        try:
+            await asyncio.wait_for(self.stream.finish(), _FINISH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("session %s: last final not ready in %ss", self.id, _FINISH_TIMEOUT_S)
+        except Exception:
+            log.exception("session %s: finishing failed", self.id)
+        self.stream.close()
+        self.emit({"type": "session.ended", "reason": reason})
+        for closer in self._closers:
+            try:
+                await closer()
+            except Exception:
+                log.exception("session %s: closing transport failed", self.id)
+        self._registry.remove(self)
+        self._ended.set()
+        log.info("session %s ended: transport=%s reason=%s duration=%.1fs utterances=%d",
+                 self.id, self.transport, reason, time.monotonic() - self.started,
+                 self.stream.utterances)
+
+    async def _watch(self) -> None:
+        config = self._registry.config
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            if now - self.last_audio > config.idle_timeout_s:
+                reason = "idle_timeout"
+            elif now - self.started > config.max_session_s:
+                reason = "max_duration"
+            else:
+                continue
+            asyncio.create_task(self.end(reason))
+            return
+
+
+class SessionRegistry:
+    """Creates sessions within the limit and knows every live one."""
+
+    def __init__(self, config: Config, worker: DecodeWorker, vad_model: SileroModel) -> None:
+        self.config = config
+        self.worker = worker
+        self.vad_model = vad_model
+        self.accepting = True
+        self._sessions: dict[str, Session] = {}
+        self._segmenter_config = SegmenterConfig(
+            threshold=config.vad_threshold,
+            neg_threshold=max(0.05, config.vad_threshold - 0.15),
+            min_speech_ms=config.min_speech_ms,
+            preroll_ms=config.preroll_ms,
+            endpoint_ms=config.endpoint_ms,
+            max_utterance_s=config.max_utterance_s,
+        )
+        engine = worker.engine
+        self.languages = engine.languages
+        self.default_language = config.language or engine.default_language
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def options(self, raw: Mapping[str, Any]) -> SessionOptions:
+        return parse_options(raw, self.config, self.languages, self.default_language)
+
+    def check_capacity(self) -> None:
+        if not self.accepting:
+            raise ApiError(503, "shutting_down", "the server is shutting down",
+                           {"Retry-After": "5"})
+        if len(self._sessions) >= self.config.max_sessions:
+            raise ApiError(503, "session_limit",
+                           f"all {self.config.max_sessions} sessions are in use; try again later",
+                           {"Retry-After": "5"})
+
+    def create(self, transport: str, options: SessionOptions) -> Session:
+        self.check_capacity()
+        segmenter_config = replace(self._segmenter_config, endpoint_ms=options.endpoint_ms)
+        stream_options = StreamOptions(
+            language=options.language, partials=options.partials,
+            partial_interval_ms=self.config.partial_interval_ms,
+        )
+
+        def stream(emit: Sink) -> SpeechStream:
+            segmenter = Segmenter(SileroVAD(self.vad_model), segmenter_config)
+            return SpeechStream(self.worker, segmenter, stream_options, emit)
+
+        session = Session(self, transport, options, stream)
+        self._sessions[session.id] = session
+        log.info("session %s started: transport=%s", session.id, transport)
+        return session
+
+    def remove(self, session: Session) -> None:
+        self._sessions.pop(session.id, None)
+
+    async def close_all(self, reason: str) -> None:
+        self.accepting = False
+        await asyncio.gather(*(s.end(reason) for s in list(self._sessions.values())))
