@@ -1,0 +1,144 @@
+"""The speech pipeline's stages on real audio: VAD, segmenter, engine and decode worker."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from asr.engine import WhisperEngine
+from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
+from asr.vad import SileroModel, SileroVAD
+from asr.worker import DecodeWorker
+from speech import load_devset, wer
+
+PAD_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def vad_model() -> SileroModel:
+    return SileroModel()
+
+
+@pytest.fixture(scope="module")
+def engine() -> WhisperEngine:
+    return WhisperEngine("tiny.en")
+
+
+def segment(vad_model, audio: np.ndarray, chunk: int = 320, **overrides):
+    segmenter = Segmenter(SileroVAD(vad_model), SegmenterConfig(**overrides))
+    events = []
+    for i in range(0, audio.size, chunk):
+        events += segmenter.push(audio[i : i + chunk])
+    return events + segmenter.flush()
+
+
+def padded(audio: np.ndarray) -> np.ndarray:
+    pad = np.zeros(int(PAD_S * 16000), np.float32)
+    return np.concatenate([pad, audio, pad])
+
+
+def test_no_torch_in_the_tree():
+    assert importlib.util.find_spec("torch") is None
+    listed = subprocess.run([sys.executable, "-m", "pip", "list"], capture_output=True, text=True).stdout
+    assert "torch" not in listed.lower()
+
+
+def test_vad_probabilities_separate_speech_from_silence(vad_model):
+    rec = next(r for r in load_devset() if r.id == "ls-61-70968-0000")
+    vad = SileroVAD(vad_model)
+    speech = np.concatenate([vad(rec.audio[i : i + 480]) for i in range(0, rec.audio.size, 480)])
+    assert speech.size == rec.audio.size // 512  # one probability per complete 512-sample window
+    silence = SileroVAD(vad_model)(np.zeros(16000 * 3, np.float32))
+    assert np.mean(speech > 0.5) > 0.6
+    assert silence.max() < 0.1
+
+
+def test_segmenter_finds_each_recordings_speech(vad_model):
+    for rec in load_devset():
+        events = segment(vad_model, padded(rec.audio))
+        starts = [e for e in events if isinstance(e, SpeechStarted)]
+        ends = [e for e in events if isinstance(e, SpeechEnded)]
+        assert starts and len(starts) == len(ends), rec.id
+        assert [e.utterance for e in starts] == list(range(1, len(starts) + 1))
+        for s, e in zip(starts, ends):
+            assert s.utterance == e.utterance and s.start < e.end
+            # Inside the recording (its own edges may hold a little silence), never in the padding.
+            assert PAD_S - 0.05 <= s.start and e.end <= PAD_S + rec.seconds + 0.3, (rec.id, s, e)
+            assert e.audio_start <= s.start - 0.25  # pre-roll kept before the onset
+            assert e.audio.size / 16000 <= 20.5
+        # Nearly every loud 32 ms window of the recording lies inside an utterance's audio.
+        windows = rec.audio[: rec.audio.size // 512 * 512].reshape(-1, 512)
+        rms = np.sqrt((windows ** 2).mean(axis=1))
+        loud = PAD_S + (np.flatnonzero(rms > 0.1 * rms.max()) + 0.5) * 512 / 16000
+        inside = [any(e.audio_start <= t <= e.audio_start + e.audio.size / 16000 for e in ends) for t in loud]
+        assert np.mean(inside) >= 0.95, rec.id
+
+
+@pytest.mark.parametrize("kind", ["silence", "white noise 0.01", "white noise 0.1", "white noise 0.5"])
+def test_segmenter_ignores_silence_and_noise(vad_model, kind):
+    rng = np.random.default_rng(7)
+    if kind == "silence":
+        audio = np.zeros(16000 * 10, np.float32)
+    else:
+        audio = (rng.standard_normal(16000 * 10) * float(kind.split()[-1])).astype(np.float32)
+    assert segment(vad_model, np.clip(audio, -1, 1)) == []
+
+
+def test_long_speech_is_split_within_the_limit(vad_model):
+    speech = [r for r in load_devset() if r.seconds > 4.5]
+    audio = np.concatenate([r.audio for r in speech])  # ~55 s with only short pauses
+    ends = [e for e in segment(vad_model, audio, max_utterance_s=8.0) if isinstance(e, SpeechEnded)]
+    assert len(ends) >= audio.size / 16000 / 8
+    assert all(e.audio.size / 16000 <= 8.0 + 0.05 for e in ends)
+
+
+def test_engine_transcribes_speech_with_words(engine):
+    rec = next(r for r in load_devset() if r.id == "jfk-inaugural-ask-not")
+    result = engine.transcribe(rec.audio, "en", final=True)
+    assert result is not None and result.language == "en"
+    assert wer([(rec.text, result.text)]) <= 0.15
+    assert len(result.words) >= 15
+    assert all(0 <= w.start <= w.end <= rec.seconds + 0.5 and 0 <= w.probability <= 1 for w in result.words)
+
+
+@pytest.mark.parametrize("kind", ["silence", "white noise"])
+def test_engine_says_nothing_for_silence_or_noise(engine, kind):
+    rng = np.random.default_rng(3)
+    audio = np.zeros(16000 * 3, np.float32) if kind == "silence" else \
+        (rng.standard_normal(16000 * 3) * 0.05).astype(np.float32)
+    assert engine.transcribe(audio, "en", final=True) is None
+    assert engine.transcribe(audio, "en", final=False) is None
+
+
+async def test_worker_runs_finals_first_and_replaces_waiting_partials(engine):
+    rec = next(r for r in load_devset() if r.id == "ls-61-70968-0002")
+    worker = DecodeWorker(engine, max_finals=4)
+    worker.start()
+    try:
+        order: list[str] = []
+
+        async def run(name, coro):
+            result = await coro
+            order.append(name)
+            return result
+
+        # The worker is busy with `first` while the rest queue up behind it.
+        first = asyncio.create_task(run("first", worker.final(rec.audio, "en")))
+        await asyncio.sleep(0.05)
+        stale = asyncio.create_task(run("stale", worker.partial("a", rec.audio, "en")))
+        await asyncio.sleep(0)
+        fresh = asyncio.create_task(run("fresh", worker.partial("a", rec.audio, "en")))
+        await asyncio.sleep(0)
+        final = asyncio.create_task(run("final", worker.final(rec.audio, "en")))
+        results = await asyncio.gather(first, stale, fresh, final)
+        assert results[1] is None  # replaced by the newer partial of the same stream
+        assert results[2] is not None and results[3] is not None
+        assert order.index("final") < order.index("fresh")
+        assert worker.decodes == 3
+    finally:
+        await worker.close()
