@@ -48,6 +48,8 @@ class Config:
     endpoint_ms: int = field(default=500, metadata={"help": "silence that ends an utterance"})
     partial_interval_ms: int = field(default=600, metadata={
         "help": "new audio between two partial hypotheses"})
+    early_final_ms: int = field(default=160, metadata={
+        "help": "pause after which the final is decoded ahead of the endpoint (0: off)"})
     vad_threshold: float = field(default=0.5, metadata={"help": "speech probability that starts speech"})
     min_speech_ms: int = field(default=250, metadata={"help": "shorter sounds are ignored"})
     preroll_ms: int = field(default=300, metadata={"help": "audio kept from before speech onset"})

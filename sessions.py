@@ -225,6 +225,7 @@ class SessionRegistry:
         stream_options = StreamOptions(
             language=options.language, partials=options.partials,
             partial_interval_ms=self.config.partial_interval_ms,
+            early_final_ms=self.config.early_final_ms,
         )
 
         def stream(emit: Sink) -> SpeechStream:

@@ -76,6 +76,16 @@ class Segmenter:
         return self._utterance
 
     @property
+    def pause_ms(self) -> float:
+        """How long the utterance in progress has been silent."""
+        return self._silence * _WINDOW_S * 1000 if self._confirmed else 0.0
+
+    @property
+    def speech_end(self) -> float:
+        """Timeline position where the utterance in progress last had speech."""
+        return round((self._first + len(self._windows) - self._silence) * _WINDOW_S, 3)
+
+    @property
     def onset(self) -> float:
         """Timeline position where the current utterance's speech began."""
         return round(self._onset * _WINDOW_S, 3)

@@ -24,6 +24,14 @@ class StreamOptions:
     language: str | None  # None: detect per utterance
     partials: bool = True
     partial_interval_ms: int = 600
+    early_final_ms: int = 160  # pause after which the final is decoded ahead of the endpoint; 0: off
+
+
+@dataclass
+class _Speculation:
+    utterance: int
+    speech_end: float
+    result: asyncio.Future
 
 
 class SpeechStream:
@@ -42,6 +50,8 @@ class SpeechStream:
         self._previous_words: list[str] = []
         self._last_final: asyncio.Task | None = None
         self._finals_pending = 0
+        self._speculation: _Speculation | None = None
+        self._key = id(self)  # this stream's slot in the worker's keyed queues
 
     @property
     def finals_pending(self) -> int:
@@ -52,6 +62,7 @@ class SpeechStream:
         self.samples += pcm.size
         for event in self._segmenter.push(pcm):
             self._on_segment(event)
+        self._maybe_speculate()
         self._maybe_partial()
 
     async def finish(self) -> None:
@@ -62,9 +73,37 @@ class SpeechStream:
             await asyncio.shield(self._last_final)
 
     def close(self) -> None:
+        self._drop_speculation()
         for task in (self._partial_task, self._last_final):
             if task is not None and not task.done():
                 task.cancel()
+
+    def _maybe_speculate(self) -> None:
+        """Decode the final while the endpoint silence runs, so it is ready when the endpoint is."""
+        seg = self._segmenter
+        spec = self._speculation
+        if spec is not None and (spec.utterance != seg.utterance or seg.speech_end != spec.speech_end):
+            self._drop_speculation()  # speech resumed: that guess is stale
+            spec = None
+        early = self.options.early_final_ms
+        if spec is None and early and seg.in_speech and seg.pause_ms >= early:
+            audio, _ = seg.speech_audio()
+            result = self._worker.speculate(self._key, audio, self.options.language)
+            self._speculation = _Speculation(seg.utterance, seg.speech_end, result)
+
+    def _drop_speculation(self) -> None:
+        if self._speculation is not None:
+            self._speculation.result.cancel()
+            self._speculation = None
+
+    def _take_final(self, event: SpeechEnded) -> asyncio.Future:
+        spec, self._speculation = self._speculation, None
+        if spec is not None and spec.utterance == event.utterance and spec.speech_end == event.end:
+            self._worker.promote(self._key)
+            return spec.result
+        if spec is not None:
+            spec.result.cancel()
+        return self._worker.final(event.audio, self.options.language)
 
     def _on_segment(self, event: SpeechStarted | SpeechEnded) -> None:
         if isinstance(event, SpeechStarted):
@@ -75,11 +114,17 @@ class SpeechStream:
         self.utterances += 1
         self._emit({"type": "speech.stopped", "utterance": event.utterance, "end": event.end})
         self._finals_pending += 1
-        self._last_final = asyncio.create_task(self._final(event, self._last_final))
-
-    async def _final(self, event: SpeechEnded, previous: asyncio.Task | None) -> None:
         try:
-            result = await self._worker.final(event.audio, self.options.language)
+            pending = self._take_final(event)
+        except Overloaded as e:
+            pending = asyncio.get_running_loop().create_future()
+            pending.set_exception(e)
+        self._last_final = asyncio.create_task(self._final(event, pending, self._last_final))
+
+    async def _final(self, event: SpeechEnded, pending: asyncio.Future,
+                     previous: asyncio.Task | None) -> None:
+        try:
+            result = await pending
         except Overloaded as e:
             result = None
             self._emit({"type": "error", "code": "overloaded", "message": str(e)})
@@ -94,7 +139,8 @@ class SpeechStream:
         self._emit(_final_event(event, result, self.options.language))
 
     def _maybe_partial(self) -> None:
-        if not (self.options.partials and self._segmenter.in_speech):
+        # In a pause there is nothing new to show, and the final's decode is about to need the worker.
+        if not (self.options.partials and self._segmenter.in_speech) or self._segmenter.pause_ms:
             return
         if self._partial_task is not None and not self._partial_task.done():
             return
@@ -108,7 +154,7 @@ class SpeechStream:
 
     async def _partial(self, utterance: int, audio: np.ndarray) -> None:
         try:
-            result = await self._worker.partial(id(self), audio, self.options.language)
+            result = await self._worker.partial(self._key, audio, self.options.language)
         except Exception:
             log.exception("partial decode failed")
             return

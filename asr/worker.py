@@ -1,4 +1,4 @@
-"""The one thread that runs Whisper: finals first, at most one waiting partial per stream."""
+"""The one thread that runs Whisper: finals first, then speculative finals, then partials."""
 
 from __future__ import annotations
 
@@ -29,13 +29,19 @@ class _Job:
 
 
 class DecodeWorker:
-    """Runs decodes off the event loop, in priority order, behind bounded queues."""
+    """Runs decodes off the event loop, in priority order, behind bounded queues.
+
+    Finals are FIFO and bounded. Speculative finals (decoded while the endpoint silence is still
+    running) and partials are keyed by stream: a newer one replaces the waiting one, so each
+    stream holds at most one of each and a busy server sheds them before any final.
+    """
 
     def __init__(self, engine: WhisperEngine, max_finals: int) -> None:
         self.engine = engine
         self._max_finals = max_finals
         self._cond = threading.Condition()
         self._finals: deque[_Job] = deque()
+        self._speculative: OrderedDict[Hashable, _Job] = OrderedDict()
         self._partials: OrderedDict[Hashable, _Job] = OrderedDict()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="whisper-decode", daemon=True)
@@ -53,27 +59,40 @@ class DecodeWorker:
 
     @property
     def depth(self) -> int:
-        return len(self._finals) + len(self._partials)
+        return len(self._finals) + len(self._speculative) + len(self._partials)
 
-    async def final(self, audio: np.ndarray, language: str | None) -> Transcript | None:
+    def final(self, audio: np.ndarray, language: str | None) -> asyncio.Future:
         job = self._job(audio, language, final=True)
         with self._cond:
             if len(self._finals) >= self._max_finals:
                 raise Overloaded("too many utterances waiting for transcription")
             self._finals.append(job)
             self._cond.notify()
-        return await job.future
+        return job.future
 
-    async def partial(self, key: Hashable, audio: np.ndarray, language: str | None) -> Transcript | None:
-        """None when there was no speech, or when a newer partial of the same stream replaced it."""
-        job = self._job(audio, language, final=False)
+    def speculate(self, key: Hashable, audio: np.ndarray, language: str | None) -> asyncio.Future:
+        """A final decoded ahead of the endpoint; resolves to None if a newer one replaced it."""
+        return self._keyed(self._speculative, key, self._job(audio, language, final=True))
+
+    def promote(self, key: Hashable) -> None:
+        """The endpoint came: the stream's waiting speculative final becomes a real one."""
         with self._cond:
-            stale = self._partials.pop(key, None)
-            self._partials[key] = job
+            job = self._speculative.pop(key, None)
+            if job is not None:
+                self._finals.append(job)
+
+    def partial(self, key: Hashable, audio: np.ndarray, language: str | None) -> asyncio.Future:
+        """Resolves to None when there was no speech, or a newer partial of the stream replaced it."""
+        return self._keyed(self._partials, key, self._job(audio, language, final=False))
+
+    def _keyed(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job) -> asyncio.Future:
+        with self._cond:
+            stale = queue.pop(key, None)
+            queue[key] = job
             self._cond.notify()
         if stale is not None:
-            stale.loop.call_soon_threadsafe(_resolve, stale.future, None)
-        return await job.future
+            _resolve(stale.future, None)
+        return job.future
 
     def _job(self, audio: np.ndarray, language: str | None, final: bool) -> _Job:
         loop = asyncio.get_running_loop()
@@ -83,12 +102,13 @@ class DecodeWorker:
 
     def _next(self) -> _Job | None:
         with self._cond:
-            while not self._closed and not self._finals and not self._partials:
+            while not (self._closed or self._finals or self._speculative or self._partials):
                 self._cond.wait()
             if self._finals:
                 return self._finals.popleft()
-            if self._partials:
-                return self._partials.popitem(last=False)[1]
+            for queue in (self._speculative, self._partials):
+                if queue:
+                    return queue.popitem(last=False)[1]
             return None
 
     def _run(self) -> None:
