@@ -1,0 +1,26 @@
+"""The README's promises that code can check: every setting documented, the two commands there."""
+
+from dataclasses import fields
+from pathlib import Path
+
+from config import ENV_PREFIX, Config
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_every_setting_is_in_the_readme_table():
+    for f in fields(Config):
+        flag, env = "--" + f.name.replace("_", "-"), ENV_PREFIX + f.name.upper()
+        assert f"| `{flag}` | `{env}` |" in README, flag
+
+
+def test_readme_gives_the_two_commands():
+    assert "make serve" in README and "make test" in README
+
+
+def test_environment_and_flags_configure_the_server():
+    config = Config.from_args(["--endpoint-ms", "700"], {"STT_ENDPOINT_MS": "900", "STT_PORT": "9001"})
+    assert config.endpoint_ms == 700 and config.port == 9001
+    assert Config.from_args([], {"STT_ICE_SERVERS": "stun:a.example:3478"}).ice_servers == [
+        {"urls": "stun:a.example:3478"}]
+    assert Config.from_args([], {}).ice_servers == []  # never a public STUN server by default
