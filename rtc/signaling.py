@@ -72,10 +72,13 @@ async def delete_session(request: web.Request) -> web.Response:
 async def _read_limited(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "too_large", f"the offer is larger than {limit} bytes")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise ApiError(413, "too_large", f"the offer is larger than {limit} bytes")
-    return body
+    # read(n) returns what has arrived so far, not n bytes: a chunked body comes in pieces.
+    body = bytearray()
+    while chunk := await request.content.read(limit + 1 - len(body)):
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "too_large", f"the offer is larger than {limit} bytes")
+    return bytes(body)
 
 
 def _parse_json_offer(body: bytes) -> tuple[str, dict]:
