@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Mapping
 
 import numpy as np
+from aiohttp import web
 
 from asr.segmenter import Segmenter, SegmenterConfig
 from asr.stream import Event, SpeechStream, StreamOptions
@@ -81,7 +82,7 @@ class Session:
     """One live stream: audio in through feed(), events out to its sinks, ended exactly once."""
 
     def __init__(self, registry: "SessionRegistry", transport: str, options: SessionOptions,
-                 stream_factory: Callable[[Sink], SpeechStream]) -> None:
+                 stream_factory: Callable[[Sink], SpeechStream], hold_events: bool) -> None:
         self.id = uuid.uuid4().hex
         self.transport = transport
         self.options = options
@@ -90,7 +91,8 @@ class Session:
         self.reason: str | None = None
         self._registry = registry
         self._sinks: list[Sink] = []
-        self._backlog: deque[Event] = deque(maxlen=_BACKLOG)
+        # Held for the transport's own channel when it opens after audio starts (WebRTC).
+        self._backlog: deque[Event] | None = deque(maxlen=_BACKLOG) if hold_events else None
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._ended = asyncio.Event()
         self._ending = False
@@ -106,12 +108,12 @@ class Session:
         return {"session_id": self.id, "model": self._registry.worker.engine.name,
                 "language": self.options.language, "sample_rate": 16000}
 
-    def add_sink(self, sink: Sink) -> None:
-        """The first sink also gets what was said before it came (the data channel opens late)."""
-        if not self._sinks:
-            for event in self._backlog:
+    def add_sink(self, sink: Sink, replay: bool = False) -> None:
+        """Subscribers get events from now on; `replay` also delivers what was held back."""
+        if replay and self._backlog is not None:
+            backlog, self._backlog = self._backlog, None
+            for event in backlog:
                 sink(event)
-            self._backlog.clear()
         self._sinks.append(sink)
 
     def remove_sink(self, sink: Sink) -> None:
@@ -122,7 +124,7 @@ class Session:
         self._closers.append(closer)
 
     def emit(self, event: Event) -> None:
-        if not self._sinks:
+        if self._backlog is not None:
             self._backlog.append(event)
         for sink in list(self._sinks):
             try:
@@ -180,6 +182,37 @@ class Session:
             return
 
 
+class EventQueue:
+    """An ordered, bounded outbox for a sink that writes asynchronously (WebSocket, SSE).
+
+    A reader slower than the session sheds partials first; finals and the rest are kept.
+    """
+
+    def __init__(self, limit: int = 512) -> None:
+        self._events: deque[Event] = deque()
+        self._limit = limit
+        self._ready = asyncio.Event()
+
+    def put(self, event: Event) -> None:
+        if len(self._events) >= self._limit:
+            partial = next((e for e in self._events if e["type"] == "transcript.partial"), None)
+            if partial is not None:
+                self._events.remove(partial)
+            if event["type"] == "transcript.partial" or len(self._events) >= self._limit:
+                return
+        self._events.append(event)
+        self._ready.set()
+
+    async def get(self) -> Event:
+        while not self._events:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._events.popleft()
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
 class SessionRegistry:
     """Creates sessions within the limit and knows every live one."""
 
@@ -219,7 +252,7 @@ class SessionRegistry:
                            f"all {self.config.max_sessions} sessions are in use; try again later",
                            {"Retry-After": "5"})
 
-    def create(self, transport: str, options: SessionOptions) -> Session:
+    def create(self, transport: str, options: SessionOptions, hold_events: bool = False) -> Session:
         self.check_capacity()
         segmenter_config = replace(self._segmenter_config, endpoint_ms=options.endpoint_ms)
         stream_options = StreamOptions(
@@ -232,7 +265,7 @@ class SessionRegistry:
             segmenter = Segmenter(SileroVAD(self.vad_model), segmenter_config)
             return SpeechStream(self.worker, segmenter, stream_options, emit)
 
-        session = Session(self, transport, options, stream)
+        session = Session(self, transport, options, stream, hold_events)
         self._sessions[session.id] = session
         log.info("session %s started: transport=%s", session.id, transport)
         return session
@@ -243,3 +276,6 @@ class SessionRegistry:
     async def close_all(self, reason: str) -> None:
         self.accepting = False
         await asyncio.gather(*(s.end(reason) for s in list(self._sessions.values())))
+
+
+REGISTRY = web.AppKey("registry", SessionRegistry)

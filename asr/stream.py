@@ -51,11 +51,14 @@ class SpeechStream:
         self._last_final: asyncio.Task | None = None
         self._finals_pending = 0
         self._speculation: _Speculation | None = None
+        self._final_done = asyncio.Event()
         self._key = id(self)  # this stream's slot in the worker's keyed queues
 
-    @property
-    def finals_pending(self) -> int:
-        return self._finals_pending
+    async def wait_capacity(self, max_pending: int) -> None:
+        """Until at most `max_pending` finals wait: a sender faster than real time pauses here."""
+        while self._finals_pending > max_pending:
+            self._final_done.clear()
+            await self._final_done.wait()
 
     def feed(self, pcm: np.ndarray) -> None:
         """16 kHz mono float32. Cheap: VAD and bookkeeping only; decoding is queued."""
@@ -136,6 +139,7 @@ class SpeechStream:
         if previous is not None:
             await asyncio.shield(previous)  # finals leave in utterance order
         self._finals_pending -= 1
+        self._final_done.set()
         self._emit(_final_event(event, result, self.options.language))
 
     def _maybe_partial(self) -> None:

@@ -7,11 +7,10 @@ import json
 import logging
 from typing import Any
 
-import av
-import numpy as np
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from asr.audio import Resampler
 from sessions import Session
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ class PeerSession:
         channel.on("close", lambda: self._end("peer_closed"))
         info = self.session.info()
         self._send({"type": "session.started", **info})
-        self.session.add_sink(self._send)
+        self.session.add_sink(self._send, replay=True)
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio" and self._reader is None:
@@ -76,16 +75,13 @@ class PeerSession:
             self._end("ice_timeout")
 
     async def _read(self, track: MediaStreamTrack) -> None:
-        # One resampler for the track's life: it keeps filter state across frames.
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
+        resampler = Resampler()
         try:
             while True:
                 frame = await track.recv()  # promptly: aiortc queues unread frames without bound
-                for out in resampler.resample(frame):
-                    self.session.feed(_to_float(out))
+                self.session.feed(resampler.frame(frame))
         except MediaStreamError:
-            for out in resampler.resample(None):
-                self.session.feed(_to_float(out))
+            self.session.feed(resampler.frame(None))
             self._end("peer_closed")
 
     def _on_message(self, message: str | bytes) -> None:
@@ -132,6 +128,3 @@ class PeerSession:
                 return
             await asyncio.sleep(0.02)
 
-
-def _to_float(frame: av.AudioFrame) -> np.ndarray:
-    return frame.to_ndarray().reshape(-1).astype(np.float32) / 32768.0

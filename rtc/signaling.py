@@ -9,14 +9,11 @@ from aiohttp import web
 from aiortc.sdp import SessionDescription
 
 from errors import ApiError
-from sessions import SessionRegistry
+from sessions import REGISTRY
 
 from .peer import PeerSession
 
 log = logging.getLogger(__name__)
-
-REGISTRY = web.AppKey("registry", SessionRegistry)
-
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/rtc", post_offer)
@@ -44,7 +41,7 @@ async def post_offer(request: web.Request) -> web.Response:
     _check_offer(sdp)
     registry.check_capacity()
 
-    session = registry.create("webrtc", options)
+    session = registry.create("webrtc", options, hold_events=True)
     peer = PeerSession(session, config.ice_servers, config.ice_timeout_s)
     try:
         answer = await peer.answer(sdp)

@@ -1,0 +1,236 @@
+"""WebSocket transport: the same sessions and events for clients that cannot do WebRTC."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from typing import Any
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from asr.audio import MAX_RATE, MIN_RATE, SAMPLE_RATE, Resampler, WebmDecoder
+from errors import ApiError
+from sessions import REGISTRY, EventQueue, Session, SessionRegistry
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 1 << 20  # 1 MiB: 32 s of 16 kHz PCM in one message is already more than any client needs
+_MAX_PENDING_FINALS = 2  # past this, a sender faster than real time waits: the socket is not read
+_FEED_SLICE = SAMPLE_RATE // 2  # feed big messages in slices so the loop stays responsive
+_CLOSE_FLUSH_S = 5.0  # longest wait for a slow reader to take the last events
+_ENCODINGS = ("pcm_s16le", "webm")
+_START_FIELDS = {"type", "language", "sample_rate", "encoding", "partials", "endpoint_ms"}
+
+# Close codes (RFC 6455): 1000 normal, 1001 server going away, 1003 unsupported data,
+# 1008 policy violation, 1013 try again later.
+_CLOSE_FOR_REASON = {"shutdown": 1001}
+
+
+class Refused(Exception):
+    """The stream cannot go on: an error event, then a close with this code."""
+
+    def __init__(self, code: str, message: str, close_code: int) -> None:
+        super().__init__(message)
+        self.code, self.message, self.close_code = code, message, close_code
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/ws", websocket_session)
+
+
+async def websocket_session(request: web.Request) -> web.StreamResponse:
+    registry = request.app[REGISTRY]
+    query = dict(request.query)
+    registry.options(query)  # a bad query option is a 400, before the upgrade
+    ws = web.WebSocketResponse(
+        heartbeat=max(1.0, registry.config.idle_timeout_s / 3),  # pings; no pong closes the socket
+        max_msg_size=4 * MAX_MESSAGE,  # aiohttp closes with 1009 past this; below, we answer
+    )
+    await ws.prepare(request)
+    try:
+        registry.check_capacity()
+    except ApiError as e:
+        await ws.close(code=1013 if e.code == "session_limit" else 1001, message=e.message.encode())
+        return ws
+    await WebSocketSession(ws, registry, query).run()
+    return ws
+
+
+class WebSocketSession:
+    """Reads one socket into a session; writes the session's events back in order."""
+
+    def __init__(self, ws: web.WebSocketResponse, registry: SessionRegistry, query: dict[str, str]):
+        self.ws = ws
+        self.registry = registry
+        self.query = query
+        self.session: Session | None = None
+        self.outbox = EventQueue()
+        self.rate = SAMPLE_RATE
+        self.resampler = Resampler()
+        self.decoder: WebmDecoder | None = None
+        self._close_code = 1000
+        self._writer: asyncio.Task | None = None
+
+    async def run(self) -> None:
+        try:
+            first = await self.ws.receive()
+            if first.type == WSMsgType.TEXT and _is_start(first.data):
+                self._start(json.loads(first.data))
+                first = None
+            elif first.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                self._start({})
+            else:
+                return
+            self._writer = asyncio.create_task(self._write())
+            try:
+                if first is not None:
+                    await self._handle(first)
+                await self._read()
+            finally:
+                await self._writer
+        except Refused as e:
+            await self._refuse(e)
+
+    def _start(self, start: dict[str, Any]) -> None:
+        unknown = set(start) - _START_FIELDS
+        if unknown:
+            raise Refused("unknown_option", f"unknown start field(s): {', '.join(sorted(unknown))}", 1008)
+        encoding = start.get("encoding", "pcm_s16le")
+        if encoding not in _ENCODINGS:
+            raise Refused("unsupported_encoding",
+                          f"encoding must be one of {', '.join(_ENCODINGS)}", 1003)
+        rate = start.get("sample_rate", SAMPLE_RATE)
+        if encoding == "pcm_s16le" and (
+                not isinstance(rate, int) or isinstance(rate, bool) or not MIN_RATE <= rate <= MAX_RATE):
+            raise Refused("unsupported_rate",
+                          f"sample_rate must be an integer from {MIN_RATE} to {MAX_RATE}", 1003)
+        raw = {**self.query, **{k: v for k, v in start.items() if k not in ("type", "sample_rate", "encoding")}}
+        try:
+            options = self.registry.options(raw)
+            self.registry.check_capacity()
+        except ApiError as e:
+            raise Refused(e.code, e.message, 1013 if e.code == "session_limit" else 1008) from None
+        self.rate = rate
+        self.session = session = self.registry.create("websocket", options)
+        if encoding == "webm":
+            self.decoder = WebmDecoder(session.feed, self._decoder_failed)
+        self.outbox.put({"type": "session.started", **session.info()})
+        session.add_sink(self.outbox.put)
+        session.on_close(self._close)
+
+    async def _read(self) -> None:
+        assert self.session is not None
+        while not self.session.ended:
+            await self.session.stream.wait_capacity(_MAX_PENDING_FINALS)
+            message = await self.ws.receive()
+            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                await self._end("peer_closed")
+                return
+            try:
+                if await self._handle(message):
+                    return
+            except Refused as e:
+                self._error(e.code, e.message)
+                self._close_code = e.close_code
+                await self._end("error")
+                return
+
+    async def _handle(self, message) -> bool:
+        """Acts on one client message; True when the client asked to stop."""
+        if message.type == WSMsgType.BINARY:
+            await self._audio(message.data)
+            return False
+        if message.type != WSMsgType.TEXT:
+            return False
+        try:
+            data = json.loads(message.data)
+        except ValueError:
+            self._error("bad_message", "message is not valid JSON")
+            return False
+        kind = data.get("type") if isinstance(data, dict) else None
+        if kind == "stop" or (kind == "control" and data.get("action") == "stop"):
+            await self._end("stop")
+            return True
+        if kind == "audio":
+            payload = data.get("data", data.get("payload"))
+            try:
+                if not isinstance(payload, str):
+                    raise ValueError
+                audio = base64.b64decode(payload, validate=True)
+            except (ValueError, binascii.Error):
+                self._error("bad_base64", "audio data must be a base64 string in 'data' or 'payload'")
+                return False
+            await self._audio(audio)
+        elif kind == "start":
+            self._error("already_started", "the session has already started")
+        else:
+            self._error("unknown_message",
+                        f"unknown message type {kind!r}; the client may send: audio, stop")
+        return False
+
+    async def _audio(self, data: bytes) -> None:
+        assert self.session is not None
+        if len(data) > MAX_MESSAGE:
+            raise Refused("too_large", f"audio messages must be at most {MAX_MESSAGE} bytes", 1008)
+        if self.decoder is not None:
+            await self.decoder.write(data)
+            return
+        if len(data) % 2:
+            self._error("odd_length", "16-bit PCM needs an even number of bytes; message dropped")
+            return
+        pcm = self.resampler.pcm16(data, self.rate)
+        for i in range(0, pcm.size, _FEED_SLICE):
+            self.session.feed(pcm[i : i + _FEED_SLICE])
+            await asyncio.sleep(0)
+
+    def _decoder_failed(self, message: str) -> None:
+        self._error("bad_audio", message)
+        self._close_code = 1003
+        asyncio.create_task(self._end("error"))
+
+    async def _end(self, reason: str) -> None:
+        assert self.session is not None
+        if self.decoder is not None and reason != "error":
+            await self.decoder.close()  # every byte received is transcribed before the end
+        await self.session.end(reason)
+
+    def _error(self, code: str, message: str) -> None:
+        self.outbox.put({"type": "error", "code": code, "message": message})
+
+    async def _write(self) -> None:
+        while True:
+            event = await self.outbox.get()
+            if not self.ws.closed:
+                try:
+                    await self.ws.send_str(json.dumps(event, separators=(",", ":")))
+                except ConnectionError:
+                    pass
+            if event["type"] == "session.ended":
+                return
+
+    async def _close(self) -> None:
+        assert self.session is not None
+        code = _CLOSE_FOR_REASON.get(self.session.reason or "", self._close_code)
+        # session.ended is the last event queued: the writer sends it, then the close frame goes.
+        try:
+            await asyncio.wait_for(asyncio.shield(self._writer), _CLOSE_FLUSH_S)
+        except asyncio.TimeoutError:
+            pass
+        await self.ws.close(code=code, message=(self.session.reason or "").encode())
+
+    async def _refuse(self, e: Refused) -> None:
+        if not self.ws.closed:
+            await self.ws.send_str(json.dumps({"type": "error", "code": e.code, "message": e.message}))
+            await self.ws.close(code=e.close_code, message=e.message.encode()[:120])
+
+
+def _is_start(text: str) -> bool:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("type") == "start"
