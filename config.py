@@ -43,6 +43,8 @@ class Config:
     compute_type: str = field(default="int8", metadata={"help": "CTranslate2 compute type"})
     cpu_threads: int = field(default=0, metadata={"help": "threads for Whisper (0: all cores)"})
     beam_size: int = field(default=5, metadata={"help": "beam size for finals (partials are greedy)"})
+    decode_window_s: float = field(default=10.0, metadata={
+        "help": "shortest audio window Whisper's encoder sees (native 30; shorter is faster)"})
     language: str = field(default="", metadata={
         "help": "default language code; empty: en for English-only models, detect otherwise"})
     endpoint_ms: int = field(default=500, metadata={"help": "silence that ends an utterance"})
@@ -64,14 +66,26 @@ class Config:
                 "empty by default (no public STUN server is ever contacted)",
         "parse": _ice_servers})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    certfile: str = field(default="", metadata={
+        "help": "PEM certificate (chain) to serve HTTPS; phones open the microphone only over HTTPS"})
+    keyfile: str = field(default="", metadata={
+        "help": "PEM private key of --certfile (empty: the key is in the certificate file)"})
+    self_signed: bool = field(default=False, metadata={
+        "help": "serve HTTPS with a development certificate made for this machine (browsers warn)"})
 
     def __post_init__(self) -> None:
         if not 0 < self.max_utterance_s <= 30:
             raise ValueError("max_utterance_s must be in (0, 30]: Whisper sees at most 30 s")
         if self.endpoint_ms < 100:
             raise ValueError("endpoint_ms must be at least 100")
+        if not 5 <= self.decode_window_s <= 30:
+            raise ValueError("decode_window_s must be between 5 and 30")
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
+        if self.keyfile and not self.certfile:
+            raise ValueError("keyfile needs certfile")
+        if self.self_signed and self.certfile:
+            raise ValueError("self_signed and certfile exclude each other")
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None,
@@ -82,9 +96,11 @@ class Config:
             parse = f.metadata.get("parse") or _PARSERS[f.type]
             default = f.default_factory() if f.default is MISSING else f.default
             # argparse runs `type` on string defaults too, so an environment value is parsed alike.
+            # A boolean flag alone means true (--self-signed); it also takes a value (--self-signed no).
+            switch = {"nargs": "?", "const": True} if f.type == "bool" else {}
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=parse,
                                 default=environ.get(env, default),
-                                help=f"{f.metadata['help']} [env {env}]")
+                                help=f"{f.metadata['help']} [env {env}]", **switch)
         ns = parser.parse_args(argv)
         try:
             return cls(**vars(ns))

@@ -12,10 +12,13 @@ from aiohttp import web
 from asr.engine import DecodeOptions, WhisperEngine
 from asr.vad import SileroModel
 from asr.worker import DecodeWorker
+import sse
+import ws
 from config import Config
 from errors import json_errors
 from rtc import signaling
-from sessions import SessionRegistry
+from sessions import REGISTRY, SessionRegistry
+from tls import ssl_context
 
 log = logging.getLogger("server")
 
@@ -27,8 +30,10 @@ def build_app(config: Config, engine: WhisperEngine) -> web.Application:
     worker = DecodeWorker(engine, max_finals=4 * config.max_sessions)
     registry = SessionRegistry(config, worker, SileroModel())
     app = web.Application(middlewares=[json_errors])
-    app[signaling.REGISTRY] = registry
+    app[REGISTRY] = registry
     signaling.add_routes(app)
+    ws.add_routes(app)
+    sse.add_routes(app)
     app.router.add_get("/health", health)
     if os.path.isfile(os.path.join(WEB_DIR, "index.html")):
         app.router.add_get("/", lambda _: web.FileResponse(os.path.join(WEB_DIR, "index.html")))
@@ -52,16 +57,17 @@ def build_app(config: Config, engine: WhisperEngine) -> web.Application:
 
 
 async def health(request: web.Request) -> web.Response:
-    registry = request.app[signaling.REGISTRY]
+    registry = request.app[REGISTRY]
     return web.json_response({"status": "ok", "model": registry.worker.engine.name,
-                              "sessions": len(registry)})
+                              "languages": sorted(registry.languages), "sessions": len(registry)})
 
 
 def load_engine(config: Config) -> WhisperEngine:
     started = time.monotonic()
     engine = WhisperEngine(
         config.model, device=config.device, compute_type=config.compute_type,
-        options=DecodeOptions(beam_size=config.beam_size, cpu_threads=config.cpu_threads),
+        options=DecodeOptions(beam_size=config.beam_size, cpu_threads=config.cpu_threads,
+                              window_s=config.decode_window_s),
     )
     engine.warm_up()
     log.info("model ready in %.1fs", time.monotonic() - started)
@@ -75,9 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     # These narrate every candidate pair and every decode at INFO.
     for noisy in ("aioice", "aiortc", "faster_whisper"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    tls = ssl_context(config)  # before the model loads: a bad certificate fails at once
     engine = load_engine(config)
     app = build_app(config, engine)
-    web.run_app(app, host=config.host, port=config.port, print=None,
+    log.info("serving on %s://%s:%d", "https" if tls else "http", config.host, config.port)
+    web.run_app(app, host=config.host, port=config.port, ssl_context=tls, print=None,
                 access_log=None, shutdown_timeout=20)
     log.info("stopped")
 

@@ -97,6 +97,7 @@ class Session:
         self._ended = asyncio.Event()
         self._ending = False
         self.stream = stream_factory(self.emit)
+        self._end_task: asyncio.Task | None = None
         self._watchdog = asyncio.create_task(self._watch())
 
     @property
@@ -139,6 +140,11 @@ class Session:
         self.last_audio = time.monotonic()
         self.stream.feed(pcm)
 
+    def end_soon(self, reason: str) -> None:
+        """end() from a callback that cannot await; the task is held so it cannot be collected."""
+        if not self._ending and self._end_task is None:
+            self._end_task = asyncio.create_task(self.end(reason))
+
     async def end(self, reason: str) -> None:
         """Finalize speech in progress, send its final, then session.ended; idempotent."""
         if self._ending:
@@ -178,7 +184,7 @@ class Session:
                 reason = "max_duration"
             else:
                 continue
-            asyncio.create_task(self.end(reason))
+            self.end_soon(reason)
             return
 
 

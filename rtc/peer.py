@@ -53,7 +53,7 @@ class PeerSession:
             return  # the first channel the client opens carries the events
         self.channel = channel
         channel.on("message", self._on_message)
-        channel.on("close", lambda: self._end("peer_closed"))
+        channel.on("close", lambda: self.session.end_soon("peer_closed"))
         info = self.session.info()
         self._send({"type": "session.started", **info})
         self.session.add_sink(self._send, replay=True)
@@ -67,12 +67,12 @@ class PeerSession:
         if state == "connected":
             self._ice_timer.cancel()
         elif state in ("failed", "closed"):
-            self._end("connection_failed" if state == "failed" else "peer_closed")
+            self.session.end_soon("connection_failed" if state == "failed" else "peer_closed")
 
     async def _ice_deadline(self, timeout: float) -> None:
         await asyncio.sleep(timeout)
         if self.pc.connectionState != "connected":
-            self._end("ice_timeout")
+            self.session.end_soon("ice_timeout")
 
     async def _read(self, track: MediaStreamTrack) -> None:
         resampler = Resampler()
@@ -82,7 +82,7 @@ class PeerSession:
                 self.session.feed(resampler.frame(frame))
         except MediaStreamError:
             self.session.feed(resampler.frame(None))
-            self._end("peer_closed")
+            self.session.end_soon("peer_closed")
 
     def _on_message(self, message: str | bytes) -> None:
         try:
@@ -92,7 +92,7 @@ class PeerSession:
             return
         kind = data.get("type") if isinstance(data, dict) else None
         if kind == "stop":
-            self._end("stop")
+            self.session.end_soon("stop")
         else:
             self._send({"type": "error", "code": "unknown_message",
                         "message": f"unknown message type {kind!r}; the client may send: stop"})
@@ -100,10 +100,6 @@ class PeerSession:
     def _send(self, event: dict[str, Any]) -> None:
         if self.channel is not None and self.channel.readyState == "open":
             self.channel.send(json.dumps(event, separators=(",", ":")))
-
-    def _end(self, reason: str) -> None:
-        if not self.session.ended:
-            asyncio.create_task(self.session.end(reason))
 
     async def close(self) -> None:
         self._ice_timer.cancel()
