@@ -4,7 +4,7 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
-COPY server.py config.py errors.py sessions.py ./
+COPY server.py config.py errors.py sessions.py sse.py tls.py ws.py ./
 COPY asr/ asr/
 COPY rtc/ rtc/
 COPY web/ web/

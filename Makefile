@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install serve test test-deps clean
+.PHONY: install serve test test-deps bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,11 +24,23 @@ install: $(VENV)/.installed
 serve: install
 	$(BIN)/python server.py --host $(HOST) --port $(PORT)
 
-test-deps: $(VENV)/.test-installed
+# The browser tests drive Debian's Chromium (Playwright's own browser download is never used).
+/usr/bin/chromium:
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+
+test-deps: $(VENV)/.test-installed /usr/bin/chromium
 
 # WebRTC tests exchange UDP between peers: they run in a private network namespace.
 test: test-deps
 	tests/netns.sh $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+$(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.test-installed
+	$(BIN)/pip install --quiet -r requirements-bench.txt
+	touch $@
+
+# Streams real speech at rising concurrency; writes bench/results/ (takes 10 to 25 minutes).
+bench: $(VENV)/.bench-installed
+	tests/netns.sh $(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

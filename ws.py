@@ -9,8 +9,7 @@ import json
 import logging
 from typing import Any
 
-import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from asr.audio import MAX_RATE, MIN_RATE, SAMPLE_RATE, Resampler, WebmDecoder
 from errors import ApiError
@@ -77,7 +76,13 @@ class WebSocketSession:
 
     async def run(self) -> None:
         try:
-            first = await self.ws.receive()
+            # Not receive(timeout=...): each pong the heartbeat brings would restart that timer.
+            first = await asyncio.wait_for(self.ws.receive(), self.registry.config.idle_timeout_s)
+        except asyncio.TimeoutError:
+            # Nothing was ever sent, so no session watches this socket: it must not stay open forever.
+            await self.ws.close(code=1000, message=b"idle_timeout")
+            return
+        try:
             if first.type == WSMsgType.TEXT and _is_start(first.data):
                 self._start(json.loads(first.data))
                 first = None
@@ -85,15 +90,14 @@ class WebSocketSession:
                 self._start({})
             else:
                 return
-            self._writer = asyncio.create_task(self._write())
-            try:
-                if first is not None:
-                    await self._handle(first)
-                await self._read()
-            finally:
-                await self._writer
         except Refused as e:
             await self._refuse(e)
+            return
+        self._writer = asyncio.create_task(self._write())
+        try:
+            await self._read(first)
+        finally:
+            await self._writer
 
     def _start(self, start: dict[str, Any]) -> None:
         unknown = set(start) - _START_FIELDS
@@ -122,24 +126,31 @@ class WebSocketSession:
         session.add_sink(self.outbox.put)
         session.on_close(self._close)
 
-    async def _read(self) -> None:
+    async def _read(self, first: WSMessage | None) -> None:
+        """`first`: the message that started the session, when it was not a start message."""
         assert self.session is not None
+        if first is not None and await self._dispatch(first):
+            return
         while not self.session.ended:
             await self.session.stream.wait_capacity(_MAX_PENDING_FINALS)
-            message = await self.ws.receive()
-            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-                await self._end("peer_closed")
-                return
-            try:
-                if await self._handle(message):
-                    return
-            except Refused as e:
-                self._error(e.code, e.message)
-                self._close_code = e.close_code
-                await self._end("error")
+            if await self._dispatch(await self.ws.receive()):
                 return
 
-    async def _handle(self, message) -> bool:
+    async def _dispatch(self, message: WSMessage) -> bool:
+        """Acts on one message; True when the session is over and reading must stop."""
+        if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            await self._end("peer_closed")
+            return True
+        try:
+            return await self._handle(message)
+        except Refused as e:
+            # The session itself ends: what was said before the refused message still gets its finals.
+            self._error(e.code, e.message)
+            self._close_code = e.close_code
+            await self._end("error")
+            return True
+
+    async def _handle(self, message: WSMessage) -> bool:
         """Acts on one client message; True when the client asked to stop."""
         if message.type == WSMsgType.BINARY:
             await self._audio(message.data)
@@ -190,7 +201,7 @@ class WebSocketSession:
     def _decoder_failed(self, message: str) -> None:
         self._error("bad_audio", message)
         self._close_code = 1003
-        asyncio.create_task(self._end("error"))
+        self.session.end_soon("error")  # no decoder to drain: it has just stopped
 
     async def _end(self, reason: str) -> None:
         assert self.session is not None

@@ -62,6 +62,23 @@ _FALLBACK_TEMPERATURES = (0.2, 0.4)
 _PREPEND, _APPEND = "\"'“¿([{-", "\"'.。,，!！?？:：”)]}、"
 
 
+def cut_loop(tokens: list[int], min_period: int = 5) -> list[int]:
+    """Whisper's loop: the output ends with the same block of tokens two or more times. Keep one.
+
+    A speaker rarely repeats five or more tokens verbatim back to back; the decoder, given a
+    little trailing silence, does it readily. A last copy cut short by the length cap counts too.
+    """
+    n, keep = len(tokens), len(tokens)
+    for period in range(min_period, n // 2 + 1):
+        i = n - 1
+        while i >= period and tokens[i] == tokens[i - period]:
+            i -= 1
+        # tokens[i + 1 - period : n] repeats with this period; its first copy ends at i + 1.
+        if n - (i + 1 - period) >= 2 * period:
+            keep = min(keep, i + 1)
+    return tokens[:keep]
+
+
 def _normalize(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9' ]", " ", text.lower()).split())
 
@@ -144,7 +161,7 @@ class WhisperEngine:
                 encoded, [prompt], max_length=max_length, return_scores=True,
                 return_no_speech_prob=True, suppress_blank=True, suppress_tokens=suppress, **attempt,
             )[0]
-            tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
+            tokens = cut_loop([t for t in result.sequences_ids[0] if t < tokenizer.eot])
             avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
             candidate = (tokens, avg_logprob, result.no_speech_prob)
             if best is None or avg_logprob > best[1]:

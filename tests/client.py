@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import fractions
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import aiohttp
 import av
@@ -26,22 +28,23 @@ HOST = "127.0.0.2"
 FRAME = 320  # 20 ms at 16 kHz, what a browser's Opus packetizer would carry
 
 
-def free_port() -> int:
+def free_port(host: str = HOST) -> int:
     with socket.socket() as s:
-        s.bind((HOST, 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 class ServerProcess:
     """server.py in a subprocess, started the way the README says."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
+    def __init__(self, *args: str, env: dict[str, str] | None = None, host: str = HOST) -> None:
+        self.port = free_port(host)
+        scheme = "https" if {"--self-signed", "--certfile"} & set(args) else "http"
+        self.url = f"{scheme}://{host}:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"stt-server-{self.port}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "server.py"), "--host", HOST, "--port", str(self.port), *args],
+            [sys.executable, str(ROOT / "server.py"), "--host", host, "--port", str(self.port), *args],
             cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
@@ -55,7 +58,9 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                # Readiness only: the certificate itself is for the tests to check.
+                unverified = ssl._create_unverified_context()
+                with urllib.request.urlopen(self.url + "/health", timeout=1, context=unverified) as r:
                     if r.status == 200:
                         return
             except OSError:
@@ -126,8 +131,47 @@ class Received:
     at: float  # time.monotonic() on arrival
 
 
+class EventLog:
+    """Every event a client received, in order, and ways to wait for one."""
+
+    events: list[Received]
+    _changed: asyncio.Event
+
+    def record(self, event: dict[str, Any]) -> None:
+        self.events.append(Received(event, time.monotonic()))
+        self._changed.set()
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [r.event for r in self.events if r.event["type"] == kind]
+
+    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float,
+                       after: int = 0) -> Received:
+        """The first event (from index `after`) that satisfies `predicate`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for r in self.events[after:]:
+                if predicate(r.event):
+                    return r
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no matching event in {timeout}s; got {[r.event for r in self.events]}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    async def wait_type(self, kind: str, timeout: float = 10, after: int = 0) -> dict[str, Any]:
+        return (await self.wait_for(lambda e: e["type"] == kind, timeout, after)).event
+
+    async def wait_last_final(self, timeout: float) -> None:
+        """Until the utterance that started last has its final."""
+        await self.wait_for(lambda e: e["type"] == "transcript.final"
+                            and e["utterance"] == len(self.of_type("speech.started")), timeout)
+
+
 @dataclass
-class RTCClient:
+class RTCClient(EventLog):
     """An aiortc peer that offers audio (+ a data channel) and records every event it gets."""
 
     base_url: str
@@ -147,8 +191,7 @@ class RTCClient:
         self.location: str | None = None
 
     def _on_message(self, message: str) -> None:
-        self.events.append(Received(json.loads(message), time.monotonic()))
-        self._changed.set()
+        self.record(json.loads(message))
 
     async def offer(self) -> str:
         await self.pc.setLocalDescription(await self.pc.createOffer())
@@ -180,31 +223,153 @@ class RTCClient:
         assert self.channel is not None
         self.channel.send(message if isinstance(message, str) else json.dumps(message))
 
-    def of_type(self, kind: str) -> list[dict[str, Any]]:
-        return [r.event for r in self.events if r.event["type"] == kind]
-
-    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float,
-                       after: int = 0) -> Received:
-        """The first event (from index `after`) that satisfies `predicate`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for r in self.events[after:]:
-                if predicate(r.event):
-                    return r
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no matching event in {timeout}s; got {[r.event for r in self.events]}")
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
-
-    async def wait_type(self, kind: str, timeout: float = 10, after: int = 0) -> dict[str, Any]:
-        return (await self.wait_for(lambda e: e["type"] == kind, timeout, after)).event
-
     async def close(self) -> None:
         await self.pc.close()
+
+
+AudioForm = Literal["binary", "data", "payload"]  # a binary message, or base64 in this JSON field
+
+
+def audio_message(pcm: bytes, form: AudioForm) -> bytes | dict[str, str]:
+    if form == "binary":
+        return pcm
+    return {"type": "audio", form: base64.b64encode(pcm).decode()}
+
+
+class WSClient(EventLog):
+    """A client of GET /v1/ws that records every event, and the code and reason the server closed with."""
+
+    def __init__(self, base_url: str, query: dict[str, str] | None = None) -> None:
+        self.base_url = base_url
+        self.query = query
+        self.events = []
+        self._changed = asyncio.Event()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.pings = 0  # seen only with autoping off: aiohttp answers them itself otherwise
+        self._http = aiohttp.ClientSession()
+        self._reader: asyncio.Task | None = None
+
+    async def connect(self, autoping: bool = True) -> None:
+        self.ws = await self._http.ws_connect(self.base_url + "/v1/ws", params=self.query,
+                                              autoping=autoping)
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if message.type == aiohttp.WSMsgType.TEXT:
+                self.record(json.loads(message.data))
+            elif message.type == aiohttp.WSMsgType.PING:
+                self.pings += 1
+                await self.ws.pong(message.data)
+            elif message.type == aiohttp.WSMsgType.CLOSE:
+                self.close_code, self.close_reason = message.data, message.extra
+            elif message.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
+                                  aiohttp.WSMsgType.ERROR):
+                self.close_code = self.close_code or self.ws.close_code
+                return
+
+    async def send(self, message: bytes | str | dict[str, Any]) -> None:
+        if isinstance(message, bytes):
+            await self.ws.send_bytes(message)
+        else:
+            await self.ws.send_str(message if isinstance(message, str) else json.dumps(message))
+
+    async def speak(self, pcm: bytes, rate: int = 16000, chunk_ms: int = 20, realtime: bool = True,
+                    form: AudioForm = "binary") -> None:
+        """Sends PCM in chunks: paced like a live microphone, or as fast as the socket takes them."""
+        step = rate * 2 * chunk_ms // 1000
+        started = time.monotonic()
+        for i, offset in enumerate(range(0, len(pcm), step)):
+            if realtime:
+                await asyncio.sleep(max(0.0, started + i * chunk_ms / 1000 - time.monotonic()))
+            await self.send(audio_message(pcm[offset : offset + step], form))
+
+    async def stop(self, message: dict[str, str] | None = None) -> None:
+        """Says stop: the last finals, session.ended (stop) as the last event, and a normal close."""
+        await self.send(message or {"type": "stop"})
+        assert (await self.wait_type("session.ended", timeout=20))["reason"] == "stop"
+        assert await self.closed(timeout=10) == 1000
+        assert self.events[-1].event["type"] == "session.ended"
+
+    async def closed(self, timeout: float) -> int | None:
+        """Waits until the server has closed the socket; its close code."""
+        assert self._reader is not None
+        await asyncio.wait_for(asyncio.shield(self._reader), timeout)
+        return self.close_code
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            await self.ws.close()
+            await self._reader
+        await self._http.close()
+
+
+class SSEClient(EventLog):
+    """A subscriber of GET /v1/sessions/{id}/events that records every event until the stream ends."""
+
+    def __init__(self, base_url: str, session_id: str) -> None:
+        self.url = f"{base_url}/v1/sessions/{session_id}/events"
+        self.events = []
+        self._changed = asyncio.Event()
+        self._http = aiohttp.ClientSession()
+        self._reader: asyncio.Task | None = None
+
+    async def connect(self) -> None:
+        response = await self._http.get(self.url)
+        assert response.status == 200, await response.text()
+        assert response.content_type == "text/event-stream"
+        self._reader = asyncio.create_task(self._read(response))
+
+    async def _read(self, response: aiohttp.ClientResponse) -> None:
+        name = data = None
+        async for raw in response.content:
+            line = raw.decode().rstrip("\r\n")
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                data = json.loads(line[len("data: "):])
+            elif not line and data is not None:
+                assert data["type"] == name, (name, data)
+                self.record(data)
+                name = data = None
+
+    async def ended(self, timeout: float) -> None:
+        """Waits until the server has ended the stream."""
+        assert self._reader is not None
+        await asyncio.wait_for(asyncio.shield(self._reader), timeout)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        await self._http.close()
+
+
+def check_protocol(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Per-utterance order and shape of a session's events; returns the finals by utterance number."""
+    assert events[0]["type"] == "session.started"
+    assert events[0]["sample_rate"] == 16000 and events[0]["model"] and events[0]["session_id"]
+    seen: dict[int, list[str]] = {}
+    finals: dict[int, dict[str, Any]] = {}
+    for e in events[1:]:
+        if e["type"] in ("speech.started", "transcript.partial", "speech.stopped", "transcript.final"):
+            seen.setdefault(e["utterance"], []).append(e["type"])
+        if e["type"] == "transcript.partial":
+            assert e["text"].split()[: len(e["stable"].split())] == e["stable"].split()
+        if e["type"] == "transcript.final":
+            assert e["utterance"] not in finals, "two finals for one utterance"
+            finals[e["utterance"]] = e
+            assert e["start"] < e["end"]
+            for w in e["words"]:
+                assert 0 <= w["probability"] <= 1
+                assert e["start"] - 1.0 <= w["start"] <= w["end"] <= e["end"] + 1.0
+    assert sorted(seen) == list(range(1, len(seen) + 1)), "utterances are numbered 1, 2, 3..."
+    for n, kinds in seen.items():
+        assert kinds[0] == "speech.started" and kinds[-2:] == ["speech.stopped", "transcript.final"], (n, kinds)
+        assert set(kinds[1:-2]) <= {"transcript.partial"}, (n, kinds)
+    assert events[-1] == {"type": "session.ended", "reason": "stop"}
+    return finals
 
 
 async def health(base_url: str) -> dict[str, Any]:

@@ -9,8 +9,11 @@ import wave
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
+
+GAP_S = 1.5  # a speaker's pause between sentences: longer than the 500 ms endpoint
 
 DEVSET = Path(os.environ.get("STT_DEVSET", Path(__file__).resolve().parents[2] / "shared/eval/devset"))
 
@@ -49,6 +52,36 @@ def load_devset() -> list[Recording]:
             entry = json.loads(line)
             items.append(Recording(entry["id"], entry["text"], read_wav(root / entry["wav"])))
     return items
+
+
+def recording(recording_id: str) -> Recording:
+    return next(r for r in load_devset() if r.id == recording_id)
+
+
+def pcm16(audio: np.ndarray, rate: int = 16000) -> bytes:
+    """16 kHz float speech as 16-bit little-endian mono PCM at `rate`, as a sound card at that rate gives it."""
+    samples = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    if rate == 16000:
+        return samples.tobytes()
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+    frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = 16000
+    frames = resampler.resample(frame) + resampler.resample(None)
+    return b"".join(f.to_ndarray().astype("<i2").tobytes() for f in frames)
+
+
+def split_by_duration(recordings: list[Recording], parts: int) -> list[list[Recording]]:
+    """The recordings in `parts` groups of about equal duration, e.g. one per concurrent session."""
+    groups: list[list[Recording]] = [[] for _ in range(parts)]
+    for rec in sorted(recordings, key=lambda r: -r.seconds):
+        min(groups, key=lambda g: sum(r.seconds for r in g)).append(rec)
+    return groups
+
+
+def with_pauses(recordings: list[Recording]) -> np.ndarray:
+    """The recordings one after another, each followed by a pause of GAP_S seconds."""
+    gap = np.zeros(int(GAP_S * 16000), np.float32)
+    return np.concatenate([part for r in recordings for part in (r.audio, gap)])
 
 
 def normalize(text: str) -> list[str]:

@@ -142,3 +142,14 @@ async def test_worker_runs_finals_first_and_replaces_waiting_partials(engine):
         assert worker.decodes == 3
     finally:
         await worker.close()
+
+
+def test_cut_loop_keeps_one_copy_of_a_repeated_tail():
+    from asr.engine import cut_loop
+
+    sentence = [11, 12, 13, 14, 15, 16]
+    assert cut_loop([1, 2] + sentence * 2) == [1, 2] + sentence
+    assert cut_loop([1, 2] + sentence * 4 + sentence[:3]) == [1, 2] + sentence  # cut by the cap
+    assert cut_loop(sentence + [1, 2, 3]) == sentence + [1, 2, 3]  # no repeat: untouched
+    short = [7, 8, 9, 7, 8, 9]  # "no, no, no": short repeats are speech, not a loop
+    assert cut_loop(short) == short

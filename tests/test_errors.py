@@ -13,16 +13,12 @@ import pytest_asyncio
 from aiortc import RTCSessionDescription
 
 from client import RTCClient, ServerProcess, SpeechTrack, health, wait_sessions
-from speech import Recording, load_devset, wer
+from speech import Recording, recording, wer
 
 # One event loop for the module: the streaming session outlives each test that runs beside it.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 MAX_OFFER_BYTES = 65536  # the server's default --max-offer-bytes
-
-
-def recording(recording_id: str) -> Recording:
-    return next(r for r in load_devset() if r.id == recording_id)
 
 
 def silence() -> SpeechTrack:

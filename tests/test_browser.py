@@ -1,0 +1,312 @@
+"""The page in a real browser: Debian's Chromium, whose fake microphone says devset speech."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+from client import ROOT, ServerProcess
+from speech import load_devset, wer
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Chromium ignores loopback candidates: the page and the server meet on the veth that tests/netns.sh makes.
+BROWSER_HOST = "10.77.0.1"
+ARTIFACTS = ROOT / "test-artifacts"
+SPEECH_IDS = ["jfk-inaugural-ask-not", "ls-61-70968-0000", "ls-61-70968-0002"]
+LEAD_S, GAP_S, TAIL_S = 2.0, 1.5, 3.0  # capture starts at getUserMedia, before the session connects
+
+# Every change of the state indicator, in order, however quickly they follow one another.
+RECORD_STATES = """
+window.__states = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const el = document.getElementById("state");
+  window.__states.push(el.dataset.state);
+  new MutationObserver((records) => records.forEach((r, i) =>
+    window.__states.push(i + 1 < records.length ? records[i + 1].oldValue : el.dataset.state)
+  )).observe(el, { attributes: true, attributeFilter: ["data-state"], attributeOldValue: true });
+});
+"""
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    if CHROMIUM.is_file():
+        return CHROMIUM
+    message = f"Debian's Chromium is missing at {CHROMIUM} (`make test-deps` installs it)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> tuple[Path, float, str]:
+    """The fake microphone's WAV, how long it plays, and what it says."""
+    recordings = {r.id: r for r in load_devset()}
+    chosen = [recordings[i] for i in SPEECH_IDS]
+    silence = lambda s: np.zeros(int(s * 16000), np.float32)  # noqa: E731
+    parts = [silence(LEAD_S)]
+    for r in chosen:
+        parts += [r.audio, silence(GAP_S)]
+    audio = np.concatenate(parts + [silence(TAIL_S)])
+    path = tmp_path_factory.mktemp("microphone") / "speech.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return path, audio.size / 16000, " ".join(r.text for r in chosen)
+
+
+@pytest.fixture(scope="module")
+def page_server(private_network):
+    proc = ServerProcess("--ice-timeout-s", "5", host=BROWSER_HOST)
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium, page_server, speech):
+    wav = speech[0]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}%noloop",
+            f"--unsafely-treat-insecure-origin-as-secure={page_server.url}",
+        ])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.add_init_script(RECORD_STATES)
+    yield page
+    context.close()
+
+
+def state(page: Page):
+    return page.locator("#state")
+
+
+def screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def in_order(expected: list[str], seen: list[str]) -> bool:
+    remaining = iter(seen)
+    return all(state in remaining for state in expected)
+
+
+def transcribe(page: Page, url: str, duration_s: float) -> str:
+    """Start, let the fake microphone say everything, stop; the finals as the page shows them."""
+    page.goto(url)
+    expect(state(page)).to_have_attribute("data-state", "idle")
+    started = time.monotonic()
+    page.click("#start")
+    expect(state(page)).to_have_attribute("data-state", "listening", timeout=20_000)
+    # The last utterance ends in the trailing silence: its final comes by itself, before Stop.
+    page.wait_for_timeout(max(0.0, started + duration_s + 1.0 - time.monotonic()) * 1000)
+    page.click("#stop")
+    expect(state(page)).to_have_attribute("data-state", "stopped", timeout=20_000)
+    return " ".join(t.strip() for t in page.locator("#transcript .final .text").all_inner_texts())
+
+
+def download(page: Page, format: str) -> str:
+    with page.expect_download() as info:
+        page.click(f"[data-format={format}]")
+    return Path(info.value.path()).read_text(encoding="utf-8")
+
+
+def _seconds(h: str, m: str, s: str, ms: str) -> float:
+    return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
+
+
+def parse_cues(text: str, separator: str) -> list[tuple[float, float, str]]:
+    """Cues of SRT (numbered, ',' before milliseconds) or of WebVTT (after its header, '.')."""
+    stamp = rf"(\d\d):(\d\d):(\d\d){re.escape(separator)}(\d\d\d)"
+    cues = []
+    for block in text.strip("\n").split("\n\n"):
+        lines = block.split("\n")
+        if separator == ",":
+            assert lines.pop(0) == str(len(cues) + 1), block
+        match = re.fullmatch(f"{stamp} --> {stamp}", lines[0])
+        assert match, block
+        start, end = _seconds(*match.groups()[:4]), _seconds(*match.groups()[4:])
+        assert start < end and lines[1:], block
+        cues.append((start, end, " ".join(lines[1:])))
+    assert [c[0] for c in cues] == sorted(c[0] for c in cues)
+    return cues
+
+
+@pytest.mark.parametrize("transport", ["rtc", "ws"])
+def test_page_transcribes(page, page_server, speech, transport):
+    _, duration, reference = speech
+    text = transcribe(page, f"{page_server.url}/?transport={transport}", duration)
+    screenshot(page, f"desktop-{transport}.png")
+    assert page.locator("#transport").inner_text() == {"rtc": "WebRTC", "ws": "WebSocket"}[transport]
+    error_rate = wer([(reference, text)])
+    print(f"\n{transport}: WER {error_rate:.3f}: {text}")
+    assert error_rate <= 0.12, text
+    assert in_order(["idle", "connecting", "listening", "stopping", "stopped"], page.evaluate("window.__states"))
+
+    finals = page.locator("#transcript .final .text").all_inner_texts()
+    finals = [f.strip() for f in finals]
+    delays = [float(d.removesuffix(" s")) for d in page.locator("#transcript .final .delay").all_inner_texts()]
+    assert len(delays) == len(finals) and all(0 <= d < 5 for d in delays), delays
+
+    srt = parse_cues(download(page, "srt"), ",")
+    assert [c[2] for c in srt] == finals
+    vtt_text = download(page, "vtt")
+    assert vtt_text.startswith("WEBVTT\n\n")
+    vtt = parse_cues(vtt_text.removeprefix("WEBVTT\n\n"), ".")
+    assert [c[2] for c in vtt] == finals and [c[:2] for c in vtt] == [c[:2] for c in srt]
+    assert srt[-1][1] < duration
+    assert download(page, "txt").splitlines() == finals
+    saved = json.loads(download(page, "json"))
+    assert [f["text"] for f in saved["finals"]] == finals and saved["model"] == "tiny.en"
+
+
+def test_without_webrtc_the_page_falls_back_to_the_websocket(page, page_server, speech):
+    page.add_init_script("delete window.RTCPeerConnection; delete window.webkitRTCPeerConnection;")
+    _, duration, reference = speech
+    text = transcribe(page, f"{page_server.url}/", duration)
+    assert page.locator("#transport").inner_text() == "WebSocket"
+    assert wer([(reference, text)]) <= 0.12, text
+
+
+def test_phone_layout(browser, page_server):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+                                  device_scale_factor=2)
+    page = context.new_page()
+    page.goto(f"{page_server.url}/")
+    page.click("#start")
+    expect(state(page)).to_have_attribute("data-state", "listening", timeout=20_000)
+    # JFK's first phrase ends 2.5 s into the speech: a final on the page while it is laid out.
+    expect(page.locator("#transcript .final").first).to_be_visible(timeout=20_000)
+    screenshot(page, "phone.png")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    for button in page.locator("button:visible").all():
+        box = button.bounding_box()
+        assert box["height"] >= 44 and box["width"] >= 44, button.inner_text()
+    # The phone is locked: the page is hidden, and the session ends cleanly.
+    page.evaluate("""() => {
+        Object.defineProperty(document, "visibilityState", { value: "hidden", configurable: true });
+        document.dispatchEvent(new Event("visibilitychange"));
+    }""")
+    expect(state(page)).to_have_attribute("data-state", "stopped", timeout=20_000)
+    expect(page.locator("#alert")).to_contain_text("the page was hidden")
+    wait_sessions(page, page_server, 0)
+    context.close()
+
+
+def wait_sessions(page: Page, server: ServerProcess, count: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while (n := page.request.get(server.url + "/health").json()["sessions"]) != count:
+        assert time.monotonic() < deadline, f"{n} sessions on the server, expected {count}"
+        time.sleep(0.2)
+
+
+def test_when_webrtc_does_not_connect_the_page_falls_back(page, page_server):
+    def without_candidates(sdp: str) -> str:
+        return "".join(line for line in sdp.splitlines(keepends=True) if not line.startswith("a=candidate"))
+
+    def strip(route):
+        # Neither peer learns an address of the other: ICE cannot connect.
+        response = route.fetch(post_data=without_candidates(route.request.post_data))
+        route.fulfill(response=response, body=without_candidates(response.text()))
+
+    page.route(f"{page_server.url}/v1/rtc", strip)
+    page.goto(f"{page_server.url}/")
+    page.click("#start")
+    expect(state(page)).to_have_attribute("data-state", "listening", timeout=20_000)
+    assert page.locator("#transport").inner_text() == "WebSocket"
+    wait_sessions(page, page_server, 1)  # the WebRTC attempt's session was deleted, not left to time out
+    page.click("#stop")
+    expect(state(page)).to_have_attribute("data-state", "stopped", timeout=20_000)
+
+
+def _refuse_microphone(name: str) -> str:
+    return ("navigator.mediaDevices.getUserMedia = () => "
+            f"Promise.reject(new DOMException('refused in the test', '{name}'));")
+
+
+@pytest.mark.parametrize("case, says, retry", [
+    ("microphone denied", "denied", False),
+    ("no microphone", "No microphone", False),
+    ("session limit", "every session is in use", True),
+    ("server unreachable", "cannot be reached", True),
+])
+def test_bad_states_are_told_plainly(page, page_server, case, says, retry):
+    if case == "microphone denied":
+        page.add_init_script(_refuse_microphone("NotAllowedError"))
+    elif case == "no microphone":
+        page.add_init_script(_refuse_microphone("NotFoundError"))
+    elif case == "session limit":
+        page.route("**/v1/rtc*", lambda route: route.fulfill(
+            status=503, headers={"Retry-After": "5"}, content_type="application/json",
+            body=json.dumps({"error": {"code": "session_limit", "message": "all sessions are in use"}})))
+    else:
+        page.route("**/v1/rtc*", lambda route: route.abort("connectionrefused"))
+    page.goto(f"{page_server.url}/?transport=rtc")
+    page.click("#start")
+    expect(state(page)).to_have_attribute("data-state", "error")
+    expect(page.locator("#alert")).to_contain_text(says)
+    expect(page.locator("#retry")).to_be_visible() if retry else expect(page.locator("#retry")).to_be_hidden()
+    expect(page.locator("#start")).to_be_enabled()
+
+
+def test_lost_connection_offers_a_retry(page, page_server):
+    sockets = []
+
+    def relay(ws):
+        ws.connect_to_server()
+        sockets.append(ws)
+
+    page.route_web_socket(re.compile(r".*/v1/ws"), relay)
+    page.goto(f"{page_server.url}/?transport=ws")
+    # Keyboard only: Start is the first stop of the tab order, and focus follows the controls.
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    expect(state(page)).to_have_attribute("data-state", "listening", timeout=20_000)
+    expect(page.locator("#stop")).to_be_focused()
+    sockets[0].close(code=1011, reason="gone")
+    expect(state(page)).to_have_attribute("data-state", "error")
+    expect(page.locator("#alert")).to_contain_text("connection to the server was lost")
+    page.locator("#retry").focus()
+    page.keyboard.press("Enter")
+    expect(state(page)).to_have_attribute("data-state", "listening", timeout=20_000)
+    expect(page.locator("#stop")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(state(page)).to_have_attribute("data-state", "stopped", timeout=20_000)
+    expect(page.locator("#start")).to_be_focused()
+
+
+def test_language_selector_only_for_a_multilingual_model(page, page_server):
+    page.goto(f"{page_server.url}/")
+    expect(page.locator("#model")).to_have_text("tiny.en")
+    expect(page.locator("#language-field")).to_be_hidden()
+    page.route("**/health", lambda route: route.fulfill(json={
+        "status": "ok", "model": "base", "languages": ["de", "en", "fr"], "sessions": 0}))
+    page.reload()
+    expect(page.locator("#language-field")).to_be_visible()
+    page.select_option("#language", "fr")
+    with page.expect_request(re.compile(r".*/v1/rtc\?.*")) as request:
+        page.click("#start")
+    assert "language=fr" in request.value.url
+    # The real server's model is English only: its refusal reaches the page as it said it.
+    expect(state(page)).to_have_attribute("data-state", "error")
+    expect(page.locator("#alert")).to_contain_text("not supported by this model")
+    screenshot(page, "desktop-error.png")

@@ -1,0 +1,285 @@
+// The page around stt.js: controls, the transcript, the state, and saving what was said.
+import { startTranscription, toSRT, toWebVTT } from "./stt.js";
+
+const $ = (id) => document.getElementById(id);
+const requested = new URLSearchParams(location.search).get("transport");
+const transport = requested === "rtc" || requested === "ws" ? requested : "auto";
+
+const STATE_TEXT = {
+  idle: "Idle", connecting: "Connecting…", listening: "Listening",
+  stopping: "Finishing…", stopped: "Stopped", error: "Error",
+};
+
+const ERROR_TEXT = {
+  microphone_denied: "Access to the microphone was denied. Allow it for this site (the icon in the "
+    + "address bar, or the browser's site settings), then press Start.",
+  no_microphone: "No microphone was found. Connect one, then press Start.",
+  microphone_unavailable: "The microphone could not be started. Another app may be using it.",
+  insecure_context: "The browser opens the microphone only on a secure page. Open this page over "
+    + "https:// (start the server with --self-signed) or on localhost.",
+  unreachable: "The server cannot be reached. Check that it is running and that this device is on its network.",
+  session_limit: "The server is busy: every session is in use. Try again in a few seconds.",
+  shutting_down: "The server is shutting down. Try again when it is back.",
+  connect_failed: "No audio connection to the server could be opened.",
+  connection_lost: "The connection to the server was lost.",
+  no_webrtc: "This browser has no WebRTC. Open the page without ?transport=rtc to use the WebSocket.",
+};
+const RETRYABLE = new Set(["unreachable", "session_limit", "shutting_down", "connect_failed", "connection_lost"]);
+
+// Why a session ended, when the user did not end it.
+const ENDED_TEXT = {
+  idle_timeout: "The server ended the session: no audio reached it for a while.",
+  max_duration: "The session reached the server's longest allowed duration.",
+  shutdown: "The server shut down.",
+  ice_timeout: "The audio connection could not be set up.",
+  connection_failed: "The audio connection failed.",
+  peer_closed: "The audio connection was closed.",
+};
+
+let session = null; // the handle of the session in progress
+let starting = false; // startTranscription has not settled yet
+let cancelled = false; // Stop was asked for while starting
+let hidden = false; // the session stopped because the page was hidden
+let finals = []; // the transcript's finals, times on the transcript's own timeline
+let timeOrigin = null; // performance.now() when the transcript's first session began listening
+let offset = 0; // seconds from the transcript's start to the current session's start
+let delays = [];
+
+async function start({ resume = false } = {}) {
+  if (starting || session) return;
+  hideAlert();
+  if (!resume) clearTranscript();
+  starting = true;
+  cancelled = hidden = false;
+  render();
+  let handle = null;
+  try {
+    handle = await startTranscription({
+      transport, deviceId: $("microphone").value,
+      language: $("language-field").hidden ? "" : $("language").value,
+      onState, onPartial, onFinal, onEvent, onLevel,
+    });
+  } catch {
+    // onState("error") has told the user.
+  }
+  starting = false;
+  session = handle;
+  if (session && cancelled) session.stop();
+  render();
+}
+
+function stop() {
+  if (session) session.stop();
+  else if (starting) cancelled = true;
+  render();
+}
+
+function onState(state, detail) {
+  const indicator = $("state");
+  indicator.dataset.state = state;
+  $("state-text").textContent = state === "connecting" && detail.fallback
+    ? "Connecting (WebSocket)…" : STATE_TEXT[state];
+  if (state === "listening") {
+    $("transport").textContent = detail.transport === "rtc" ? "WebRTC" : "WebSocket";
+    $("model").textContent = detail.session.model;
+    if (timeOrigin === null) timeOrigin = performance.now();
+    offset = (performance.now() - timeOrigin) / 1000;
+    refreshMicrophones(); // labels are only readable once the microphone is allowed
+  } else if (state === "error") {
+    const { code, message } = detail.error;
+    showAlert(ERROR_TEXT[code] ?? `The session failed: ${message}`, RETRYABLE.has(code));
+  } else if (state === "stopped") {
+    if (hidden) showAlert("Stopped because the page was hidden. Press Start to go on.", false);
+    else if (ENDED_TEXT[detail.reason]) showAlert(ENDED_TEXT[detail.reason], false);
+  }
+  if (state === "stopped" || state === "error") {
+    session = null;
+    setPartial("");
+  }
+  render();
+}
+
+function onPartial(event) {
+  keepScrolledToEnd(() => setPartial(event.text));
+}
+
+function onFinal(event, { delayMs }) {
+  keepScrolledToEnd(() => {
+    setPartial("");
+    if (!event.text.trim()) return; // no credible speech in it: a cough, a door
+    const final = {
+      text: event.text.trim(), start: event.start + offset, end: event.end + offset,
+      language: event.language, words: event.words,
+      delay_ms: delayMs === null ? null : Math.round(delayMs),
+    };
+    finals.push(final);
+    const line = document.createElement("p");
+    line.className = "final";
+    const text = document.createElement("span");
+    text.className = "text";
+    text.textContent = final.text + " ";
+    line.append(text);
+    if (final.delay_ms !== null) {
+      const delay = document.createElement("span");
+      delay.className = "delay";
+      delay.setAttribute("aria-hidden", "true"); // in the statistics below; not read after every sentence
+      delay.title = "Time from the server declaring the end of the utterance (speech.stopped) to its final text";
+      delay.textContent = seconds(final.delay_ms);
+      line.append(delay);
+      delays.push(final.delay_ms);
+      showDelays();
+    }
+    $("partial").before(line);
+    $("placeholder").hidden = true;
+  });
+  render();
+}
+
+function onEvent(event) {
+  if (event.type === "error" && event.code === "overloaded") {
+    $("notice").textContent = "The server was overloaded: part of the speech could not be transcribed.";
+  }
+}
+
+function onLevel(level) {
+  $("level-bar").style.transform = `scaleX(${level})`;
+}
+
+function setPartial(text) {
+  $("partial").textContent = text;
+  if (text) $("placeholder").hidden = true;
+}
+
+function keepScrolledToEnd(change) {
+  const box = $("transcript");
+  const atEnd = box.scrollHeight - box.scrollTop - box.clientHeight < 48;
+  change();
+  if (atEnd) box.scrollTop = box.scrollHeight;
+}
+
+function clearTranscript() {
+  finals = [];
+  delays = [];
+  timeOrigin = null;
+  $("transcript").querySelectorAll(".final").forEach((line) => line.remove());
+  $("placeholder").hidden = false;
+  setPartial("");
+  $("delay").textContent = "–";
+  $("notice").textContent = "";
+}
+
+function showDelays() {
+  const sorted = [...delays].sort((a, b) => a - b);
+  const median = sorted[Math.floor(sorted.length / 2)];
+  $("delay").textContent = `${seconds(delays.at(-1))} (median ${seconds(median)} of ${delays.length})`;
+}
+
+function seconds(ms) {
+  return `${(ms / 1000).toFixed(2)} s`;
+}
+
+function showAlert(text, retry) {
+  $("alert-text").textContent = text;
+  $("retry").hidden = !retry;
+  $("alert").hidden = false;
+}
+
+function hideAlert() {
+  $("alert").hidden = true;
+}
+
+function render() {
+  const busy = starting || session !== null;
+  const focused = document.activeElement;
+  $("start").disabled = busy;
+  // Enabled until the session is over (pressing it again is harmless): focus has somewhere to stay.
+  $("stop").disabled = !busy;
+  // A button that is now disabled or hidden drops keyboard focus: hand it to the one that matters now.
+  if (focused instanceof HTMLButtonElement && (focused.disabled || focused.closest("[hidden]"))) {
+    [$("stop"), $("start")].find((button) => !button.disabled)?.focus();
+  }
+  $("microphone").disabled = $("language").disabled = busy;
+  const empty = finals.length === 0;
+  $("copy").disabled = empty;
+  document.querySelectorAll("[data-format]").forEach((button) => { button.disabled = empty; });
+}
+
+const FORMATS = {
+  txt: ["text/plain", () => finals.map((f) => f.text).join("\n") + "\n"],
+  srt: ["application/x-subrip", () => toSRT(finals)],
+  vtt: ["text/vtt", () => toWebVTT(finals)],
+  json: ["application/json", () => JSON.stringify({ model: $("model").textContent, finals }, null, 2) + "\n"],
+};
+
+function download(format) {
+  const [type, make] = FORMATS[format];
+  const url = URL.createObjectURL(new Blob([make()], { type: `${type};charset=utf-8` }));
+  const stamp = new Date().toISOString().slice(0, 19).replace(/[-:]/g, "").replace("T", "-");
+  const link = Object.assign(document.createElement("a"), { href: url, download: `transcript-${stamp}.${format}` });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+async function copy() {
+  try {
+    await navigator.clipboard.writeText(finals.map((f) => f.text).join("\n"));
+    $("notice").textContent = "Copied to the clipboard.";
+  } catch {
+    $("notice").textContent = "The browser did not allow copying: select the text and copy it.";
+  }
+}
+
+async function refreshMicrophones() {
+  if (!navigator.mediaDevices?.enumerateDevices) return;
+  const select = $("microphone");
+  const chosen = select.value;
+  // Before permission the list has one nameless entry; "default" duplicates our first option.
+  const inputs = (await navigator.mediaDevices.enumerateDevices())
+    .filter((d) => d.kind === "audioinput" && d.deviceId && d.deviceId !== "default");
+  select.replaceChildren(new Option("Default microphone", ""),
+    ...inputs.map((d, i) => new Option(d.label || `Microphone ${i + 1}`, d.deviceId)));
+  select.value = inputs.some((d) => d.deviceId === chosen) ? chosen : "";
+}
+
+async function loadServerInfo() {
+  let health;
+  try {
+    health = await (await fetch("/health")).json();
+  } catch {
+    return; // Start will say that the server cannot be reached
+  }
+  $("model").textContent = health.model;
+  const languages = health.languages ?? [];
+  if (languages.length < 2) return; // an English-only model: nothing to choose
+  let names;
+  try {
+    names = new Intl.DisplayNames([navigator.language, "en"], { type: "language" });
+  } catch {
+    names = { of: (code) => code };
+  }
+  const options = languages.map((code) => new Option(`${names.of(code) ?? code} (${code})`, code));
+  options.sort((a, b) => a.text.localeCompare(b.text));
+  $("language").append(...options);
+  $("language-field").hidden = false;
+}
+
+$("start").addEventListener("click", () => start());
+$("stop").addEventListener("click", stop);
+$("retry").addEventListener("click", () => start({ resume: true }));
+$("copy").addEventListener("click", copy);
+document.querySelectorAll("[data-format]").forEach((button) => {
+  button.addEventListener("click", () => download(button.dataset.format));
+});
+// A phone locked or a tab switched away: end the session cleanly rather than stream to nobody.
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState === "hidden" && (session || starting)) {
+    hidden = true;
+    stop();
+  }
+});
+navigator.mediaDevices?.addEventListener?.("devicechange", refreshMicrophones);
+refreshMicrophones();
+loadServerInfo();
+render();
