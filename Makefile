@@ -38,8 +38,16 @@ $(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.test-installed
 	$(BIN)/pip install --quiet -r requirements-bench.txt
 	touch $@
 
+# WhisperLive, the server the benchmark compares with, in its own venv (torch stubbed, not installed).
+BENCH_WL := bench/.venv-whisperlive
+$(BENCH_WL)/.installed: bench/requirements-whisperlive.txt
+	$(PYTHON) -m venv $(BENCH_WL)
+	$(BENCH_WL)/bin/pip install --quiet --no-deps whisper-live==0.10.0
+	$(BENCH_WL)/bin/pip install --quiet -r bench/requirements-whisperlive.txt
+	touch $@
+
 # Streams real speech at rising concurrency; writes bench/results/ (takes 10 to 25 minutes).
-bench: $(VENV)/.bench-installed
+bench: $(VENV)/.bench-installed $(BENCH_WL)/.installed
 	tests/netns.sh $(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:

@@ -89,7 +89,9 @@ class SpeechStream:
             self._drop_speculation()  # speech resumed: that guess is stale
             spec = None
         early = self.options.early_final_ms
-        if spec is None and early and seg.in_speech and seg.pause_ms >= early:
+        # Only on spare capacity: a guess must never push a real final back.
+        if (spec is None and early and seg.in_speech and seg.pause_ms >= early
+                and not self._worker.finals_waiting):
             audio, _ = seg.speech_audio()
             result = self._worker.speculate(self._key, audio, self.options.language)
             self._speculation = _Speculation(seg.utterance, seg.speech_end, result)
@@ -143,8 +145,10 @@ class SpeechStream:
         self._emit(_final_event(event, result, self.options.language))
 
     def _maybe_partial(self) -> None:
-        # In a pause there is nothing new to show, and the final's decode is about to need the worker.
-        if not (self.options.partials and self._segmenter.in_speech) or self._segmenter.pause_ms:
+        # In a pause there is nothing new to show, and the final's decode is about to need the worker;
+        # while finals wait, a partial would only delay them.
+        if (not (self.options.partials and self._segmenter.in_speech) or self._segmenter.pause_ms
+                or self._worker.finals_waiting):
             return
         if self._partial_task is not None and not self._partial_task.done():
             return

@@ -1,4 +1,4 @@
-"""The one thread that runs Whisper: finals first, then speculative finals, then partials."""
+"""The threads that run Whisper: finals first, then speculative finals, then partials."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ import numpy as np
 
 from .engine import Transcript, WhisperEngine
 
+# A partial that waited this long describes speech the speaker has moved past: drop it.
+_STALE_PARTIAL_S = 1.0
+
 
 class Overloaded(RuntimeError):
     """The finals queue is full: the server is past what its CPU can transcribe."""
@@ -25,6 +28,7 @@ class _Job:
     final: bool
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future = field(repr=False)
+    queued: float = field(default_factory=time.monotonic)
     abandoned: bool = False  # set on the loop thread when nobody awaits the result any more
 
 
@@ -33,10 +37,12 @@ class DecodeWorker:
 
     Finals are FIFO and bounded. Speculative finals (decoded while the endpoint silence is still
     running) and partials are keyed by stream: a newer one replaces the waiting one, so each
-    stream holds at most one of each and a busy server sheds them before any final.
+    stream holds at most one of each. Under load the worker sheds work in this order: stale
+    partials are dropped, streams stop asking for partials and speculation while finals wait
+    (see `finals_waiting`), and a final with others queued behind it is decoded greedily.
     """
 
-    def __init__(self, engine: WhisperEngine, max_finals: int) -> None:
+    def __init__(self, engine: WhisperEngine, max_finals: int, threads: int = 1) -> None:
         self.engine = engine
         self._max_finals = max_finals
         self._cond = threading.Condition()
@@ -44,22 +50,32 @@ class DecodeWorker:
         self._speculative: OrderedDict[Hashable, _Job] = OrderedDict()
         self._partials: OrderedDict[Hashable, _Job] = OrderedDict()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="whisper-decode", daemon=True)
+        self._threads = [threading.Thread(target=self._run, name=f"whisper-decode-{i}", daemon=True)
+                         for i in range(threads)]
         self.busy_seconds = 0.0
         self.decodes = 0
+        self.shed_partials = 0
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     async def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        loop = asyncio.get_running_loop()
+        for thread in self._threads:
+            await loop.run_in_executor(None, thread.join)
 
     @property
     def depth(self) -> int:
         return len(self._finals) + len(self._speculative) + len(self._partials)
+
+    @property
+    def finals_waiting(self) -> int:
+        """Finals not yet started: while any wait, extra work would only delay them."""
+        return len(self._finals)
 
     def final(self, audio: np.ndarray, language: str | None) -> asyncio.Future:
         job = self._job(audio, language, final=True)
@@ -82,7 +98,7 @@ class DecodeWorker:
                 self._finals.append(job)
 
     def partial(self, key: Hashable, audio: np.ndarray, language: str | None) -> asyncio.Future:
-        """Resolves to None when there was no speech, or a newer partial of the stream replaced it."""
+        """Resolves to None when there was no speech, or the partial was replaced or shed."""
         return self._keyed(self._partials, key, self._job(audio, language, final=False))
 
     def _keyed(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job) -> asyncio.Future:
@@ -100,30 +116,41 @@ class DecodeWorker:
         job.future.add_done_callback(lambda _: setattr(job, "abandoned", True))
         return job
 
-    def _next(self) -> _Job | None:
+    def _next(self) -> tuple[_Job, bool] | None:
+        """The next job, and whether it must be cheap (greedy) because finals queue behind it."""
         with self._cond:
-            while not (self._closed or self._finals or self._speculative or self._partials):
-                self._cond.wait()
-            if self._finals:
-                return self._finals.popleft()
-            for queue in (self._speculative, self._partials):
-                if queue:
-                    return queue.popitem(last=False)[1]
-            return None
+            while True:
+                while not (self._closed or self._finals or self._speculative or self._partials):
+                    self._cond.wait()
+                if self._finals:
+                    job = self._finals.popleft()
+                    return job, len(self._finals) >= len(self._threads)
+                if self._speculative:
+                    return self._speculative.popitem(last=False)[1], False
+                if self._partials:
+                    job = self._partials.popitem(last=False)[1]
+                    if time.monotonic() - job.queued > _STALE_PARTIAL_S:
+                        self.shed_partials += 1
+                        job.loop.call_soon_threadsafe(_resolve, job.future, None)
+                        continue
+                    return job, False
+                return None
 
     def _run(self) -> None:
-        while (job := self._next()) is not None:
+        while (picked := self._next()) is not None:
+            job, hurry = picked
             if job.abandoned:
                 continue
             started = time.monotonic()
             try:
                 result: Transcript | None | BaseException = self.engine.transcribe(
-                    job.audio, job.language, job.final
+                    job.audio, job.language, job.final, greedy=hurry
                 )
             except Exception as e:  # a broken decode fails its request, never the worker
                 result = e
-            self.busy_seconds += time.monotonic() - started
-            self.decodes += 1
+            with self._cond:
+                self.busy_seconds += time.monotonic() - started
+                self.decodes += 1
             try:
                 job.loop.call_soon_threadsafe(_resolve, job.future, result)
             except RuntimeError:  # that loop is closed: nobody is waiting
