@@ -158,6 +158,15 @@ class Segmenter:
             self._carry_over(cut, still_speaking=True)
             events.append(SpeechStarted(self._utterance, round(self._onset * _WINDOW_S, 3)))
 
+    def end_in_pause(self) -> SpeechEnded | None:
+        """Declares the endpoint now, before the full silence, if the utterance is in a pause."""
+        if not (self._confirmed and self._silence):
+            return None
+        keep = len(self._windows) - self._silence + min(self._tail_windows, self._silence)
+        event = self._end(keep)
+        self._carry_over(keep)
+        return event
+
     def _end(self, keep: int) -> SpeechEnded:
         speech_end = self._first + len(self._windows) - self._silence
         return SpeechEnded(

@@ -25,6 +25,8 @@ class StreamOptions:
     partials: bool = True
     partial_interval_ms: int = 600
     early_final_ms: int = 160  # pause after which the final is decoded ahead of the endpoint; 0: off
+    # A pause this long ends the utterance when its early final already ends a sentence.
+    sentence_endpoint_ms: int = 300
 
 
 @dataclass
@@ -66,6 +68,7 @@ class SpeechStream:
         for event in self._segmenter.push(pcm):
             self._on_segment(event)
         self._maybe_speculate()
+        self._maybe_end_sentence()
         self._maybe_partial()
 
     async def finish(self) -> None:
@@ -95,6 +98,19 @@ class SpeechStream:
             audio, _ = seg.speech_audio()
             result = self._worker.speculate(self._key, audio, self.options.language)
             self._speculation = _Speculation(seg.utterance, seg.speech_end, result)
+
+    def _maybe_end_sentence(self) -> None:
+        """A finished sentence needs less silence to be sure of: its early final says so."""
+        seg, spec = self._segmenter, self._speculation
+        if (spec is None or not spec.result.done() or spec.result.cancelled()
+                or spec.result.exception() is not None or seg.pause_ms < self.options.sentence_endpoint_ms
+                or spec.utterance != seg.utterance or spec.speech_end != seg.speech_end):
+            return
+        result = spec.result.result()
+        if result is not None and result.text.endswith((".", "?", "!")):
+            event = seg.end_in_pause()
+            if event is not None:
+                self._on_segment(event)
 
     def _drop_speculation(self) -> None:
         if self._speculation is not None:

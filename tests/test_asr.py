@@ -153,3 +153,17 @@ def test_cut_loop_keeps_one_copy_of_a_repeated_tail():
     assert cut_loop(sentence + [1, 2, 3]) == sentence + [1, 2, 3]  # no repeat: untouched
     short = [7, 8, 9, 7, 8, 9]  # "no, no, no": short repeats are speech, not a loop
     assert cut_loop(short) == short
+
+
+def test_end_in_pause_closes_the_utterance_at_its_last_speech(vad_model):
+    rec = next(r for r in load_devset() if r.id == "ls-61-70968-0002")
+    segmenter = Segmenter(SileroVAD(vad_model), SegmenterConfig(endpoint_ms=500))
+    assert segmenter.end_in_pause() is None  # no utterance: nothing to end
+    speech = rec.audio[: int(2.6 * 16000)]  # the clip's own trailing silence cut off
+    events = segmenter.push(np.concatenate([np.zeros(8000, np.float32), speech]))
+    events += segmenter.push(np.zeros(int(0.3 * 16000), np.float32))  # 300 ms: short of the endpoint
+    assert not any(isinstance(e, SpeechEnded) for e in events) and segmenter.pause_ms >= 200
+    ended = segmenter.end_in_pause()
+    assert ended is not None and ended.utterance == 1 and not segmenter.in_speech
+    assert abs(ended.end - (0.5 + 2.6)) < 0.4
+    assert segmenter.push(np.zeros(16000, np.float32)) == []  # the same utterance never ends twice
