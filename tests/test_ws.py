@@ -351,8 +351,8 @@ def rss_mb(pid: int) -> float:
 
 
 async def test_faster_than_real_time_keeps_memory_flat_and_every_final(private_network):
-    """A client that sends the devset three times as fast as it can: backpressure, not a growing buffer."""
-    recordings = load_devset() * 3
+    """A client that sends the devset five times as fast as it can: backpressure, not a growing buffer."""
+    recordings = load_devset() * 5
     audio = lead(with_pauses(recordings))
     data = pcm16(audio)
     dedicated = await asyncio.to_thread(ServerProcess)
@@ -385,7 +385,7 @@ async def test_faster_than_real_time_keeps_memory_flat_and_every_final(private_n
     texts = by_recording([finals[n] for n in sorted(finals)], recordings)
     assert all(texts), [r.id for r, t in zip(recordings, texts) if not t]
     error_rate = wer(list(zip((r.text for r in recordings), texts)))
-    print(f"devset x3 WER, faster than real time: {error_rate:.3f}")
+    print(f"devset x5 WER, faster than real time: {error_rate:.3f}")
     assert error_rate <= 0.12
     assert took < audio.size / RATE, "not faster than real time"
     # Backpressure: the server reads no further while finals wait, so it never holds more than a
@@ -395,8 +395,12 @@ async def test_faster_than_real_time_keeps_memory_flat_and_every_final(private_n
         waiting += (e["type"] == "speech.stopped") - (e["type"] == "transcript.final")
         most = max(most, waiting)
     assert most <= 3, f"{most} utterances were waiting for their finals at once"
-    fifth = max(1, len(samples) // 5)
-    assert max(samples[-fifth:]) < max(samples[:fifth]) + 50, samples
+    # The first passes over the devset meet every utterance length (so every decode buffer size,
+    # on each decode thread); the repeats after them may not need more memory than they did.
+    # (A coarse check: all this audio is only ~24 MB as float32. The waiting-finals count above
+    # is the direct proof that the server stops reading instead of buffering.)
+    warm = max(1, len(samples) * 2 // 5)
+    assert max(samples[warm:]) < max(samples[:warm]) + 40, samples
 
 
 @pytest.fixture(scope="module")
