@@ -32,6 +32,19 @@ def _bool(value: str) -> bool:
     raise ValueError(f"not a boolean: {value!r}")
 
 
+def _list(value: str) -> list[str]:
+    """Comma-separated values."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+class _Repeated(argparse.Action):
+    """A list flag that may be given again to add values; the command line replaces the environment."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, values if current is self.default else current + values)
+
+
 @dataclass(frozen=True)
 class Config:
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
@@ -41,7 +54,9 @@ class Config:
                 "or a faster-whisper hub name (needs network once)"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or auto"})
     compute_type: str = field(default="int8", metadata={"help": "CTranslate2 compute type"})
-    cpu_threads: int = field(default=0, metadata={"help": "threads for Whisper (0: all cores)"})
+    decode_workers: int = field(default=os.cpu_count() or 1, metadata={
+        "help": "Whisper decodes that run at once (default: the number of cores)"})
+    cpu_threads: int = field(default=1, metadata={"help": "threads per Whisper decode"})
     beam_size: int = field(default=5, metadata={"help": "beam size for finals (partials are greedy)"})
     decode_window_s: float = field(default=10.0, metadata={
         "help": "shortest audio window Whisper's encoder sees (native 30; shorter is faster)"})
@@ -50,6 +65,9 @@ class Config:
     endpoint_ms: int = field(default=500, metadata={"help": "silence that ends an utterance"})
     partial_interval_ms: int = field(default=600, metadata={
         "help": "new audio between two partial hypotheses"})
+    sentence_endpoint: float = field(default=0.6, metadata={
+        "help": "share of the endpoint silence that ends an utterance whose early final already "
+                "ends a sentence (. ? !); 1: off"})
     early_final_ms: int = field(default=160, metadata={
         "help": "pause after which the final is decoded ahead of the endpoint (0: off)"})
     vad_threshold: float = field(default=0.5, metadata={"help": "speech probability that starts speech"})
@@ -65,13 +83,37 @@ class Config:
         "help": "STUN/TURN servers: JSON list of RTCIceServer objects, or comma-separated URLs; "
                 "empty by default (no public STUN server is ever contacted)",
         "parse": _ice_servers})
+    api_key: list = field(default_factory=list, metadata={
+        "help": "API keys that open sessions and mint tokens: comma-separated, or the flag repeated; "
+                "none (and no --api-key-file): access is open",
+        "parse": _list, "repeat": True})
+    api_key_file: str = field(default="", metadata={
+        "help": "file of API keys, one per line (blank lines and # comments skipped)"})
+    token_secret: str = field(default="", metadata={
+        "help": "secret that signs session tokens, at least 16 characters; empty: random at each "
+                "start (replicas behind one load balancer need one shared secret)"})
+    token_max_ttl_s: float = field(default=3600.0, metadata={"help": "longest lifetime of a session token"})
+    allowed_origins: list = field(default_factory=list, metadata={
+        "help": "browser origins allowed to use the API (CORS, WebSocket Origin), comma-separated, "
+                "* for any; empty: the server's own origin only", "parse": _list})
+    max_sessions_per_key: int = field(default=0, metadata={
+        "help": "concurrent sessions per API key and the tokens it minted; more get 429 (0: no limit)"})
+    trusted_proxies: int = field(default=0, metadata={
+        "help": "reverse proxies in front whose X-Forwarded-For names the client in logs (0: the peer address)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    log_format: str = field(default="text", metadata={"help": "text, or json: one JSON object per line"})
     certfile: str = field(default="", metadata={
         "help": "PEM certificate (chain) to serve HTTPS; phones open the microphone only over HTTPS"})
     keyfile: str = field(default="", metadata={
         "help": "PEM private key of --certfile (empty: the key is in the certificate file)"})
     self_signed: bool = field(default=False, metadata={
         "help": "serve HTTPS with a development certificate made for this machine (browsers warn)"})
+    data_dir: str = field(default="./data", metadata={
+        "help": "folder of saved sessions (transcripts as they happen, audio if recorded); empty: save nothing"})
+    record_audio: bool = field(default=False, metadata={
+        "help": "also save the audio each session received (16 kHz mono, Ogg/Opus) in its folder"})
+    retention_days: float = field(default=0.0, metadata={
+        "help": "delete saved sessions that ended longer ago than this, at startup and hourly (0: keep them)"})
 
     def __post_init__(self) -> None:
         if not 0 < self.max_utterance_s <= 30:
@@ -80,12 +122,28 @@ class Config:
             raise ValueError("endpoint_ms must be at least 100")
         if not 5 <= self.decode_window_s <= 30:
             raise ValueError("decode_window_s must be between 5 and 30")
+        if self.decode_workers < 1 or self.cpu_threads < 1:
+            raise ValueError("decode_workers and cpu_threads must be at least 1")
+        if not 0.2 <= self.sentence_endpoint <= 1:
+            raise ValueError("sentence_endpoint must be between 0.2 and 1")
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
+        if self.token_secret and len(self.token_secret) < 16:
+            raise ValueError("token_secret must have at least 16 characters")
+        if self.token_max_ttl_s < 1:
+            raise ValueError("token_max_ttl_s must be at least 1")
+        if self.max_sessions_per_key < 0 or self.trusted_proxies < 0:
+            raise ValueError("max_sessions_per_key and trusted_proxies must be 0 or more")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("log_format must be text or json")
         if self.keyfile and not self.certfile:
             raise ValueError("keyfile needs certfile")
         if self.self_signed and self.certfile:
             raise ValueError("self_signed and certfile exclude each other")
+        if self.retention_days < 0:
+            raise ValueError("retention_days must be 0 (keep) or more")
+        if self.record_audio and not self.data_dir:
+            raise ValueError("record_audio needs a data_dir")
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None,
@@ -98,6 +156,8 @@ class Config:
             # argparse runs `type` on string defaults too, so an environment value is parsed alike.
             # A boolean flag alone means true (--self-signed); it also takes a value (--self-signed no).
             switch = {"nargs": "?", "const": True} if f.type == "bool" else {}
+            if f.metadata.get("repeat"):  # --api-key a --api-key b
+                switch = {"action": _Repeated}
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=parse,
                                 default=environ.get(env, default),
                                 help=f"{f.metadata['help']} [env {env}]", **switch)

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from typing import Any, Callable
 
 from aiohttp import web
 
 from asr.engine import DecodeOptions, WhisperEngine
 from asr.vad import SileroModel
 from asr.worker import DecodeWorker
+import auth
+import metrics
 import sse
+import storage
 import ws
 from config import Config
-from errors import json_errors
+from errors import ApiError, json_errors
 from rtc import signaling
 from sessions import REGISTRY, SessionRegistry
 from tls import ssl_context
@@ -25,41 +32,114 @@ log = logging.getLogger("server")
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 
 
-def build_app(config: Config, engine: WhisperEngine) -> web.Application:
-    # Finals are bounded per server: a few per session before the server calls itself overloaded.
-    worker = DecodeWorker(engine, max_finals=4 * config.max_sessions)
-    registry = SessionRegistry(config, worker, SileroModel())
-    app = web.Application(middlewares=[json_errors])
+def build_app(config: Config) -> web.Application:
+    """The app without its model: serve() loads it while the server already answers (GET /ready)."""
+    registry = SessionRegistry(config, None, SileroModel())  # the worker comes with the model
+    app = web.Application(middlewares=[json_errors, auth.guard, ready_gate])
     app[REGISTRY] = registry
+    access = auth.setup(app, config)  # POST /v1/tokens, CORS
+    if access.enabled:
+        log.info("access control on: %d API key(s); tokens signed with %s", access.key_count,
+                 "a random secret (valid until restart, on this process only)" if access.random_secret
+                 else "--token-secret")
+    metrics.setup(app)  # GET /metrics
     signaling.add_routes(app)
     ws.add_routes(app)
     sse.add_routes(app)
+    storage.install(app, registry)  # --data-dir: saved sessions, their routes, retention
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
     if os.path.isfile(os.path.join(WEB_DIR, "index.html")):
         app.router.add_get("/", lambda _: web.FileResponse(os.path.join(WEB_DIR, "index.html")))
         app.router.add_static("/web/", WEB_DIR)
 
-    async def start(_: web.Application) -> None:
-        worker.start()
-
-    async def drain(_: web.Application) -> None:
-        # SIGINT/SIGTERM: no new sessions; finals of speech in flight still reach their clients.
-        log.info("shutting down: finalizing %d session(s)", len(registry))
-        await registry.close_all("shutdown")
-
     async def stop_worker(_: web.Application) -> None:
-        await worker.close()
+        if registry.worker is not None:
+            await registry.worker.close()
 
-    app.on_startup.append(start)
-    app.on_shutdown.append(drain)
+    app.on_shutdown.append(drain)  # serve() drains before the listener closes; this is a backstop
     app.on_cleanup.append(stop_worker)
     return app
 
 
+async def drain(app: web.Application) -> None:
+    """SIGINT/SIGTERM: no new sessions; finals of speech in flight still reach their clients."""
+    registry = app[REGISTRY]
+    if registry.accepting:
+        registry.accepting = False  # GET /ready answers 503 from now on
+        log.info("shutting down: finalizing %d session(s)", len(registry))
+        await registry.close_all("shutdown")
+
+
+def state(app: web.Application) -> str:
+    registry = app[REGISTRY]
+    if registry.worker is None:
+        return "loading"
+    return "ready" if registry.accepting else "shutting_down"
+
+
+@web.middleware
+async def ready_gate(request: web.Request, handler):
+    """Until the model is loaded, the API answers 503 (GET /health and /ready answer already)."""
+    if request.path.startswith("/v1/") and request.app[REGISTRY].worker is None:
+        if request.path in ("/v1/rtc", "/v1/ws"):
+            metrics.refused("not_ready")
+        raise ApiError(503, "not_ready", "the model is still loading; try again shortly",
+                       {"Retry-After": "2"})
+    return await handler(request)
+
+
 async def health(request: web.Request) -> web.Response:
+    """Liveness: 200 while the process serves, model loaded or not."""
     registry = request.app[REGISTRY]
-    return web.json_response({"status": "ok", "model": registry.worker.engine.name,
-                              "languages": sorted(registry.languages), "sessions": len(registry)})
+    loaded = registry.worker is not None
+    return web.json_response({
+        "status": "ok", "ready": state(request.app) == "ready",
+        "model": registry.worker.engine.name if loaded else registry.config.model,
+        "languages": sorted(registry.languages) if loaded else [], "sessions": len(registry)})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 200 when the model is loaded and sessions are taken; 503 starting or stopping."""
+    registry = request.app[REGISTRY]
+    current = state(request.app)
+    body = {"status": current, "model": registry.config.model, "sessions": len(registry)}
+    if current == "ready":
+        return web.json_response(body)
+    return web.json_response(body, status=503, headers={"Retry-After": "2"})
+
+
+async def load_model(app: web.Application, config: Config) -> None:
+    """The model, off the event loop; then the worker starts and the server is ready."""
+    engine = await _in_thread(load_engine, config)
+    # Finals are bounded per server: a few per session before the server calls itself overloaded.
+    worker = DecodeWorker(engine, max_finals=4 * config.max_sessions, threads=config.decode_workers)
+    metrics.watch_worker(worker)
+    worker.start()
+    app[REGISTRY].worker = worker
+
+
+def _in_thread(function: Callable[..., Any], *args: Any) -> asyncio.Future:
+    """A daemon thread, unlike asyncio.to_thread: a stop during a long load does not wait for it."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = function(*args), None
+        except BaseException as e:  # noqa: BLE001 - handed to the loop
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has closed: the server stopped meanwhile
+            pass
+
+    threading.Thread(target=run, name="model-load", daemon=True).start()
+    return future
 
 
 def load_engine(config: Config) -> WhisperEngine:
@@ -67,6 +147,7 @@ def load_engine(config: Config) -> WhisperEngine:
     engine = WhisperEngine(
         config.model, device=config.device, compute_type=config.compute_type,
         options=DecodeOptions(beam_size=config.beam_size, cpu_threads=config.cpu_threads,
+                              workers=config.decode_workers,
                               window_s=config.decode_window_s),
     )
     engine.warm_up()
@@ -74,20 +155,61 @@ def load_engine(config: Config) -> WhisperEngine:
     return engine
 
 
-def main(argv: list[str] | None = None) -> None:
-    config = Config.from_args(argv)
-    logging.basicConfig(level=config.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+async def serve(config: Config, tls) -> int:
+    """Listens at once, loads the model, and on SIGINT/SIGTERM drains the sessions while the
+    listener still answers (GET /ready: 503, new sessions: 503 shutting_down), then closes it."""
+    app = build_app(config)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=20)
+    await runner.setup()
+    code = 0
+    try:
+        await web.TCPSite(runner, config.host, config.port, ssl_context=tls).start()
+        log.info("serving on %s://%s:%d; loading the model", "https" if tls else "http",
+                 config.host, config.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        loading = asyncio.create_task(load_model(app, config))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if loading.done() and loading.exception() is not None:
+            log.error("the model could not be loaded", exc_info=loading.exception())
+            code = 1
+        else:
+            await stopping
+        loading.cancel()
+        stopping.cancel()
+        await drain(app)
+    finally:
+        await runner.cleanup()
+    return code
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler()
+    if config.log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        # One object per line; a record's `extra` fields (the session audit) become its keys.
+        handler.setFormatter(JsonFormatter("%(levelname)s %(name)s %(message)s", timestamp="time",
+                                           rename_fields={"levelname": "level", "name": "logger"}))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
     # These narrate every candidate pair and every decode at INFO.
     for noisy in ("aioice", "aiortc", "faster_whisper"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    tls = ssl_context(config)  # before the model loads: a bad certificate fails at once
-    engine = load_engine(config)
-    app = build_app(config, engine)
-    log.info("serving on %s://%s:%d", "https" if tls else "http", config.host, config.port)
-    web.run_app(app, host=config.host, port=config.port, ssl_context=tls, print=None,
-                access_log=None, shutdown_timeout=20)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = Config.from_args(argv)
+    setup_logging(config)
+    tls = ssl_context(config)  # before anything listens: a bad certificate fails at once
+    code = asyncio.run(serve(config, tls))
     log.info("stopped")
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from asr.segmenter import Segmenter, SegmenterConfig
 from asr.stream import Event, SpeechStream, StreamOptions
 from asr.vad import SileroModel, SileroVAD
 from asr.worker import DecodeWorker
+import metrics
 from config import Config
 from errors import ApiError
 
@@ -26,6 +27,15 @@ Sink = Callable[[Event], None]
 
 _FINISH_TIMEOUT_S = 15.0  # longest wait for the last final when a session ends
 _BACKLOG = 256  # events kept for a sink that is not attached yet
+
+
+@dataclass(frozen=True)
+class Client:
+    """Who opened a session: for the per-key limit and the audit log. Never a secret."""
+
+    address: str = ""  # the peer, or what trusted proxies report (--trusted-proxies)
+    key: str = ""  # the API key's id (auth.key_id), also for the tokens it minted; "" when open
+    max_session_s: float | None = None  # a token's own limit, under --max-session-s
 
 
 @dataclass(frozen=True)
@@ -82,9 +92,12 @@ class Session:
     """One live stream: audio in through feed(), events out to its sinks, ended exactly once."""
 
     def __init__(self, registry: "SessionRegistry", transport: str, options: SessionOptions,
-                 stream_factory: Callable[[Sink], SpeechStream], hold_events: bool) -> None:
+                 stream_factory: Callable[[Sink], SpeechStream], hold_events: bool,
+                 client: Client = Client()) -> None:
         self.id = uuid.uuid4().hex
         self.transport = transport
+        self.client = client
+        self.meter = metrics.SessionMeter(transport)
         self.options = options
         self.started = time.monotonic()
         self.last_audio = self.started
@@ -94,6 +107,8 @@ class Session:
         # Held for the transport's own channel when it opens after audio starts (WebRTC).
         self._backlog: deque[Event] | None = deque(maxlen=_BACKLOG) if hold_events else None
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._finishers: list[Callable[[], Awaitable[None]]] = []  # after the last final, before the end
+        self._audio_taps: list[Callable[[np.ndarray], None]] = []
         self._ended = asyncio.Event()
         self._ending = False
         self.stream = stream_factory(self.emit)
@@ -124,7 +139,16 @@ class Session:
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         self._closers.append(closer)
 
+    def on_finish(self, finisher: Callable[[], Awaitable[None]]) -> None:
+        """Awaited once the last final is out, before session.ended (storage: session.saved)."""
+        self._finishers.append(finisher)
+
+    def add_audio_tap(self, tap: Callable[[np.ndarray], None]) -> None:
+        """Gets every 16 kHz mono block that feed() takes (storage: --record-audio)."""
+        self._audio_taps.append(tap)
+
     def emit(self, event: Event) -> None:
+        self.meter.event(event)
         if self._backlog is not None:
             self._backlog.append(event)
         for sink in list(self._sinks):
@@ -138,6 +162,9 @@ class Session:
         if self._ending:
             return
         self.last_audio = time.monotonic()
+        for tap in self._audio_taps:
+            tap(pcm)
+        self.meter.received(pcm.size)  # first: the speech.stopped this audio brings is timed by it
         self.stream.feed(pcm)
 
     def end_soon(self, reason: str) -> None:
@@ -161,6 +188,11 @@ class Session:
         except Exception:
             log.exception("session %s: finishing failed", self.id)
         self.stream.close()
+        for finisher in self._finishers:
+            try:
+                await finisher()
+            except Exception:
+                log.exception("session %s: finishing hook failed", self.id)
         self.emit({"type": "session.ended", "reason": reason})
         for closer in self._closers:
             try:
@@ -169,18 +201,28 @@ class Session:
                 log.exception("session %s: closing transport failed", self.id)
         self._registry.remove(self)
         self._ended.set()
-        log.info("session %s ended: transport=%s reason=%s duration=%.1fs utterances=%d",
-                 self.id, self.transport, reason, time.monotonic() - self.started,
-                 self.stream.utterances)
+        duration = time.monotonic() - self.started
+        self.meter.ended(reason, duration)
+        # The audit line: never the transcript's text.
+        log.info("session %s ended: transport=%s client=%s key=%s reason=%s duration=%.1fs "
+                 "audio=%.1fs utterances=%d", self.id, self.transport, self.client.address or "-",
+                 self.client.key or "-", reason, duration, self.meter.samples / 16000,
+                 self.stream.utterances,
+                 extra={"event": "session.ended", "session_id": self.id, "transport": self.transport,
+                        "client": self.client.address, "key": self.client.key, "reason": reason,
+                        "duration_s": round(duration, 3),
+                        "audio_s": round(self.meter.samples / 16000, 3),
+                        "utterances": self.stream.utterances})
 
     async def _watch(self) -> None:
         config = self._registry.config
+        max_session_s = min(config.max_session_s, self.client.max_session_s or config.max_session_s)
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
             if now - self.last_audio > config.idle_timeout_s:
                 reason = "idle_timeout"
-            elif now - self.started > config.max_session_s:
+            elif now - self.started > max_session_s:
                 reason = "max_duration"
             else:
                 continue
@@ -228,6 +270,7 @@ class SessionRegistry:
         self.vad_model = vad_model
         self.accepting = True
         self._sessions: dict[str, Session] = {}
+        self.observers: list[Callable[[Session], None]] = []  # told of each new session (storage)
         self._segmenter_config = SegmenterConfig(
             threshold=config.vad_threshold,
             neg_threshold=max(0.05, config.vad_threshold - 0.15),
@@ -236,9 +279,15 @@ class SessionRegistry:
             endpoint_ms=config.endpoint_ms,
             max_utterance_s=config.max_utterance_s,
         )
-        engine = worker.engine
-        self.languages = engine.languages
-        self.default_language = config.language or engine.default_language
+
+    # The model loads after the server starts listening (server.py): these follow it.
+    @property
+    def languages(self) -> frozenset[str]:
+        return self.worker.engine.languages
+
+    @property
+    def default_language(self) -> str | None:
+        return self.config.language or self.worker.engine.default_language
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -249,7 +298,14 @@ class SessionRegistry:
     def options(self, raw: Mapping[str, Any]) -> SessionOptions:
         return parse_options(raw, self.config, self.languages, self.default_language)
 
-    def check_capacity(self) -> None:
+    def check_capacity(self, client: Client = Client()) -> None:
+        try:
+            self._check_capacity(client)
+        except ApiError as e:
+            metrics.refused(e.code)
+            raise
+
+    def _check_capacity(self, client: Client) -> None:
         if not self.accepting:
             raise ApiError(503, "shutting_down", "the server is shutting down",
                            {"Retry-After": "5"})
@@ -257,23 +313,36 @@ class SessionRegistry:
             raise ApiError(503, "session_limit",
                            f"all {self.config.max_sessions} sessions are in use; try again later",
                            {"Retry-After": "5"})
+        limit = self.config.max_sessions_per_key
+        if limit and client.key and sum(
+                s.client.key == client.key for s in self._sessions.values()) >= limit:
+            raise ApiError(429, "key_session_limit",
+                           f"this API key has {limit} session(s) open, its limit; try again later",
+                           {"Retry-After": "5"})
 
-    def create(self, transport: str, options: SessionOptions, hold_events: bool = False) -> Session:
-        self.check_capacity()
+    def create(self, transport: str, options: SessionOptions, hold_events: bool = False,
+               client: Client = Client()) -> Session:
+        self.check_capacity(client)
         segmenter_config = replace(self._segmenter_config, endpoint_ms=options.endpoint_ms)
         stream_options = StreamOptions(
             language=options.language, partials=options.partials,
             partial_interval_ms=self.config.partial_interval_ms,
             early_final_ms=self.config.early_final_ms,
+            sentence_endpoint_ms=round(options.endpoint_ms * self.config.sentence_endpoint),
         )
 
         def stream(emit: Sink) -> SpeechStream:
             segmenter = Segmenter(SileroVAD(self.vad_model), segmenter_config)
             return SpeechStream(self.worker, segmenter, stream_options, emit)
 
-        session = Session(self, transport, options, stream, hold_events)
+        session = Session(self, transport, options, stream, hold_events, client)
         self._sessions[session.id] = session
-        log.info("session %s started: transport=%s", session.id, transport)
+        for observe in self.observers:
+            observe(session)
+        log.info("session %s started: transport=%s client=%s key=%s", session.id, transport,
+                 client.address or "-", client.key or "-",
+                 extra={"event": "session.started", "session_id": session.id, "transport": transport,
+                        "client": client.address, "key": client.key})
         return session
 
     def remove(self, session: Session) -> None:

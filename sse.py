@@ -8,6 +8,7 @@ import json
 
 from aiohttp import web
 
+import auth
 from errors import ApiError
 from sessions import REGISTRY, EventQueue
 
@@ -20,7 +21,7 @@ def add_routes(app: web.Application) -> None:
 
 async def session_events(request: web.Request) -> web.StreamResponse:
     session = request.app[REGISTRY].get(request.match_info["session_id"])
-    if session is None or session.ended:
+    if session is None or session.ended or not auth.owns(request, session):
         raise ApiError(404, "unknown_session", "no such live session")
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -12,8 +12,10 @@ from typing import Any
 from aiohttp import WSMessage, WSMsgType, web
 
 from asr.audio import MAX_RATE, MIN_RATE, SAMPLE_RATE, Resampler, WebmDecoder
+import auth
+import metrics
 from errors import ApiError
-from sessions import REGISTRY, EventQueue, Session, SessionRegistry
+from sessions import REGISTRY, Client, EventQueue, Session, SessionRegistry
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ _START_FIELDS = {"type", "language", "sample_rate", "encoding", "partials", "end
 # Close codes (RFC 6455): 1000 normal, 1001 server going away, 1003 unsupported data,
 # 1008 policy violation, 1013 try again later.
 _CLOSE_FOR_REASON = {"shutdown": 1001}
+_TRY_LATER = {"session_limit", "key_session_limit"}  # closed with 1013
 
 
 class Refused(Exception):
@@ -44,34 +47,40 @@ def add_routes(app: web.Application) -> None:
 async def websocket_session(request: web.Request) -> web.StreamResponse:
     registry = request.app[REGISTRY]
     query = dict(request.query)
-    registry.options(query)  # a bad query option is a 400, before the upgrade
+    auth.session_options(request, query)  # a bad (or, for a token, another) option: no upgrade
     ws = web.WebSocketResponse(
+        protocols=auth.ws_protocols(request),  # echoes "livestt" when a browser sent a token with it
         heartbeat=max(1.0, registry.config.idle_timeout_s / 3),  # pings; no pong closes the socket
         max_msg_size=4 * MAX_MESSAGE,  # aiohttp closes with 1009 past this; below, we answer
     )
     await ws.prepare(request)
+    client = auth.client(request)
     try:
-        registry.check_capacity()
+        registry.check_capacity(client)
     except ApiError as e:
-        await ws.close(code=1013 if e.code == "session_limit" else 1001, message=e.message.encode())
+        await ws.close(code=1013 if e.code in _TRY_LATER else 1001, message=e.message.encode())
         return ws
-    await WebSocketSession(ws, registry, query).run()
+    await WebSocketSession(ws, registry, query, request, client).run()
     return ws
 
 
 class WebSocketSession:
     """Reads one socket into a session; writes the session's events back in order."""
 
-    def __init__(self, ws: web.WebSocketResponse, registry: SessionRegistry, query: dict[str, str]):
+    def __init__(self, ws: web.WebSocketResponse, registry: SessionRegistry, query: dict[str, str],
+                 request: web.Request, client: Client):
         self.ws = ws
         self.registry = registry
         self.query = query
+        self.request = request  # its credential decides the options a token allows
+        self.client = client
         self.session: Session | None = None
         self.outbox = EventQueue()
         self.rate = SAMPLE_RATE
         self.resampler = Resampler()
         self.decoder: WebmDecoder | None = None
         self._close_code = 1000
+        self._decoder_error = False
         self._writer: asyncio.Task | None = None
 
     async def run(self) -> None:
@@ -114,12 +123,12 @@ class WebSocketSession:
                           f"sample_rate must be an integer from {MIN_RATE} to {MAX_RATE}", 1003)
         raw = {**self.query, **{k: v for k, v in start.items() if k not in ("type", "sample_rate", "encoding")}}
         try:
-            options = self.registry.options(raw)
-            self.registry.check_capacity()
+            options = auth.session_options(self.request, raw)
+            self.registry.check_capacity(self.client)
         except ApiError as e:
-            raise Refused(e.code, e.message, 1013 if e.code == "session_limit" else 1008) from None
+            raise Refused(e.code, e.message, 1013 if e.code in _TRY_LATER else 1008) from None
         self.rate = rate
-        self.session = session = self.registry.create("websocket", options)
+        self.session = session = self.registry.create("websocket", options, client=self.client)
         if encoding == "webm":
             self.decoder = WebmDecoder(session.feed, self._decoder_failed)
         self.outbox.put({"type": "session.started", **session.info()})
@@ -201,15 +210,19 @@ class WebSocketSession:
     def _decoder_failed(self, message: str) -> None:
         self._error("bad_audio", message)
         self._close_code = 1003
+        self._decoder_error = True
         self.session.end_soon("error")  # no decoder to drain: it has just stopped
 
     async def _end(self, reason: str) -> None:
         assert self.session is not None
         if self.decoder is not None and reason != "error":
             await self.decoder.close()  # every byte received is transcribed before the end
+            # The decoder may have failed meanwhile; its end_soon("error") may not have run yet.
+            reason = "error" if self._decoder_error else reason
         await self.session.end(reason)
 
     def _error(self, code: str, message: str) -> None:
+        metrics.error("event", code)
         self.outbox.put({"type": "error", "code": code, "message": message})
 
     async def _write(self) -> None:
@@ -234,6 +247,7 @@ class WebSocketSession:
         await self.ws.close(code=code, message=(self.session.reason or "").encode())
 
     async def _refuse(self, e: Refused) -> None:
+        metrics.error("event", e.code)
         if not self.ws.closed:
             await self.ws.send_str(json.dumps({"type": "error", "code": e.code, "message": e.message}))
             await self.ws.close(code=e.close_code, message=e.message.encode()[:120])

@@ -10,6 +10,7 @@ from typing import Any
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+import metrics
 from asr.audio import Resampler
 from sessions import Session
 
@@ -88,12 +89,14 @@ class PeerSession:
         try:
             data = json.loads(message)
         except (ValueError, UnicodeDecodeError):
+            metrics.error("event", "bad_message")
             self._send({"type": "error", "code": "bad_message", "message": "message is not valid JSON"})
             return
         kind = data.get("type") if isinstance(data, dict) else None
         if kind == "stop":
             self.session.end_soon("stop")
         else:
+            metrics.error("event", "unknown_message")
             self._send({"type": "error", "code": "unknown_message",
                         "message": f"unknown message type {kind!r}; the client may send: stop"})
 

@@ -8,6 +8,7 @@ import logging
 from aiohttp import web
 from aiortc.sdp import SessionDescription
 
+import auth
 from errors import ApiError
 from sessions import REGISTRY
 
@@ -37,11 +38,12 @@ async def post_offer(request: web.Request) -> web.Response:
             sdp = body.decode("utf-8")
         except UnicodeDecodeError:
             raise ApiError(400, "bad_sdp", "the offer is not UTF-8 text") from None
-    options = registry.options(raw_options)
+    options = auth.session_options(request, raw_options)
     _check_offer(sdp)
-    registry.check_capacity()
+    client = auth.client(request)
+    registry.check_capacity(client)
 
-    session = registry.create("webrtc", options, hold_events=True)
+    session = registry.create("webrtc", options, hold_events=True, client=client)
     peer = PeerSession(session, config.ice_servers, config.ice_timeout_s)
     try:
         answer = await peer.answer(sdp)
@@ -60,7 +62,7 @@ async def post_offer(request: web.Request) -> web.Response:
 async def delete_session(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     session = registry.get(request.match_info["session_id"])
-    if session is None:
+    if session is None or not auth.owns(request, session):
         raise ApiError(404, "unknown_session", "no such session")
     await session.end("deleted")
     return web.json_response({"session_id": session.id, "reason": session.reason})

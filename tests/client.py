@@ -37,7 +37,8 @@ def free_port(host: str = HOST) -> int:
 class ServerProcess:
     """server.py in a subprocess, started the way the README says."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, host: str = HOST) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, host: str = HOST,
+                 wait: bool = True) -> None:
         self.port = free_port(host)
         scheme = "https" if {"--self-signed", "--certfile"} & set(args) else "http"
         self.url = f"{scheme}://{host}:{self.port}"
@@ -48,9 +49,11 @@ class ServerProcess:
             cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
-        self._wait_ready()
+        if wait:
+            self._wait_ready()
 
     def _wait_ready(self, timeout: float = 60) -> None:
+        """Until GET /ready is 200: the model is loaded (GET /health answers before that)."""
         import urllib.request
 
         deadline = time.monotonic() + timeout
@@ -60,12 +63,12 @@ class ServerProcess:
             try:
                 # Readiness only: the certificate itself is for the tests to check.
                 unverified = ssl._create_unverified_context()
-                with urllib.request.urlopen(self.url + "/health", timeout=1, context=unverified) as r:
+                with urllib.request.urlopen(self.url + "/ready", timeout=1, context=unverified) as r:
                     if r.status == 200:
                         return
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError("server did not become healthy:\n" + self.log())
+        raise RuntimeError("server did not become ready:\n" + self.log())
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -198,9 +201,9 @@ class RTCClient(EventLog):
         return self.pc.localDescription.sdp
 
     async def connect(self, form: str = "sdp", query: dict[str, str] | None = None,
-                      fields: dict[str, Any] | None = None) -> None:
+                      fields: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> None:
         sdp = await self.offer()
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=headers) as http:
             if form == "sdp":
                 r = await http.post(self.base_url + "/v1/rtc", data=sdp, params=query,
                                     headers={"Content-Type": "application/sdp"})
@@ -239,9 +242,12 @@ def audio_message(pcm: bytes, form: AudioForm) -> bytes | dict[str, str]:
 class WSClient(EventLog):
     """A client of GET /v1/ws that records every event, and the code and reason the server closed with."""
 
-    def __init__(self, base_url: str, query: dict[str, str] | None = None) -> None:
+    def __init__(self, base_url: str, query: dict[str, str] | None = None,
+                 headers: dict[str, str] | None = None, protocols: tuple[str, ...] = ()) -> None:
         self.base_url = base_url
         self.query = query
+        self.headers = headers  # e.g. Authorization, Origin
+        self.protocols = protocols  # Sec-WebSocket-Protocol values offered
         self.events = []
         self._changed = asyncio.Event()
         self.close_code: int | None = None
@@ -252,7 +258,8 @@ class WSClient(EventLog):
 
     async def connect(self, autoping: bool = True) -> None:
         self.ws = await self._http.ws_connect(self.base_url + "/v1/ws", params=self.query,
-                                              autoping=autoping)
+                                              autoping=autoping, headers=self.headers,
+                                              protocols=self.protocols)
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:

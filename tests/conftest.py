@@ -28,9 +28,22 @@ def private_network() -> None:
     pytest.skip(message)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_outside_the_repository(tmp_path_factory):
+    """Every server a test starts saves its sessions in a temporary folder, never in ./data."""
+    saved = os.environ.get("STT_DATA_DIR")
+    os.environ["STT_DATA_DIR"] = str(tmp_path_factory.mktemp("stt-data"))
+    yield
+    if saved is None:
+        del os.environ["STT_DATA_DIR"]
+    else:
+        os.environ["STT_DATA_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
-def server(private_network):
+def server(private_network, tmp_path_factory):
     """The server as the README starts it, with short timeouts so lifecycle tests stay quick."""
-    proc = ServerProcess("--max-sessions", "6", "--idle-timeout-s", "6", "--ice-timeout-s", "5")
+    proc = ServerProcess("--max-sessions", "6", "--idle-timeout-s", "6", "--ice-timeout-s", "5",
+                         "--data-dir", str(tmp_path_factory.mktemp("server-data")))
     yield proc
     assert proc.stop() == 0, proc.log()

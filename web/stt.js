@@ -38,7 +38,7 @@ class Session {
     const noop = () => {};
     this.o = {
       onPartial: noop, onFinal: noop, onState: noop, onEvent: noop, onLevel: null,
-      transport: "auto", language: "", deviceId: "", server: "/",
+      transport: "auto", language: "", deviceId: "", server: "/", token: "",
       connectTimeoutMs: CONNECT_TIMEOUT_MS, ...options,
     };
     this.base = new URL(this.o.server, location.href);
@@ -114,14 +114,14 @@ class Session {
     } catch (error) {
       close();
       // Free the server's slot now rather than when its own ICE timeout fires.
-      fetch(resource, { method: "DELETE" }).catch(() => {});
+      fetch(resource, { method: "DELETE", headers: this.headers() }).catch(() => {});
       throw error;
     }
     return {
       kind: "rtc",
       stop: () => {
         if (channel.readyState === "open") channel.send(JSON.stringify({ type: "stop" }));
-        else fetch(resource, { method: "DELETE" }).then(() => this.finish(null, "deleted"), () => this.lost());
+        else fetch(resource, { method: "DELETE", headers: this.headers() }).then(() => this.finish(null, "deleted"), () => this.lost());
       },
     };
   }
@@ -131,7 +131,8 @@ class Session {
     const context = this.audioContext();
     await context.resume();
     await context.audioWorklet.addModule(new URL("./pcm-worklet.js", import.meta.url));
-    const ws = new WebSocket(this.url("v1/ws", {}, true));
+    // Browsers set no headers on a WebSocket: the token goes in the query.
+    const ws = new WebSocket(this.url("v1/ws", this.o.token ? { token: this.o.token } : {}, true));
     ws.binaryType = "arraybuffer";
     this.cleanup.push(() => {
       ws.onclose = ws.onmessage = null;
@@ -275,10 +276,15 @@ class Session {
     return url;
   }
 
+  /** With a session token from the embedding app (POST /v1/tokens on its server): Bearer. */
+  headers(headers = {}) {
+    return this.o.token ? { ...headers, Authorization: `Bearer ${this.o.token}` } : headers;
+  }
+
   async post(url, sdp) {
     let response;
     try {
-      response = await fetch(url, { method: "POST", headers: { "Content-Type": "application/sdp" }, body: sdp });
+      response = await fetch(url, { method: "POST", headers: this.headers({ "Content-Type": "application/sdp" }), body: sdp });
     } catch {
       throw unreachable();
     }

@@ -1,0 +1,183 @@
+"""GET /metrics in the Prometheus text format: sessions, audio, utterances, latency, the decode
+worker, errors and refusals. Counters are process-wide (prometheus-client's default registry)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from typing import Any, Iterator
+
+import prometheus_client
+from aiohttp import web
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+SAMPLE_RATE = 16000
+TRANSPORTS = ("webrtc", "websocket")
+_ARRIVALS_KEPT_S = 15.0  # audio timeline kept to date a speech end: the endpoint and a split's cut
+
+prometheus_client.disable_created_metrics()  # no *_created series: counters start with the process
+
+SESSIONS_ACTIVE = Gauge("stt_sessions_active", "Sessions open now", ["transport"])
+SESSIONS = Counter("stt_sessions", "Sessions opened", ["transport"])
+SESSIONS_ENDED = Counter("stt_sessions_ended", "Sessions ended, by reason", ["transport", "reason"])
+SESSIONS_REFUSED = Counter("stt_sessions_refused", "Sessions refused for capacity, by code "
+                           "(session_limit, key_session_limit, shutting_down, not_ready)", ["code"])
+SESSION_SECONDS = Histogram("stt_session_duration_seconds", "Session length",
+                            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200))
+AUDIO_SECONDS = Counter("stt_audio_received_seconds", "Audio received, in seconds", ["transport"])
+UTTERANCES = Counter("stt_utterances", "Utterances (each gets one transcript.final)", ["transport"])
+FINAL_LATENCY = Histogram(
+    "stt_final_latency_seconds",
+    "From the arrival of an utterance's last speech sample to its transcript.final "
+    "(includes the endpoint silence)",
+    buckets=(0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2, 3, 5, 10, 30))
+PARTIAL_LATENCY = Histogram(
+    "stt_partial_latency_seconds",
+    "From the arrival of the newest audio a partial covers to its hypothesis",
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5))
+ERRORS = Counter("stt_errors", "Errors, by code: HTTP error responses (source=http) and error "
+                 "events sent to clients (source=event)", ["source", "code"])
+
+for _transport in TRANSPORTS:  # every series exists from the start, at 0
+    SESSIONS_ACTIVE.labels(_transport)
+    SESSIONS.labels(_transport)
+    AUDIO_SECONDS.labels(_transport)
+    UTTERANCES.labels(_transport)
+
+
+class SessionMeter:
+    """One session's share of the metrics; sessions.Session calls it as audio and events pass."""
+
+    def __init__(self, transport: str) -> None:
+        self.transport = transport
+        self.samples = 0
+        self._audio = AUDIO_SECONDS.labels(transport)
+        # (samples received once a chunk was in, monotonic time it came): dates any recent sample.
+        self._arrivals: deque[tuple[int, float]] = deque()
+        self._speech_end: dict[int, float] = {}  # utterance -> when its last speech sample came
+        self._ended = False
+        SESSIONS.labels(transport).inc()
+        SESSIONS_ACTIVE.labels(transport).inc()
+
+    def received(self, samples: int) -> None:
+        """Before the audio goes into the pipeline: its speech.stopped may come within the call."""
+        self.samples += samples
+        self._audio.inc(samples / SAMPLE_RATE)
+        self._arrivals.append((self.samples, time.monotonic()))
+        horizon = self.samples - _ARRIVALS_KEPT_S * SAMPLE_RATE
+        while len(self._arrivals) > 1 and self._arrivals[1][0] <= horizon:
+            self._arrivals.popleft()
+
+    def event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "speech.stopped":
+            UTTERANCES.labels(self.transport).inc()
+            arrived = self._arrival(event["end"])
+            if arrived is not None:
+                self._speech_end[event["utterance"]] = arrived
+        elif kind == "transcript.final":
+            arrived = self._speech_end.pop(event["utterance"], None)
+            if arrived is not None:
+                FINAL_LATENCY.observe(time.monotonic() - arrived)
+        elif kind == "error":
+            error("event", str(event.get("code")))
+
+    def _arrival(self, seconds: float) -> float | None:
+        """When the sample at `seconds` on the session's timeline arrived."""
+        position = seconds * SAMPLE_RATE
+        for samples, at in self._arrivals:
+            if samples >= position:
+                return at
+        return None
+
+    def ended(self, reason: str, duration_s: float) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        SESSIONS_ACTIVE.labels(self.transport).dec()
+        SESSIONS_ENDED.labels(self.transport, reason).inc()
+        SESSION_SECONDS.observe(duration_s)
+
+
+def refused(code: str) -> None:
+    SESSIONS_REFUSED.labels(code).inc()
+
+
+def error(source: str, code: str) -> None:
+    ERRORS.labels(source, code).inc()
+
+
+class _WorkerCollector(Collector):
+    """The decode worker's own counters, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.worker: Any = None
+
+    def collect(self) -> Iterator[Any]:
+        worker = self.worker
+        if worker is None:
+            return
+        yield GaugeMetricFamily("stt_decode_queue_depth", "Decodes waiting (finals, speculative "
+                                "finals, partials)", value=worker.depth)
+        yield CounterMetricFamily("stt_decode_busy_seconds", "Time spent decoding (summed over "
+                                  "decode threads)", value=worker.busy_seconds)
+        yield CounterMetricFamily("stt_decodes", "Decodes run", value=worker.decodes)
+        if hasattr(worker, "shed_partials"):
+            yield CounterMetricFamily("stt_partials_shed", "Partials dropped as stale before "
+                                      "decoding", value=worker.shed_partials)
+
+
+_WORKER = _WorkerCollector()
+prometheus_client.REGISTRY.register(_WORKER)
+
+
+def watch_worker(worker: Any) -> None:
+    """Exports the worker's counters, and times partials through its public partial() call.
+
+    A stream asks for a partial as the newest audio it covers arrives, so the time from that call
+    to its result is the partial's latency. Replaced or shed partials (None) are not counted.
+    """
+    _WORKER.worker = worker
+    ask = worker.partial
+
+    def partial(*args: Any, **kwargs: Any):
+        asked = time.monotonic()
+        future = ask(*args, **kwargs)
+
+        def done(f) -> None:
+            if not f.cancelled() and f.exception() is None and f.result() is not None:
+                PARTIAL_LATENCY.observe(time.monotonic() - asked)
+
+        future.add_done_callback(done)
+        return future
+
+    worker.partial = partial
+
+
+async def _count_errors(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every HTTP error response, by the code of its JSON body."""
+    if response.status < 400 or request.path == "/ready":  # a 503 there is an answer, not an error
+        return
+    code = f"http_{response.status}"
+    body = getattr(response, "body", None)
+    if isinstance(body, (bytes, bytearray)) and response.content_type == "application/json":
+        try:
+            code = json.loads(body)["error"]["code"]
+        except (ValueError, KeyError, TypeError):
+            pass
+    error("http", code)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    # The classic text format (version 0.0.4) unless the scraper asks for OpenMetrics.
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return web.Response(body=encode(prometheus_client.REGISTRY), headers={"Content-Type": content_type})
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/metrics", metrics)
+    app.on_response_prepare.append(_count_errors)

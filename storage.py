@@ -1,0 +1,668 @@
+"""Saved transcripts and audio: each session's finals on disk as they happen, its transcript when it ends.
+
+One folder per session under --data-dir, named by start time and id
+(`2026-11-21T09-30-00Z_5f0c...`):
+
+- `finals.jsonl`: one line per transcript.final, the event as sent plus `at` (wall-clock time). The line
+  reaches the kernel (os.write) before any transport sees the event, so a killed server never loses a
+  final its client got; an fsync follows on the writer thread.
+- `session.json`: id, transport, started, ended, reason, model, language, utterances, audio.
+  Written at the start and again at the end.
+- `transcript.txt`, `transcript.srt`, `transcript.vtt`: written when the session ends.
+- `audio.opus` (--record-audio): the 16 kHz mono audio received, Ogg/Opus, streamed as it arrives.
+  Ogg pages carry checksums: a file cut short by a crash decodes up to its last whole page.
+
+Every whole-file write goes to a temporary file, is fsynced, then renamed over the old one: no reader
+ever sees half a file. Disk work runs on one writer thread per server, in order, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import fractions
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+from aiohttp import web
+
+from errors import ApiError
+
+if TYPE_CHECKING:
+    from sessions import Session, SessionRegistry
+
+log = logging.getLogger(__name__)
+
+FINALS = "finals.jsonl"
+META = "session.json"
+AUDIO = "audio.opus"
+TEXT_FORMATS = {  # format: (file, content type)
+    "txt": ("transcript.txt", "text/plain"),
+    "srt": ("transcript.srt", "application/x-subrip"),
+    "vtt": ("transcript.vtt", "text/vtt"),
+}
+SESSION_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as sessions.py makes them
+FOLDER = re.compile(r"(\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ)_([0-9a-f]{32})")
+_FOLDER_TIME = "%Y-%m-%dT%H-%M-%SZ"
+
+RETENTION_INTERVAL_S = 3600.0  # how often old sessions are looked for, after the sweep at startup
+_SAVE_TIMEOUT_S = 10.0  # longest wait for the transcript files when a session ends
+_AUDIO_CHUNK = 8000  # samples (0.5 s) gathered on the loop before they go to the writer thread
+_AUDIO_FSYNC_S = 5.0  # audio seconds between two fsyncs of the recording
+_AUDIO_BITRATE = 32000  # Opus at 32 kbit/s: transparent for speech, about 14 MB an hour
+_DEFAULT_LIMIT, _MAX_LIMIT = 20, 100
+
+
+# Times -------------------------------------------------------------------------------------------
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(t: datetime) -> str:
+    t = t.astimezone(timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def parse_iso(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def folder_name(started: datetime, session_id: str) -> str:
+    return f"{started.astimezone(timezone.utc).strftime(_FOLDER_TIME)}_{session_id}"
+
+
+# Files -------------------------------------------------------------------------------------------
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """The whole file or the old one, never half: temp file, fsync, rename, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_finals(path: Path) -> list[dict[str, Any]]:
+    """The finals of a finals.jsonl; a last line cut short by a crash is left out."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    finals = []
+    for line in data.split(b"\n")[:-1]:  # what follows the last newline is not a whole line
+        try:
+            finals.append(json.loads(line))
+        except ValueError:
+            log.warning("%s: skipped a line that is not JSON", path)
+    return finals
+
+
+def read_meta(folder: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((folder / META).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, ensure_ascii=False, indent=2) + "\n").encode()
+
+
+# Transcript formats ------------------------------------------------------------------------------
+
+def _spoken(finals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Finals with words: a final with empty text (a cough, a door) makes no line or cue."""
+    return [f for f in finals if str(f.get("text", "")).strip()]
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _timestamp(seconds: float, separator: str) -> str:
+    ms = max(0, round(float(seconds) * 1000))
+    return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d}{separator}{ms % 1000:03d}"
+
+
+def render_txt(finals: list[dict[str, Any]]) -> str:
+    return "".join(_one_line(f["text"]) + "\n" for f in _spoken(finals))
+
+
+def render_srt(finals: list[dict[str, Any]]) -> str:
+    return "\n".join(
+        f"{i}\n{_timestamp(f['start'], ',')} --> {_timestamp(f['end'], ',')}\n{_one_line(f['text'])}\n"
+        for i, f in enumerate(_spoken(finals), 1))
+
+
+def render_vtt(finals: list[dict[str, Any]]) -> str:
+    def escape(text: str) -> str:
+        return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+    return "WEBVTT\n\n" + "\n".join(
+        f"{_timestamp(f['start'], '.')} --> {_timestamp(f['end'], '.')}\n{escape(_one_line(f['text']))}\n"
+        for f in _spoken(finals))
+
+
+RENDER: dict[str, Callable[[list[dict[str, Any]]], str]] = {
+    "txt": render_txt, "srt": render_srt, "vtt": render_vtt}
+
+
+def write_transcripts(folder: Path, finals: list[dict[str, Any]]) -> None:
+    for fmt, (name, _) in TEXT_FORMATS.items():
+        write_atomic(folder / name, RENDER[fmt](finals).encode())
+
+
+# Audio -------------------------------------------------------------------------------------------
+
+class AudioRecorder:
+    """16 kHz mono PCM to Ogg/Opus, written page by page as it comes. Writer thread only."""
+
+    def __init__(self, path: Path) -> None:
+        import av  # only when audio is recorded
+
+        self._av = av
+        self._file = open(path, "wb", buffering=0)  # what the muxer flushes goes straight to the kernel
+        # flush_packets: each page leaves the muxer's buffer at once; page_duration: at most 0.5 s a page.
+        self._container = av.open(self._file, "w", format="ogg",
+                                  options={"flush_packets": "1", "page_duration": "500000"})
+        self._stream = self._container.add_stream("libopus", rate=16000, layout="mono")
+        self._stream.bit_rate = _AUDIO_BITRATE
+        self._samples = 0
+        self._synced = 0
+
+    def write(self, pcm: np.ndarray) -> None:
+        frame = self._av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = 16000
+        frame.pts = self._samples
+        frame.time_base = fractions.Fraction(1, 16000)
+        self._samples += pcm.size
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        if self._samples - self._synced >= _AUDIO_FSYNC_S * 16000:
+            os.fsync(self._file.fileno())
+            self._synced = self._samples
+
+    def close(self) -> None:
+        try:
+            for packet in self._stream.encode(None):
+                self._container.mux(packet)
+            self._container.close()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+
+
+# One session -------------------------------------------------------------------------------------
+
+class SessionRecord:
+    """Writes one live session's folder. Runs on the event loop; disk work goes to the writer thread."""
+
+    def __init__(self, storage: "Storage", session: "Session") -> None:
+        self.storage = storage
+        self.session = session
+        self.started = _now()
+        self.folder = storage.root / folder_name(self.started, session.id)
+        self.finals = 0
+        info = session.info()
+        self.meta: dict[str, Any] = {
+            "session_id": session.id, "transport": session.transport, "started": iso(self.started),
+            "ended": None, "reason": None, "model": info.get("model"), "language": info.get("language"),
+            "utterances": 0, "audio": AUDIO if storage.record_audio else None,
+        }
+        # Inline, two small syscalls: the folder and the log must exist before the first final.
+        self.folder.mkdir()
+        self._fd: int | None = os.open(self.folder / FINALS,
+                                       os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self._failed = False
+        self._audio: list[np.ndarray] = []
+        self._audio_samples = 0
+        self._recorder: AudioRecorder | None = None  # writer thread only
+        self._audio_failed = False
+        storage.submit(write_atomic, self.folder / META, _json_bytes(self.meta))
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if event.get("type") != "transcript.final" or self._fd is None or self._failed:
+            return
+        line = json.dumps({**event, "at": iso(_now())}, ensure_ascii=False, separators=(",", ":"))
+        data = (line + "\n").encode()
+        try:
+            # One append, into the page cache: microseconds. It is there before any transport sends the
+            # event (this sink is the session's first), so a killed process loses no final a client got.
+            written = 0
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+        except OSError as e:
+            self._failed = True  # the session goes on; what is on disk stays readable
+            log.error("session %s: cannot append to %s: %s", self.session.id, self.folder / FINALS, e)
+            return
+        self.finals += 1
+        self.storage.submit(os.fsync, self._fd)  # against power loss too, without stalling the loop
+
+    def on_audio(self, pcm: np.ndarray) -> None:
+        self._audio.append((np.clip(pcm, -1, 1) * 32767).astype(np.int16))
+        self._audio_samples += pcm.size
+        if self._audio_samples >= _AUDIO_CHUNK:
+            self._flush_audio()
+
+    def _flush_audio(self) -> None:
+        if not self._audio:
+            return
+        chunk = np.concatenate(self._audio)
+        self._audio, self._audio_samples = [], 0
+        self.storage.submit(self._record, chunk)
+
+    def _record(self, chunk: np.ndarray) -> None:  # writer thread
+        if self._audio_failed:
+            return
+        try:
+            if self._recorder is None:
+                self._recorder = AudioRecorder(self.folder / AUDIO)
+            self._recorder.write(chunk)
+        except Exception:  # once: the transcript goes on being saved without the audio
+            self._audio_failed = True
+            log.exception("session %s: recording the audio failed; it stops here", self.session.id)
+
+    async def finish(self) -> None:
+        """After the session's last final, before session.ended: the files, then session.saved."""
+        session = self.session
+        if self.storage.record_audio:
+            self._flush_audio()
+        fd, self._fd = self._fd, None
+        if session.reason == "bad_offer":
+            # The offer was refused with a 400: no client ever knew this session.
+            future = self.storage.submit(self._discard, fd)
+        else:
+            self.meta.update(ended=iso(_now()), reason=session.reason, utterances=self.finals)
+            future = self.storage.submit(self._save, fd, dict(self.meta))
+        loop = asyncio.get_running_loop()
+
+        def written(_: concurrent.futures.Future) -> None:
+            try:
+                loop.call_soon_threadsafe(self.storage.done, self)
+            except RuntimeError:
+                pass  # the loop is gone: so is the server
+
+        # Live until the files are there: until then the transcript is read from finals.jsonl.
+        future.add_done_callback(written)
+        try:
+            saved = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), _SAVE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("session %s: transcript not written within %ss", session.id, _SAVE_TIMEOUT_S)
+            return
+        except Exception:
+            log.exception("session %s: saving the transcript failed", session.id)
+            return
+        if saved:
+            session.emit({"type": "session.saved", "session_id": session.id,
+                          "transcript": f"/v1/sessions/{session.id}/transcript"})
+
+    def _save(self, fd: int | None, meta: dict[str, Any]) -> bool:  # writer thread
+        self._close_files(fd)
+        meta["audio"] = AUDIO if (self.folder / AUDIO).is_file() else None
+        write_transcripts(self.folder, read_finals(self.folder / FINALS))
+        write_atomic(self.folder / META, _json_bytes(meta))
+        return True
+
+    def _discard(self, fd: int | None) -> bool:  # writer thread
+        self._close_files(fd)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return False
+
+    def _close_files(self, fd: int | None) -> None:  # writer thread
+        if self._recorder is not None:
+            try:
+                self._recorder.close()
+            except Exception:
+                log.exception("session %s: closing the audio recording failed", self.session.id)
+        if fd is not None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+# The store ---------------------------------------------------------------------------------------
+
+class Storage:
+    def __init__(self, root: str | Path, *, record_audio: bool = False, retention_days: float = 0.0) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)  # fails at startup, loudly, if it cannot
+        self.record_audio = record_audio
+        self.retention_days = retention_days
+        self._live: dict[str, SessionRecord] = {}
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="storage")
+        self._background: asyncio.Task | None = None
+
+    # Sessions (event loop) --------------------------------------------------------------------
+
+    def attach(self, session: "Session") -> None:
+        """A registry observer: called once per new session, before it emits anything."""
+        try:
+            record = SessionRecord(self, session)
+        except Exception:  # the session goes on, unsaved
+            log.exception("session %s: not stored", session.id)
+            return
+        self._live[session.id] = record
+        session.add_sink(record.on_event)
+        if self.record_audio:
+            session.add_audio_tap(record.on_audio)
+        session.on_finish(record.finish)
+
+    def done(self, record: SessionRecord) -> None:
+        if self._live.get(record.session.id) is record:
+            del self._live[record.session.id]
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        """Runs on the writer thread, after everything submitted before it; failures are logged."""
+        def run() -> Any:
+            try:
+                return fn(*args)
+            except Exception:
+                log.exception("storage: %s failed", getattr(fn, "__name__", fn))
+                raise
+        return self._writer.submit(run)
+
+    # Startup, retention, shutdown -------------------------------------------------------------
+
+    async def start(self) -> None:
+        # Listed now, before the server takes sessions: only these can have been left open by a crash.
+        before = self._folders()
+        self._background = asyncio.create_task(self._maintain(before))
+
+    async def close(self) -> None:
+        if self._background is not None:
+            self._background.cancel()
+        await asyncio.to_thread(self._writer.shutdown, wait=True)
+
+    async def _maintain(self, before: list[tuple[str, str]]) -> None:
+        try:
+            recovered = await asyncio.to_thread(self.recover, before)
+            if recovered:
+                log.info("storage: %d session(s) interrupted by a crash were completed", recovered)
+        except Exception:
+            log.exception("storage: completing interrupted sessions failed")
+        while self.retention_days > 0:
+            try:
+                deleted = await asyncio.to_thread(self.sweep, set(self._live))
+                if deleted:
+                    log.info("retention: deleted %d session(s) older than %g day(s)", deleted,
+                             self.retention_days)
+            except Exception:
+                log.exception("retention: the sweep failed; next one in %gs", RETENTION_INTERVAL_S)
+            await asyncio.sleep(RETENTION_INTERVAL_S)
+
+    def _folders(self) -> list[tuple[str, str]]:
+        """(folder name, session id) of every stored session, newest first. Real folders only."""
+        found = []
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                m = FOLDER.fullmatch(entry.name)
+                if m and entry.is_dir(follow_symlinks=False):
+                    found.append((entry.name, m.group(2)))
+        found.sort(reverse=True)
+        return found
+
+    def recover(self, folders: list[tuple[str, str]]) -> int:
+        """At startup: sessions a crash left open get their files, and `interrupted` as the reason."""
+        count = 0
+        for name, session_id in folders:
+            try:
+                count += self._recover(self.root / name, name, session_id)
+            except OSError as e:  # the others are still completed
+                log.error("storage: cannot complete %s: %s", name, e)
+        return count
+
+    def _recover(self, folder: Path, name: str, session_id: str) -> int:
+        if not folder.is_dir():
+            return 0  # deleted since
+        for tmp in folder.glob(".*.tmp"):  # a whole-file write cut short: its old file is intact
+            tmp.unlink(missing_ok=True)
+        meta = read_meta(folder)
+        if meta is not None and meta.get("ended"):
+            return 0
+        finals = read_finals(folder / FINALS)
+        started = datetime.strptime(FOLDER.fullmatch(name).group(1), _FOLDER_TIME).replace(tzinfo=timezone.utc)
+        meta = {"session_id": session_id, "transport": None, "started": iso(started), "model": None,
+                "language": None, **(meta or {})}
+        meta.update(ended=iso(_last_write(folder)), reason="interrupted", utterances=len(finals),
+                    audio=AUDIO if (folder / AUDIO).is_file() else None)
+        write_transcripts(folder, finals)
+        write_atomic(folder / META, _json_bytes(meta))
+        return 1
+
+    def sweep(self, live: set[str]) -> int:
+        """Deletes sessions that ended more than --retention-days ago; never a live one."""
+        cutoff = time.time() - self.retention_days * 86400
+        deleted = 0
+        for name, session_id in self._folders():
+            if session_id in live:
+                continue
+            folder = self.root / name
+            ended = parse_iso((read_meta(folder) or {}).get("ended"))
+            # No end time (a crash, another server's live session): the last write is the age.
+            when = ended.timestamp() if ended is not None else _last_write(folder).timestamp()
+            if when < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+                deleted += 1
+        return deleted
+
+    # Reading (worker threads) -----------------------------------------------------------------
+
+    async def folder(self, session_id: str) -> Path:
+        """The folder of a stored session, found by listing: never a path made from the request."""
+        record = self._live.get(session_id)
+        if record is not None:
+            return record.folder
+        return await asyncio.to_thread(self._find, session_id)
+
+    def _find(self, session_id: str) -> Path:
+        for name, found in self._folders():
+            if found == session_id:
+                return self.root / name
+        raise ApiError(404, "unknown_session", "no such stored session")
+
+    def entry(self, folder: Path, live: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        m = FOLDER.fullmatch(folder.name)
+        session_id = m.group(2)
+        meta = read_meta(folder) or {}
+        if session_id in live:
+            meta = {**meta, **live[session_id]}
+        status = "live" if session_id in live else "ended" if meta.get("ended") else "interrupted"
+        started = datetime.strptime(m.group(1), _FOLDER_TIME).replace(tzinfo=timezone.utc)
+        entry = {
+            "session_id": session_id, "status": status,
+            "transport": meta.get("transport"), "started": meta.get("started") or iso(started),
+            "ended": meta.get("ended"), "reason": meta.get("reason"),
+            "model": meta.get("model"), "language": meta.get("language"),
+            "utterances": meta.get("utterances"),
+            "transcript": f"/v1/sessions/{session_id}/transcript",
+            "audio": f"/v1/sessions/{session_id}/audio" if (folder / AUDIO).is_file() else None,
+        }
+        if status == "interrupted":
+            entry["utterances"] = len(read_finals(folder / FINALS))
+        return entry
+
+    def live_view(self) -> dict[str, dict[str, Any]]:
+        """Event loop: what the files do not say yet about live sessions."""
+        return {sid: {**r.meta, "utterances": r.finals} for sid, r in self._live.items()}
+
+    def page(self, limit: int, before: str | None, page: int | None,
+             live: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        folders = self._folders()
+        if before is not None:
+            index = next((i for i, (_, sid) in enumerate(folders) if sid == before), None)
+            if index is None:
+                raise ApiError(404, "unknown_session", "before: no such stored session")
+            first = index + 1
+        else:
+            first = ((page or 1) - 1) * limit
+        chosen = folders[first : first + limit]
+        body: dict[str, Any] = {
+            "sessions": [self.entry(self.root / name, live) for name, _ in chosen],
+            "total": len(folders), "limit": limit, "next": None}
+        if first + limit < len(folders):
+            body["next"] = (f"/v1/sessions?limit={limit}&page={page + 1}" if page is not None
+                            else f"/v1/sessions?limit={limit}&before={chosen[-1][1]}")
+        if page is not None:
+            body["page"] = page
+        return body
+
+    def transcript(self, folder: Path, fmt: str, live: dict[str, dict[str, Any]]) -> str | dict[str, Any]:
+        if fmt == "json":
+            return {**self.entry(folder, live), "finals": read_finals(folder / FINALS)}
+        if FOLDER.fullmatch(folder.name).group(2) not in live:
+            try:
+                return (folder / TEXT_FORMATS[fmt][0]).read_text()
+            except FileNotFoundError:
+                pass  # interrupted, not yet completed: the log says the same
+        return RENDER[fmt](read_finals(folder / FINALS))
+
+
+def _last_write(folder: Path) -> datetime:
+    newest = folder.stat().st_mtime
+    for path in folder.iterdir():
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except FileNotFoundError:
+            pass
+    return datetime.fromtimestamp(newest, timezone.utc)
+
+
+# HTTP --------------------------------------------------------------------------------------------
+
+STORAGE = web.AppKey("storage", Storage)
+_ENABLED = web.AppKey("storage_enabled", bool)
+
+
+def install(app: web.Application, registry: "SessionRegistry") -> None:
+    """Routes always; the store itself when --data-dir is set."""
+    config = registry.config
+    app[_ENABLED] = bool(config.data_dir)
+    app.router.add_get("/v1/sessions", list_sessions)
+    app.router.add_get("/v1/sessions/{session_id}", get_session)
+    app.router.add_get("/v1/sessions/{session_id}/transcript", get_transcript)
+    app.router.add_get("/v1/sessions/{session_id}/audio", get_audio)
+    if not config.data_dir:
+        return
+    storage = Storage(config.data_dir, record_audio=config.record_audio,
+                      retention_days=config.retention_days)
+    app[STORAGE] = storage
+    registry.observers.append(storage.attach)
+
+    async def start(_: web.Application) -> None:
+        log.info("storing sessions in %s%s", storage.root, " with their audio" if storage.record_audio else "")
+        await storage.start()
+
+    async def close(_: web.Application) -> None:
+        await storage.close()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(close)
+
+
+def _storage(request: web.Request) -> Storage:
+    if not request.app[_ENABLED]:
+        raise ApiError(404, "storage_off", "this server stores no sessions (--data-dir is empty)")
+    return request.app[STORAGE]
+
+
+def _session_id(value: str) -> str:
+    if not SESSION_ID.fullmatch(value):
+        raise ApiError(404, "unknown_session", "no such stored session")
+    return value
+
+
+def _query(request: web.Request, allowed: set[str]) -> dict[str, str]:
+    unknown = set(request.query) - allowed
+    if unknown:
+        raise ApiError(400, "unknown_option", f"unknown parameter(s): {', '.join(sorted(unknown))}")
+    return dict(request.query)
+
+
+def _positive_int(query: dict[str, str], name: str, default: int | None, most: int | None = None) -> int | None:
+    if name not in query:
+        return default
+    value = query[name]
+    if not re.fullmatch(r"[0-9]{1,9}", value) or int(value) < 1 or (most is not None and int(value) > most):
+        raise ApiError(400, "bad_option", f"{name} must be an integer from 1"
+                       + (f" to {most}" if most is not None else ""))
+    return int(value)
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    storage = _storage(request)
+    query = _query(request, {"limit", "before", "page"})
+    limit = _positive_int(query, "limit", _DEFAULT_LIMIT, _MAX_LIMIT)
+    page = _positive_int(query, "page", None)
+    before = query.get("before")
+    if before is not None and page is not None:
+        raise ApiError(400, "bad_option", "give before or page, not both")
+    if before is not None and not SESSION_ID.fullmatch(before):
+        raise ApiError(400, "bad_option", "before must be a session id")
+    body = await asyncio.to_thread(storage.page, limit, before, page, storage.live_view())
+    return web.json_response(body)
+
+
+async def get_session(request: web.Request) -> web.Response:
+    storage = _storage(request)
+    session_id = _session_id(request.match_info["session_id"])
+    _query(request, set())
+    folder = await storage.folder(session_id)
+    return web.json_response(await asyncio.to_thread(_or_gone, storage.entry, folder, storage.live_view()))
+
+
+async def get_transcript(request: web.Request) -> web.Response:
+    storage = _storage(request)
+    session_id = _session_id(request.match_info["session_id"])
+    fmt = _query(request, {"format"}).get("format", "json")
+    if fmt != "json" and fmt not in TEXT_FORMATS:
+        raise ApiError(400, "bad_option", "format must be json, txt, srt or vtt")
+    folder = await storage.folder(session_id)
+    body = await asyncio.to_thread(_or_gone, storage.transcript, folder, fmt, storage.live_view())
+    if fmt == "json":
+        return web.json_response(body)
+    return web.Response(text=body, content_type=TEXT_FORMATS[fmt][1], charset="utf-8")
+
+
+async def get_audio(request: web.Request) -> web.StreamResponse:
+    storage = _storage(request)
+    session_id = _session_id(request.match_info["session_id"])
+    _query(request, set())
+    path = (await storage.folder(session_id)) / AUDIO
+    if not await asyncio.to_thread(path.is_file):
+        raise ApiError(404, "no_audio", "this session's audio was not recorded")
+    return web.FileResponse(path, headers={"Content-Type": "audio/ogg"})
+
+
+def _or_gone(fn: Callable[..., Any], *args: Any) -> Any:
+    """Retention may delete a folder between finding and reading it."""
+    try:
+        return fn(*args)
+    except FileNotFoundError:
+        raise ApiError(404, "unknown_session", "no such stored session") from None

@@ -1,0 +1,109 @@
+"""web/stt.js with a session token, in Debian's Chromium, against a server that has API keys: the
+token goes as Bearer to /v1/rtc and as ?token= to /v1/ws; without it the server refuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from playwright.sync_api import sync_playwright
+
+from client import ServerProcess
+from speech import recording, wer
+
+CHROMIUM = Path("/usr/bin/chromium")
+BROWSER_HOST = "10.77.0.1"  # Chromium ignores loopback candidates (see test_browser.py)
+KEY = "page-backend-key-5c2e8f1a9b07"
+SPEECH_ID = "ls-61-70968-0000"
+LEAD_S, TAIL_S = 1.5, 2.5
+
+# In the page: the embedding app's code, given a token by its back end.
+TRANSCRIBE = """async ({ token, transport, listenMs }) => {
+  const { startTranscription } = await import("/web/stt.js");
+  const finals = [];
+  try {
+    const session = await startTranscription({ token, transport, onFinal: (e) => finals.push(e.text) });
+    await new Promise((done) => setTimeout(done, listenMs));
+    await session.stop();
+    return { transport: session.transport, finals };
+  } catch (error) {
+    return { error: error.code };
+  }
+}"""
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    if CHROMIUM.is_file():
+        return CHROMIUM
+    message = f"Debian's Chromium is missing at {CHROMIUM} (`make test-deps` installs it)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def microphone(tmp_path_factory) -> tuple[Path, float]:
+    audio = np.concatenate([np.zeros(int(LEAD_S * 16000), np.float32), recording(SPEECH_ID).audio,
+                            np.zeros(int(TAIL_S * 16000), np.float32)])
+    path = tmp_path_factory.mktemp("microphone") / "speech.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return path, audio.size / 16000
+
+
+@pytest.fixture(scope="module")
+def server(private_network):
+    proc = ServerProcess("--api-key", KEY, "--ice-timeout-s", "5", host=BROWSER_HOST)
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture(scope="module")
+def page(chromium, server, microphone):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={microphone[0]}%noloop",
+            f"--unsafely-treat-insecure-origin-as-secure={server.url}",
+        ])
+        page = browser.new_page()
+        page.goto(server.url + "/")  # the page itself needs no credential
+        yield page
+        browser.close()
+
+
+def mint(server: ServerProcess) -> str:
+    """What the embedding app's back end does with its key."""
+    request = urllib.request.Request(server.url + "/v1/tokens", method="POST",
+                                     data=json.dumps({"ttl_s": 60}).encode(),
+                                     headers={"Authorization": f"Bearer {KEY}",
+                                              "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as r:
+        return json.loads(r.read())["token"]
+
+
+@pytest.mark.parametrize("transport", ["rtc", "ws"])
+def test_stt_js_sends_the_token(page, server, microphone, transport):
+    result = page.evaluate(TRANSCRIBE, {"token": mint(server), "transport": transport,
+                                        "listenMs": int(microphone[1] * 1000)})
+    assert result.get("transport") == transport, result
+    text = " ".join(result["finals"])
+    print(f"\n{transport} with a token: {text}")
+    assert wer([(recording(SPEECH_ID).text, text)]) <= 0.2, text
+
+
+@pytest.mark.parametrize("transport, code", [("rtc", "unauthorized"), ("ws", "connect_failed")])
+def test_without_a_token_the_server_refuses(page, server, transport, code):
+    result = page.evaluate(TRANSCRIBE, {"token": "", "transport": transport, "listenMs": 0})
+    assert result == {"error": code}

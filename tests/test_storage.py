@@ -1,0 +1,499 @@
+"""Saved sessions (storage.py): real server processes write them, real clients read them back over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import os
+import re
+import signal
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+import av
+import numpy as np
+import pytest
+import pytest_asyncio
+from yarl import URL
+
+from client import RTCClient, SSEClient, ServerProcess, SpeechTrack, WSClient, check_protocol
+from speech import pcm16, recording, with_pauses
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+RATE = 16000
+ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+# Helpers -----------------------------------------------------------------------------------------
+
+async def fetch(base_url: str, path: str, raw: bool = False, **params: str) -> tuple[int, str, bytes]:
+    """(status, content type, body) of a GET; `raw`: the path goes exactly as written, unnormalized."""
+    url = URL(base_url + path, encoded=True) if raw else base_url + path
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url, params=params or None) as r:
+            return r.status, r.content_type, await r.read()
+
+
+async def fetch_json(base_url: str, path: str, **params: str) -> Any:
+    status, content_type, body = await fetch(base_url, path, **params)
+    assert status == 200 and content_type == "application/json", (status, body)
+    return json.loads(body)
+
+
+def folder_of(data_dir: Path, session_id: str) -> Path:
+    [folder] = [p for p in data_dir.iterdir() if p.name.endswith("_" + session_id)]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ_" + session_id, folder.name), folder.name
+    return folder
+
+
+def jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every line of a finals.jsonl, each of which must be whole JSON."""
+    data = path.read_text()
+    assert data == "" or data.endswith("\n"), "a line was cut short"
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def without_at(stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for final in stored:
+        assert ISO.fullmatch(final["at"]), final
+    return [{k: v for k, v in final.items() if k != "at"} for final in stored]
+
+
+def cues(text: str, separator: str) -> list[tuple[int, int, str]]:
+    """(start ms, end ms, text) of each SRT (separator ",") or WebVTT (".") cue."""
+    stamp = rf"(\d\d):(\d\d):(\d\d){re.escape(separator)}(\d\d\d)"
+    out = []
+    for block in text.strip("\n").split("\n\n") if text.strip() else []:
+        lines = block.split("\n")
+        if separator == ",":
+            assert lines.pop(0) == str(len(out) + 1), block
+        m = re.fullmatch(f"{stamp} --> {stamp}", lines[0])
+        assert m and len(lines) == 2, block
+        h1, m1, s1, ms1, h2, m2, s2, ms2 = map(int, m.groups())
+        out.append(((h1 * 60 + m1) * 60000 + s1 * 1000 + ms1, (h2 * 60 + m2) * 60000 + s2 * 1000 + ms2,
+                    lines[1]))
+    return out
+
+
+def expected_cues(finals: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
+    return [(round(f["start"] * 1000), round(f["end"] * 1000), " ".join(f["text"].split()))
+            for f in finals if f["text"].strip()]
+
+
+def decode(path: Path) -> np.ndarray:
+    """The whole file with av, as 16 kHz mono float32."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
+    chunks = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(audio=0):
+            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+    chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    return np.concatenate(chunks).astype(np.float32) / 32768
+
+
+def envelope(audio: np.ndarray) -> np.ndarray:
+    blocks = audio[: audio.size // 1600 * 1600].reshape(-1, 1600)  # 100 ms
+    return np.sqrt((blocks ** 2).mean(axis=1))
+
+
+def session_folder(data_dir: Path, started: datetime, session_id: str, ended: datetime | None,
+                   finals: list[str] = (), mtime: datetime | None = None) -> Path:
+    """A stored session as a server would have left it (ended None: a crash)."""
+    folder = data_dir / f"{started.strftime('%Y-%m-%dT%H-%M-%SZ')}_{session_id}"
+    folder.mkdir(parents=True)
+    meta = {"session_id": session_id, "transport": "websocket",
+            "started": started.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+            "ended": ended.strftime("%Y-%m-%dT%H:%M:%S.000Z") if ended else None,
+            "reason": "stop" if ended else None, "model": "tiny.en", "language": "en",
+            "utterances": len(finals), "audio": None}
+    (folder / "session.json").write_text(json.dumps(meta))
+    (folder / "finals.jsonl").write_text("".join(
+        json.dumps({"type": "transcript.final", "utterance": i + 1, "text": text, "start": 2.0 * i,
+                    "end": 2.0 * i + 1.5, "language": "en", "words": [], "at": meta["started"]}) + "\n"
+        for i, text in enumerate(finals)))
+    if mtime is not None:
+        age(folder, mtime)
+    return folder
+
+
+def age(path: Path, when: datetime) -> None:
+    """Sets the modification time of a folder and all it holds."""
+    t = when.timestamp()
+    for p in [*path.rglob("*"), path]:
+        os.utime(p, (t, t), follow_symlinks=False)
+
+
+def hex_id(n: int) -> str:
+    return f"{n:032x}"
+
+
+async def wait_log(server: ServerProcess, text: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in server.log().splitlines():
+            if text in line:
+                return line
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line with {text!r}:\n{server.log()}")
+        await asyncio.sleep(0.1)
+
+
+async def started_server(*args: str) -> ServerProcess:
+    """A server of the test's own, once it takes sessions (its model loads after it listens)."""
+    server = await asyncio.to_thread(ServerProcess, *args)
+    deadline = time.monotonic() + 60
+    while (status := (await fetch(server.url, "/ready"))[0]) == 503:
+        assert time.monotonic() < deadline, server.log()
+        await asyncio.sleep(0.1)
+    assert status in (200, 404), status  # 404: a server without GET /ready is ready once it listens
+    return server
+
+
+async def stopped(server: ServerProcess) -> None:
+    assert await asyncio.to_thread(server.stop) == 0, server.log()
+
+
+# A server that saves sessions and their audio ----------------------------------------------------
+
+class Stored:
+    def __init__(self, server: ServerProcess, data_dir: Path) -> None:
+        self.server, self.url, self.data_dir = server, server.url, data_dir
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stored(private_network, tmp_path_factory) -> AsyncIterator[Stored]:
+    data_dir = tmp_path_factory.mktemp("stored") / "data"  # made by the server
+    server = await started_server("--data-dir", str(data_dir), "--record-audio")
+    yield Stored(server, data_dir)
+    await stopped(server)
+
+
+async def test_transcript_in_every_format_is_what_the_client_got(stored):
+    """A WebSocket session: live transcript while it runs, then four formats, the files, the audio."""
+    jfk = recording("jfk-inaugural-ask-not")
+    sent = np.concatenate([np.zeros(RATE // 2, np.float32), jfk.audio, np.zeros(RATE, np.float32)])
+    client = WSClient(stored.url)
+    try:
+        await client.connect()
+        await client.send({"type": "start"})
+        session_id = (await client.wait_type("session.started"))["session_id"]
+        await client.speak(pcm16(sent), realtime=False)
+        await client.wait_last_final(timeout=20)
+
+        # Live: listed with its status, its transcript read from finals.jsonl so far.
+        so_far = client.of_type("transcript.final")
+        assert len(so_far) >= 2, so_far
+        listed = (await fetch_json(stored.url, "/v1/sessions"))["sessions"][0]
+        assert listed["session_id"] == session_id and listed["status"] == "live", listed
+        assert listed["ended"] is None and listed["utterances"] == len(so_far)
+        live = await fetch_json(stored.url, f"/v1/sessions/{session_id}/transcript")
+        assert live["status"] == "live" and without_at(live["finals"]) == so_far
+        status, _, text = await fetch(stored.url, f"/v1/sessions/{session_id}/transcript", format="txt")
+        assert status == 200 and text.decode().splitlines() == [f["text"] for f in so_far if f["text"]]
+        await client.stop()
+    finally:
+        await client.close()
+
+    events = [r.event for r in client.events]
+    check_protocol(events)
+    finals = client.of_type("transcript.final")
+    assert events[-2] == {"type": "session.saved", "session_id": session_id,
+                          "transcript": f"/v1/sessions/{session_id}/transcript"}
+    assert len(client.of_type("session.saved")) == 1
+
+    base = f"/v1/sessions/{session_id}/transcript"
+    body = await fetch_json(stored.url, base)  # json is the default
+    assert body == await fetch_json(stored.url, base, format="json")
+    assert without_at(body["finals"]) == finals
+    assert {k: body[k] for k in ("session_id", "status", "transport", "reason", "model", "language",
+                                 "utterances")} == {
+        "session_id": session_id, "status": "ended", "transport": "websocket", "reason": "stop",
+        "model": "tiny.en", "language": "en", "utterances": len(finals)}
+    assert ISO.fullmatch(body["started"]) and ISO.fullmatch(body["ended"]) and body["started"] < body["ended"]
+
+    served = {}
+    for fmt, content_type in [("txt", "text/plain"), ("srt", "application/x-subrip"), ("vtt", "text/vtt")]:
+        status, got_type, data = await fetch(stored.url, base, format=fmt)
+        assert (status, got_type) == (200, content_type), (fmt, status, got_type, data)
+        served[fmt] = data.decode()
+    spoken = [f["text"] for f in finals if f["text"].strip()]
+    assert len(spoken) >= 3, finals
+    assert served["txt"].splitlines() == spoken
+    assert cues(served["srt"], ",") == expected_cues(finals)
+    assert served["vtt"].startswith("WEBVTT\n\n")
+    vtt = [(a, b, html.unescape(t)) for a, b, t in cues(served["vtt"].removeprefix("WEBVTT\n\n"), ".")]
+    assert vtt == expected_cues(finals)
+
+    # On disk: the same files, whole, and no temporary file left.
+    folder = folder_of(stored.data_dir, session_id)
+    assert without_at(jsonl(folder / "finals.jsonl")) == finals
+    for fmt in ("txt", "srt", "vtt"):
+        assert (folder / f"transcript.{fmt}").read_text() == served[fmt]
+    meta = json.loads((folder / "session.json").read_text())
+    assert meta == {k: body[k] for k in meta if k != "audio"} | {"audio": "audio.opus"}
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "audio.opus", "finals.jsonl", "session.json", "transcript.srt", "transcript.txt", "transcript.vtt"]
+
+    # The audio received: all of it, and it sounds like what was sent.
+    status, content_type, data = await fetch(stored.url, f"/v1/sessions/{session_id}/audio")
+    assert (status, content_type) == (200, "audio/ogg")
+    assert data == (folder / "audio.opus").read_bytes()
+    audio = decode(folder / "audio.opus")
+    print(f"\n{sent.size / RATE:.2f}s sent, {audio.size / RATE:.2f}s recorded in "
+          f"{len(data) / 1024:.0f} KiB")
+    assert abs(audio.size - sent.size) < 0.05 * RATE
+    n = min(audio.size, sent.size)
+    correlation = np.corrcoef(envelope(audio[:n]), envelope(sent[:n]))[0, 1]
+    assert correlation > 0.95, correlation
+
+
+async def test_session_saved_reaches_the_data_channel_and_sse_before_session_ended(stored):
+    rec = recording("ls-61-70968-0002")
+    track = SpeechTrack(rec.audio)
+    client = RTCClient(stored.url, track=track)
+    subscriber: SSEClient | None = None
+    try:
+        await client.connect()
+        subscriber = SSEClient(stored.url, client.session_id)
+        await subscriber.connect()
+        while not track.done:
+            await asyncio.sleep(0.1)
+        await client.wait_last_final(timeout=15)
+        client.send({"type": "stop"})
+        await client.wait_type("session.ended", timeout=15)
+        await subscriber.ended(timeout=10)
+    finally:
+        await client.close()
+        if subscriber is not None:
+            await subscriber.close()
+    saved = {"type": "session.saved", "session_id": client.session_id,
+             "transcript": f"/v1/sessions/{client.session_id}/transcript"}
+    for events in ([r.event for r in client.events], [r.event for r in subscriber.events]):
+        assert events[-2:] == [saved, {"type": "session.ended", "reason": "stop"}], events[-3:]
+    finals = client.of_type("transcript.final")
+    assert finals and finals[0]["text"]
+    body = await fetch_json(stored.url, saved["transcript"])
+    assert body["transport"] == "webrtc" and without_at(body["finals"]) == finals
+
+
+async def test_unknown_ids_and_traversal_are_404(stored):
+    outside = stored.data_dir.parent / "secret.txt"
+    outside.write_text("SECRET")
+    client = WSClient(stored.url)
+    try:
+        await client.connect()
+        await client.send({"type": "start"})
+        session_id = (await client.wait_type("session.started"))["session_id"]
+        await client.stop()
+    finally:
+        await client.close()
+    folder = folder_of(stored.data_dir, session_id).name
+    assert (await fetch(stored.url, f"/v1/sessions/{session_id}/transcript", format="txt"))[0] == 200
+    assert (await fetch(stored.url, f"/v1/sessions/{session_id}"))[0] == 200
+
+    raw = [
+        f"/v1/sessions/{'0' * 32}/transcript",
+        f"/v1/sessions/{'0' * 32}",
+        f"/v1/sessions/{'0' * 32}/audio",
+        f"/v1/sessions/{session_id.upper()}/transcript",
+        f"/v1/sessions/{session_id[:-1]}/transcript",
+        f"/v1/sessions/{session_id}0/transcript",
+        f"/v1/sessions/{folder}/transcript",
+        f"/v1/sessions/{'g' * 32}/transcript",
+        "/v1/sessions/..%2Fsecret.txt/transcript",
+        "/v1/sessions/..%2F..%2Fsecret.txt/transcript",
+        "/v1/sessions/..%2f..%2fsecret.txt",
+        "/v1/sessions/%2E%2E%2Fsecret.txt/transcript",
+        "/v1/sessions/..%5Csecret.txt/transcript",
+        f"/v1/sessions/{session_id}%2F..%2F..%2Fsecret.txt/transcript",
+        f"/v1/sessions/..%2F{folder}/transcript",
+        f"/v1/sessions/%2E%2E/{session_id}/transcript",
+        "/v1/sessions/../secret.txt",
+        "/v1/sessions/%00/transcript",
+    ]
+    for path in raw:
+        status, content_type, body = await fetch(stored.url, path, raw=True)
+        assert status == 404 and content_type == "application/json", (path, status, body)
+        error = json.loads(body)["error"]
+        assert error["code"] in ("unknown_session", "not_found") and error["message"], (path, error)
+        assert b"SECRET" not in body
+    status, _, body = await fetch(stored.url, f"/v1/sessions/{session_id}/transcript", format="../../secret.txt")
+    assert status == 400 and json.loads(body)["error"]["code"] == "bad_option"
+    status, _, body = await fetch(stored.url, f"/v1/sessions/{session_id}/transcript", download="1")
+    assert status == 400 and json.loads(body)["error"]["code"] == "unknown_option"
+
+
+async def test_kill_9_loses_no_final_the_client_got(private_network, tmp_path):
+    """A real server process is killed mid-session: what its client got is on disk, whole and readable."""
+    data_dir = tmp_path / "data"
+    recordings = [recording(r) for r in ("ls-61-70968-0002", "librivox-ss01-0890", "ls-61-70968-0000")]
+    audio = np.concatenate([np.zeros(RATE // 2, np.float32), with_pauses(recordings)])
+    server = await started_server("--data-dir", str(data_dir), "--record-audio")
+    client = WSClient(server.url)
+    speaking: asyncio.Task | None = None
+    try:
+        await client.connect()
+        await client.send({"type": "start"})
+        session_id = (await client.wait_type("session.started"))["session_id"]
+        started = time.monotonic()
+        speaking = asyncio.create_task(client.speak(pcm16(audio)))  # a live microphone
+        await client.wait_for(lambda e: e["type"] == "transcript.final" and e["utterance"] == 2, timeout=30)
+        server.proc.send_signal(signal.SIGKILL)  # the instant the second final arrives
+        spoken_s = time.monotonic() - started
+        await asyncio.to_thread(server.proc.wait, 10)
+    finally:
+        if speaking is not None:
+            speaking.cancel()
+        await client.close()
+        server.stop()
+    assert server.proc.returncode == -signal.SIGKILL
+    got = client.of_type("transcript.final")
+    assert len(got) >= 2
+
+    folder = folder_of(data_dir, session_id)
+    stored = without_at(jsonl(folder / "finals.jsonl"))  # every line parses
+    print(f"\nkilled after {spoken_s:.1f}s: the client had {len(got)} finals, finals.jsonl {len(stored)}")
+    assert stored[: len(got)] == got and len(stored) <= len(got) + 1
+    meta = json.loads((folder / "session.json").read_text())
+    assert meta["session_id"] == session_id and meta["ended"] is None
+    assert not list(folder.glob(".*")), "a temporary file was left"
+
+    recorded = decode(folder / "audio.opus")  # a file cut short by the kill decodes with av
+    print(f"audio: {spoken_s:.2f}s sent, {recorded.size / RATE:.2f}s on disk")
+    assert spoken_s - 2.0 < recorded.size / RATE <= spoken_s + 0.2
+    n = recorded.size
+    assert np.corrcoef(envelope(recorded), envelope(audio[:n]))[0, 1] > 0.9
+
+    # The next server completes what the crash left open, and serves it.
+    restarted = await started_server("--data-dir", str(data_dir))
+    try:
+        deadline = time.monotonic() + 10
+        while (entry := await fetch_json(restarted.url, f"/v1/sessions/{session_id}"))["status"] != "ended":
+            assert time.monotonic() < deadline, entry
+            await asyncio.sleep(0.2)
+        assert entry["reason"] == "interrupted" and entry["utterances"] == len(stored), entry
+        assert entry["audio"] == f"/v1/sessions/{session_id}/audio"
+        status, _, text = await fetch(restarted.url, f"/v1/sessions/{session_id}/transcript", format="txt")
+        assert status == 200 and text.decode().splitlines() == [f["text"] for f in stored if f["text"]]
+        assert (folder / "transcript.txt").read_bytes() == text
+    finally:
+        await stopped(restarted)
+
+
+async def test_retention_deletes_only_old_sessions(private_network, tmp_path):
+    data_dir = tmp_path / "data"
+    now = datetime.now(timezone.utc)
+    days = lambda n: now - timedelta(days=n)  # noqa: E731
+    old_ended = session_folder(data_dir, days(10), hex_id(1), ended=days(9), finals=["old"])
+    old_crashed = session_folder(data_dir, days(10), hex_id(2), ended=None, finals=["lost"], mtime=days(9))
+    # Kept: ended an hour ago, whatever its folder's times say.
+    recent = session_folder(data_dir, days(0.1), hex_id(3), ended=days(0.05), finals=["new"], mtime=days(9))
+    long_one = session_folder(data_dir, days(3), hex_id(4), ended=days(0.5), finals=["long"], mtime=days(9))
+    # Not storage's: other names, a file, a link to elsewhere. Never touched, however old.
+    elsewhere = tmp_path / "elsewhere"
+    session_folder(elsewhere, days(10), hex_id(5), ended=days(9), mtime=days(9))
+    strangers = [data_dir / "notes", data_dir / f"{days(10).strftime('%Y-%m-%dT%H-%M-%SZ')}_not-an-id",
+                 data_dir / f"2020-01-01T00-00-00Z_{hex_id(6)}.bak", data_dir / "cache"]
+    for p in strangers:
+        p.mkdir()
+        (p / "session.json").write_text(json.dumps({"ended": "2020-01-01T00:00:00.000Z"}))
+    (data_dir / f"2020-01-02T00-00-00Z_{hex_id(7)}").write_text("a file, not a folder")
+    (data_dir / f"2020-01-03T00-00-00Z_{hex_id(5)}").symlink_to(next(elsewhere.iterdir()))
+    age(data_dir, days(9))
+    before = sorted(p.name for p in data_dir.iterdir())
+
+    server = await started_server("--data-dir", str(data_dir), "--retention-days", "1")
+    try:
+        print("\n" + await wait_log(server, "retention: deleted"))
+        assert "deleted 2 session(s)" in await wait_log(server, "retention: deleted")
+        listed = await fetch_json(server.url, "/v1/sessions")
+    finally:
+        await stopped(server)
+    assert not old_ended.exists() and not old_crashed.exists()
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted(
+        set(before) - {old_ended.name, old_crashed.name})
+    assert [s["session_id"] for s in listed["sessions"]] == [hex_id(3), hex_id(4)]
+    assert recent.is_dir() and long_one.is_dir() and (elsewhere / next(elsewhere.iterdir()).name).is_dir()
+    assert all((p / "session.json").is_file() for p in strangers)
+
+
+async def test_session_list_pages_newest_first(private_network, tmp_path):
+    data_dir = tmp_path / "data"
+    now = datetime.now(timezone.utc)
+    ids = []
+    for n in range(7):  # session 1 is the oldest
+        start = now - timedelta(days=2, hours=7 - n)
+        session_folder(data_dir, start, hex_id(100 + n), ended=start + timedelta(minutes=5), finals=[f"s{n}"])
+        ids.append(hex_id(100 + n))
+    newest_first = ids[::-1]
+    server = await started_server("--data-dir", str(data_dir))
+    live = WSClient(server.url)
+    try:
+        await live.connect()
+        await live.send({"type": "start"})
+        live_id = (await live.wait_type("session.started"))["session_id"]
+
+        everything = await fetch_json(server.url, "/v1/sessions")
+        assert everything["total"] == 8 and everything["next"] is None
+        assert [s["session_id"] for s in everything["sessions"]] == [live_id, *newest_first]
+        first = everything["sessions"][0]
+        assert first["status"] == "live" and first["ended"] is None and first["transport"] == "websocket"
+        for s in everything["sessions"][1:]:
+            assert s["status"] == "ended" and s["reason"] == "stop" and s["utterances"] == 1
+            assert s["transcript"] == f"/v1/sessions/{s['session_id']}/transcript" and s["audio"] is None
+
+        # By cursor: follow `next` until it is null.
+        seen, pages, path = [], 0, "/v1/sessions?limit=3"
+        while path:
+            body = await fetch_json(server.url, path)
+            assert len(body["sessions"]) <= 3
+            seen += [s["session_id"] for s in body["sessions"]]
+            pages, path = pages + 1, body["next"]
+        assert seen == [live_id, *newest_first] and pages == 3
+        # By page number: the same pages.
+        by_page = [[s["session_id"] for s in (await fetch_json(server.url, "/v1/sessions", limit="3",
+                                                                page=str(p)))["sessions"]] for p in (1, 2, 3, 4)]
+        assert by_page == [seen[0:3], seen[3:6], seen[6:8], []]
+        after = await fetch_json(server.url, "/v1/sessions", limit="2", before=newest_first[1])
+        assert [s["session_id"] for s in after["sessions"]] == newest_first[2:4]
+        assert after["next"] == f"/v1/sessions?limit=2&before={newest_first[3]}"
+        one = await fetch_json(server.url, f"/v1/sessions/{ids[0]}")
+        assert one == everything["sessions"][-1]
+
+        for params, status, code in [
+            ({"limit": "0"}, 400, "bad_option"), ({"limit": "101"}, 400, "bad_option"),
+            ({"limit": "x"}, 400, "bad_option"), ({"page": "0"}, 400, "bad_option"),
+            ({"page": "-1"}, 400, "bad_option"), ({"before": "../x"}, 400, "bad_option"),
+            ({"before": ids[0], "page": "2"}, 400, "bad_option"), ({"sort": "asc"}, 400, "unknown_option"),
+            ({"before": hex_id(999)}, 404, "unknown_session"),
+        ]:
+            got, content_type, body = await fetch(server.url, "/v1/sessions", **params)
+            assert (got, content_type) == (status, "application/json"), (params, got, body)
+            assert json.loads(body)["error"]["code"] == code, (params, body)
+        await live.stop()
+        entry = await fetch_json(server.url, f"/v1/sessions/{live_id}")
+        assert entry["status"] == "ended" and entry["reason"] == "stop" and entry["utterances"] == 0
+    finally:
+        await live.close()
+        await stopped(server)
+
+
+async def test_empty_data_dir_stores_nothing(private_network, tmp_path):
+    server = await started_server("--data-dir", "")
+    client = WSClient(server.url)
+    try:
+        await client.connect()
+        await client.send({"type": "start"})
+        await client.wait_type("session.started")
+        await client.stop()
+        status, _, body = await fetch(server.url, "/v1/sessions")
+    finally:
+        await client.close()
+        await stopped(server)
+    assert not client.of_type("session.saved")
+    assert status == 404 and json.loads(body)["error"]["code"] == "storage_off"
