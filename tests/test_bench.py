@@ -1,0 +1,53 @@
+"""The benchmark's scoring: latencies are measured from the audio's own speech edges."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import run as bench  # noqa: E402
+from speech import load_devset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def programme() -> bench.Programme:
+    recordings = [r for r in load_devset() if r.id in ("jfk-inaugural-ask-not", "ls-61-70968-0002")]
+    return bench.Programme.build(recordings)
+
+
+def test_speech_edges_come_from_the_audio(programme):
+    jfk = next(r for r in load_devset() if r.id == "jfk-inaugural-ask-not")
+    start, end = bench._speech_span(jfk.audio)
+    # The clip's last word ends near 10.3 s; crowd noise follows it to 11.0 s and is not speech.
+    assert 0.1 < start < 0.6 and 10.0 < end < 10.6
+    first, second = programme.sentences
+    assert first.start < first.end < second.start < second.end < programme.seconds
+    assert programme.pcm.size == round(programme.seconds * 16000)
+
+
+def test_latency_is_final_arrival_minus_end_of_speech(programme):
+    started = 1000.0
+    first, second = programme.sentences
+    events = [
+        (started + first.start + 0.4, {"type": "transcript.partial", "start": first.start, "text": "and"}),
+        (started + first.start + 1.0, {"type": "transcript.partial", "start": first.start, "text": "and so"}),
+        (started + first.end + 0.6, {"type": "transcript.final", "end": first.end + 0.1, "text": "one"}),
+        (started + second.end + 0.9, {"type": "transcript.final", "end": second.end, "text": "two"}),
+    ]
+    result = bench.analyse("websocket", programme, started, events)
+    assert result.ok and np.allclose(result.latencies, [0.6, 0.9])
+    assert np.allclose(result.first_partials, [0.4]) and np.allclose(result.partial_gaps, [0.6])
+    assert result.hypothesis == "one two"
+
+
+def test_a_missing_final_fails_the_stream(programme):
+    started = 0.0
+    first = programme.sentences[0]
+    events = [(first.end + 0.5, {"type": "transcript.final", "end": first.end, "text": "one"})]
+    result = bench.analyse("webrtc", programme, started, events)
+    assert not result.ok and "no final" in result.error and len(result.latencies) == 1
