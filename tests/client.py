@@ -391,3 +391,20 @@ async def wait_sessions(base_url: str, count: int, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{n} sessions, expected {count} within {timeout}s")
         await asyncio.sleep(0.2)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def launch_chromium(playwright, executable: Path, wav: Path, origin: str):
+    """Debian's Chromium whose fake microphone plays `wav`, treating `origin` as secure.
+
+    The background-networking flags keep it from calling out; the machine has no network.
+    """
+    return playwright.chromium.launch(executable_path=str(executable), args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}%noloop",
+        f"--unsafely-treat-insecure-origin-as-secure={origin}",
+    ])

@@ -47,3 +47,16 @@ def server(private_network, tmp_path_factory):
                          "--data-dir", str(tmp_path_factory.mktemp("server-data")))
     yield proc
     assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's Chromium, which `make test-deps` installs; never Playwright's own download."""
+    from client import CHROMIUM
+
+    if CHROMIUM.is_file():
+        return CHROMIUM
+    message = f"Debian's Chromium is missing at {CHROMIUM} (`make test-deps` installs it)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)

@@ -9,7 +9,6 @@ import base64
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -44,6 +43,18 @@ async def audio_offer(base_url: str) -> str:
 
 def bearer(credential: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {credential}"}
+
+
+async def start_and_stop_ws(url: str, **client: Any) -> None:
+    """A WebSocket session these credentials may open: started, then stopped cleanly."""
+    ws = WSClient(url, **client)
+    try:
+        await ws.connect()
+        await ws.send({"type": "start"})
+        await ws.wait_type("session.started", timeout=10)
+        await ws.stop()
+    finally:
+        await ws.close()
 
 
 def upgrade() -> dict[str, str]:
@@ -148,6 +159,8 @@ CREDENTIALS = [  # what is sent, the error code, and its id
     for credential, code, label in CREDENTIALS
     if "params" not in credential or name.startswith("GET")  # query tokens are for GET routes
 ])
+
+
 async def test_missing_or_wrong_credentials_are_401(server, live, route, credential, code):
     method, path, kwargs = routes(live.session_id)[route]
     headers = {**kwargs.pop("headers", {}), **credential.get("headers", {})}
@@ -184,14 +197,7 @@ async def test_api_key_on_every_route(server, live):
         await rtc.close()
     await wait_sessions(server.url, 1, timeout=5)
     # The key from the file, over the WebSocket.
-    ws = WSClient(server.url, headers=bearer(KEY_F))
-    try:
-        await ws.connect()
-        await ws.send({"type": "start"})
-        await ws.wait_type("session.started", timeout=10)
-        await ws.stop()
-    finally:
-        await ws.close()
+    await start_and_stop_ws(server.url, headers=bearer(KEY_F))
     # Watching, reading saved sessions, minting tokens.
     async with aiohttp.ClientSession() as http:
         events = f"{server.url}/v1/sessions/{live.session_id}/events"
@@ -365,14 +371,7 @@ async def test_origins(server, live):
     await still_alone(server, live)
     # The allowed origin and the server's own are let in.
     for origin in (APP_ORIGIN, server.url):
-        client = WSClient(server.url, query={"token": token}, headers={"Origin": origin})
-        try:
-            await client.connect()
-            await client.send({"type": "start"})
-            await client.wait_type("session.started", timeout=10)
-            await client.stop()
-        finally:
-            await client.close()
+        await start_and_stop_ws(server.url, query={"token": token}, headers={"Origin": origin})
         await wait_sessions(server.url, 1, timeout=5)
 
 
@@ -402,14 +401,7 @@ async def test_sessions_per_key(server, live):
         assert int(headers["Retry-After"]) > 0
         assert (await health(server.url))["sessions"] == 2
         # Another key has its own allowance.
-        other = WSClient(server.url, headers=bearer(KEY_C))
-        try:
-            await other.connect()
-            await other.send({"type": "start"})
-            await other.wait_type("session.started", timeout=10)
-            await other.stop()
-        finally:
-            await other.close()
+        await start_and_stop_ws(server.url, headers=bearer(KEY_C))
         microphone.cancel()
         await first.stop()
     finally:
@@ -417,14 +409,7 @@ async def test_sessions_per_key(server, live):
             microphone.cancel()
         await first.close()
     await wait_sessions(server.url, 1, timeout=5)
-    later = WSClient(server.url, headers=bearer(KEY_A))
-    try:
-        await later.connect()
-        await later.send({"type": "start"})
-        await later.wait_type("session.started", timeout=10)
-        await later.stop()
-    finally:
-        await later.close()
+    await start_and_stop_ws(server.url, headers=bearer(KEY_A))
 
 
 async def test_replicas_with_one_secret_take_each_others_tokens(server, live):
@@ -434,14 +419,7 @@ async def test_replicas_with_one_secret_take_each_others_tokens(server, live):
     try:
         token_c = (await mint(server.url, KEY_C))["token"]
         token_a = (await mint(server.url, KEY_A))["token"]
-        client = WSClient(replica.url, query={"token": token_c})
-        try:
-            await client.connect()
-            await client.send({"type": "start"})
-            await client.wait_type("session.started", timeout=10)
-            await client.stop()
-        finally:
-            await client.close()
+        await start_and_stop_ws(replica.url, query={"token": token_c})
         status, _, body = await answer("GET", replica.url + "/v1/ws", websocket=True, params={"token": token_a})
         assert status == 401 and body["error"]["code"] == "invalid_token", body
     finally:
@@ -461,14 +439,7 @@ async def test_default_server_is_open_to_its_own_origin_only(server_default):
     status, _, body = await answer("GET", server_default.url + "/v1/ws", websocket=True,
                                    headers={"Origin": EVIL_ORIGIN})
     assert status == 403 and body["error"]["code"] == "forbidden_origin"
-    client = WSClient(server_default.url, headers={"Origin": server_default.url})
-    try:
-        await client.connect()
-        await client.send({"type": "start"})
-        await client.wait_type("session.started", timeout=10)
-        await client.stop()
-    finally:
-        await client.close()
+    await start_and_stop_ws(server_default.url, headers={"Origin": server_default.url})
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ token goes as Bearer to /v1/rtc and as ?token= to /v1/ws; without it the server 
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 import wave
 from pathlib import Path
@@ -13,10 +12,9 @@ import numpy as np
 import pytest
 from playwright.sync_api import sync_playwright
 
-from client import ServerProcess
+from client import ServerProcess, launch_chromium
 from speech import recording, wer
 
-CHROMIUM = Path("/usr/bin/chromium")
 BROWSER_HOST = "10.77.0.1"  # Chromium ignores loopback candidates (see test_browser.py)
 KEY = "page-backend-key-5c2e8f1a9b07"
 SPEECH_ID = "ls-61-70968-0000"
@@ -35,16 +33,6 @@ TRANSCRIBE = """async ({ token, transport, listenMs }) => {
     return { error: error.code };
   }
 }"""
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Path:
-    if CHROMIUM.is_file():
-        return CHROMIUM
-    message = f"Debian's Chromium is missing at {CHROMIUM} (`make test-deps` installs it)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +58,7 @@ def server(private_network):
 @pytest.fixture(scope="module")
 def page(chromium, server, microphone):
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={microphone[0]}%noloop",
-            f"--unsafely-treat-insecure-origin-as-secure={server.url}",
-        ])
+        browser = launch_chromium(p, chromium, microphone[0], server.url)
         page = browser.new_page()
         page.goto(server.url + "/")  # the page itself needs no credential
         yield page

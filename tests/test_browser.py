@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import wave
@@ -13,10 +12,9 @@ import numpy as np
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from client import ROOT, ServerProcess
+from client import ROOT, ServerProcess, launch_chromium
 from speech import load_devset, wer
 
-CHROMIUM = Path("/usr/bin/chromium")
 # Chromium ignores loopback candidates: the page and the server meet on the veth that tests/netns.sh makes.
 BROWSER_HOST = "10.77.0.1"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -34,16 +32,6 @@ document.addEventListener("DOMContentLoaded", () => {
   )).observe(el, { attributes: true, attributeFilter: ["data-state"], attributeOldValue: true });
 });
 """
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Path:
-    if CHROMIUM.is_file():
-        return CHROMIUM
-    message = f"Debian's Chromium is missing at {CHROMIUM} (`make test-deps` installs it)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +64,7 @@ def page_server(private_network):
 def browser(chromium, page_server, speech):
     wav = speech[0]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}%noloop",
-            f"--unsafely-treat-insecure-origin-as-secure={page_server.url}",
-        ])
+        browser = launch_chromium(p, chromium, wav, page_server.url)
         yield browser
         browser.close()
 
