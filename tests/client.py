@@ -379,6 +379,22 @@ def check_protocol(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     return finals
 
 
+def check_transcript(events: list[dict[str, Any]], recordings, partials: bool = True) -> tuple[str, str]:
+    """A devset session: its protocol, partials while long utterances are spoken (or none when
+    they are off), and (reference, hypothesis) for the word error rate."""
+    finals = check_protocol(events)
+    for n, final in finals.items():
+        shown = [e for e in events if e["type"] == "transcript.partial" and e["utterance"] == n]
+        if not partials:
+            assert not shown, "partials were turned off"
+        elif final["end"] - final["start"] > 3:
+            assert shown, f"no partial during the {final['end'] - final['start']:.1f}s utterance {n}"
+    hypothesis = " ".join(finals[n]["text"] for n in sorted(finals))
+    reference = " ".join(r.text for r in recordings)
+    print(f"\nREF: {reference}\nHYP: {hypothesis}")
+    return reference, hypothesis
+
+
 async def health(base_url: str) -> dict[str, Any]:
     async with aiohttp.ClientSession() as http:
         async with http.get(base_url + "/health") as r:

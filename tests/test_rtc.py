@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from client import RTCClient, SpeechTrack, check_protocol, wait_sessions
+from client import RTCClient, SpeechTrack, check_transcript, wait_sessions
 from speech import load_devset, split_by_duration, wer, with_pauses
 
 
@@ -30,19 +30,8 @@ async def test_devset_over_webrtc(server):
     groups = split_by_duration(recordings, 3)
     results = await asyncio.gather(*(stream_session(server, g, form)
                                      for g, form in zip(groups, ["sdp", "json", "sdp"])))
-    pairs = []
-    for (client, _), group in zip(results, groups):
-        events = [r.event for r in client.events]
-        finals = check_protocol(events)
-        hypothesis = " ".join(finals[n]["text"] for n in sorted(finals))
-        reference = " ".join(r.text for r in group)
-        pairs.append((reference, hypothesis))
-        print(f"\nREF: {reference}\nHYP: {hypothesis}")
-        # Long utterances show partials while they are spoken.
-        for n, final in finals.items():
-            if final["end"] - final["start"] > 3:
-                partials = [e for e in events if e["type"] == "transcript.partial" and e["utterance"] == n]
-                assert partials, f"no partial during the {final['end'] - final['start']:.1f}s utterance {n}"
+    pairs = [check_transcript([r.event for r in client.events], group)
+             for (client, _), group in zip(results, groups)]
     error_rate = wer(pairs)
     print(f"devset WER over WebRTC: {error_rate:.3f}")
     assert error_rate <= 0.12

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from client import (AudioForm, RTCClient, ServerProcess, SpeechTrack, WSClient, audio_message, check_protocol,
-                    health, wait_sessions)
+                    check_transcript, health, wait_sessions)
 from speech import GAP_S, Recording, load_devset, pcm16, recording, split_by_duration, wer, with_pauses
 
 # One event loop for the module: the streaming session outlives each test that runs beside it.
@@ -269,17 +269,7 @@ async def test_devset_in_real_time(server):
         events = [r.event for r in client.events]
         assert events[0]["language"] == "en"
         assert not client.of_type("error")
-        finals = check_protocol(events)
-        hypothesis = " ".join(finals[n]["text"] for n in sorted(finals))
-        reference = " ".join(r.text for r in group)
-        pairs.append((reference, hypothesis))
-        print(f"\nREF: {reference}\nHYP: {hypothesis}")
-        for n, final in finals.items():
-            partials = [e for e in events if e["type"] == "transcript.partial" and e["utterance"] == n]
-            if client is with_query:
-                assert not partials, "partials=false in the query"
-            elif final["end"] - final["start"] > 3:
-                assert partials, f"no partial during the {final['end'] - final['start']:.1f}s utterance {n}"
+        pairs.append(check_transcript(events, group, partials=client is not with_query))
     error_rate = wer(pairs)
     print(f"devset WER over WebSocket in real time: {error_rate:.3f}")
     assert error_rate <= 0.12
