@@ -73,6 +73,17 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    async def wait_log(self, text: str, timeout: float = 10) -> str:
+        """The log line containing `text` (logging may trail the state change a little)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.log().splitlines():
+                if text in line:
+                    return line
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line with {text!r}:\n{self.log()}")
+            await asyncio.sleep(0.1)
+
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
 
@@ -221,6 +232,13 @@ class RTCClient(EventLog):
             self.location = r.headers["Location"]
         self.session_id = self.session_id or self.location.rsplit("/", 1)[-1]
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+
+    async def heard_all(self, timeout: float = 15) -> None:
+        """Until the track has said everything and its last utterance has its final: the
+        microphone goes on with silence, so the last endpoint comes by itself."""
+        while self.track is not None and not self.track.done:
+            await asyncio.sleep(0.1)
+        await self.wait_last_final(timeout)
 
     def send(self, message: Any) -> None:
         assert self.channel is not None

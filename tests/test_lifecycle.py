@@ -43,18 +43,6 @@ async def dedicated_server(*args: str) -> AsyncIterator[ServerProcess]:
     assert code == 0, proc.log()
 
 
-async def wait_log(server: ServerProcess, text: str, timeout: float = 3) -> str:
-    """The server log line containing `text` (logging may trail the state change a little)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in server.log().splitlines():
-            if text in line:
-                return line
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no log line with {text!r}:\n{server.log()}")
-        await asyncio.sleep(0.1)
-
-
 async def test_health_counts_live_sessions(server):
     await wait_sessions(server.url, 0, timeout=10)
     async with aiohttp.ClientSession() as http:
@@ -134,7 +122,7 @@ async def test_vanished_client_is_cleaned_up(private_network, tmp_path: Path):
         killed = time.monotonic()
         await wait_sessions(server.url, 0, timeout=IDLE_TIMEOUT_S + 5)
         print(f"\nsession gone {time.monotonic() - killed:.1f}s after the client was killed")
-        print(await wait_log(server, f"session {session_id} ended"))
+        print(await server.wait_log(f"session {session_id} ended", timeout=3))
 
 
 async def test_ice_that_never_connects_times_out(private_network):
@@ -151,7 +139,7 @@ async def test_ice_that_never_connects_times_out(private_network):
             await wait_sessions(server.url, 0, timeout=ICE_TIMEOUT_S + 3)
         finally:
             await client.close()
-        line = await wait_log(server, f"session {session_id} ended")
+        line = await server.wait_log(f"session {session_id} ended", timeout=3)
     assert "reason=ice_timeout" in line, line
 
 

@@ -13,11 +13,7 @@ async def stream_session(server, recordings, form: str) -> tuple[RTCClient, floa
     client = RTCClient(server.url, track=track)
     await client.connect(form=form)
     await client.wait_type("session.started", timeout=10)
-    while not track.done:
-        await asyncio.sleep(0.1)
-    # The microphone keeps sending silence: the last endpoint and final come on their own.
-    await client.wait_for(lambda e: e["type"] == "transcript.final"
-                          and e["utterance"] == len(client.of_type("speech.started")), timeout=15)
+    await client.heard_all()
     client.send({"type": "stop"})
     await client.wait_type("session.ended", timeout=15)
     await asyncio.sleep(0.3)

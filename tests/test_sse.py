@@ -29,9 +29,7 @@ async def rtc_with_channel(base_url: str, rec: Recording) -> tuple[list[dict[str
     try:
         await client.connect()
         subscriber = await subscribe(base_url, client.session_id)
-        while not track.done:
-            await asyncio.sleep(0.1)
-        await client.wait_last_final(timeout=15)
+        await client.heard_all()
         client.send({"type": "stop"})
         await client.wait_type("session.ended", timeout=10)
         await subscriber.ended(timeout=10)

@@ -132,17 +132,6 @@ def hex_id(n: int) -> str:
     return f"{n:032x}"
 
 
-async def wait_log(server: ServerProcess, text: str, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in server.log().splitlines():
-            if text in line:
-                return line
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no log line with {text!r}:\n{server.log()}")
-        await asyncio.sleep(0.1)
-
-
 async def started_server(*args: str) -> ServerProcess:
     """A server of the test's own, once it takes sessions (its model loads after it listens)."""
     server = await asyncio.to_thread(ServerProcess, *args)
@@ -261,9 +250,7 @@ async def test_session_saved_reaches_the_data_channel_and_sse_before_session_end
         await client.connect()
         subscriber = SSEClient(stored.url, client.session_id)
         await subscriber.connect()
-        while not track.done:
-            await asyncio.sleep(0.1)
-        await client.wait_last_final(timeout=15)
+        await client.heard_all()
         client.send({"type": "stop"})
         await client.wait_type("session.ended", timeout=15)
         await subscriber.ended(timeout=10)
@@ -409,8 +396,8 @@ async def test_retention_deletes_only_old_sessions(private_network, tmp_path):
 
     server = await started_server("--data-dir", str(data_dir), "--retention-days", "1")
     try:
-        print("\n" + await wait_log(server, "retention: deleted"))
-        assert "deleted 2 session(s)" in await wait_log(server, "retention: deleted")
+        print("\n" + await server.wait_log("retention: deleted"))
+        assert "deleted 2 session(s)" in await server.wait_log("retention: deleted")
         listed = await fetch_json(server.url, "/v1/sessions")
     finally:
         await stopped(server)
