@@ -126,9 +126,8 @@ class _WorkerCollector(Collector):
         yield CounterMetricFamily("stt_decode_busy_seconds", "Time spent decoding (summed over "
                                   "decode threads)", value=worker.busy_seconds)
         yield CounterMetricFamily("stt_decodes", "Decodes run", value=worker.decodes)
-        if hasattr(worker, "shed_partials"):
-            yield CounterMetricFamily("stt_partials_shed", "Partials dropped as stale before "
-                                      "decoding", value=worker.shed_partials)
+        yield CounterMetricFamily("stt_partials_shed", "Partials dropped as stale before decoding",
+                                  value=worker.shed_partials)
 
 
 _WORKER = _WorkerCollector()

@@ -257,9 +257,6 @@ class EventQueue:
             await self._ready.wait()
         return self._events.popleft()
 
-    def __len__(self) -> int:
-        return len(self._events)
-
 
 class SessionRegistry:
     """Creates sessions within the limit and knows every live one."""

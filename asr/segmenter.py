@@ -90,18 +90,20 @@ class Segmenter:
         """Timeline position where the current utterance's speech began."""
         return round(self._onset * _WINDOW_S, 3)
 
-    def speech_audio(self) -> tuple[np.ndarray, float]:
-        """The confirmed utterance so far (for partials) and the timeline position of its start."""
-        return np.concatenate(self._windows), self._first * _WINDOW_S
+    def speech_audio(self) -> np.ndarray:
+        """The utterance so far, pre-roll included (for partials and early finals)."""
+        return np.concatenate(self._windows)
 
     def push(self, audio: np.ndarray) -> list[SegmentEvent]:
-        probs = self._vad(audio)
         buf = np.concatenate([self._unprocessed, audio]) if self._unprocessed.size else audio
-        n = probs.size
+        n = buf.size // WINDOW
         self._unprocessed = buf[n * WINDOW :].copy()
         events: list[SegmentEvent] = []
-        for i in range(n):
-            self._step(buf[i * WINDOW : (i + 1) * WINDOW], float(probs[i]), events)
+        if n == 0:
+            return events
+        windows = buf[: n * WINDOW].reshape(n, WINDOW)
+        for window, prob in zip(windows, self._vad(windows)):
+            self._step(window, float(prob), events)
             self._position += 1
         return events
 

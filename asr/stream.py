@@ -95,7 +95,7 @@ class SpeechStream:
         # Only on spare capacity: a guess must never push a real final back.
         if (spec is None and early and seg.in_speech and seg.pause_ms >= early
                 and not self._worker.finals_waiting):
-            audio, _ = seg.speech_audio()
+            audio = seg.speech_audio()
             result = self._worker.speculate(self._key, audio, self.options.language)
             self._speculation = _Speculation(seg.utterance, seg.speech_end, result)
 
@@ -168,7 +168,7 @@ class SpeechStream:
             return
         if self._partial_task is not None and not self._partial_task.done():
             return
-        audio, _ = self._segmenter.speech_audio()
+        audio = self._segmenter.speech_audio()
         interval = self.options.partial_interval_ms * SAMPLE_RATE // 1000
         # The first partial goes as soon as speech is confirmed; then one per interval of new audio.
         if self._partial_audio and audio.size - self._partial_audio < interval:

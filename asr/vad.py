@@ -37,23 +37,17 @@ class SileroModel:
 
 
 class SileroVAD:
-    """Per-stream VAD: feed 16 kHz float32 audio, get one speech probability per 512 samples."""
+    """Per-stream VAD: whole 512-sample windows of 16 kHz float32 audio in, one probability each."""
 
     def __init__(self, model: SileroModel) -> None:
         self._model = model
         self._h = np.zeros((1, 1, 128), dtype=np.float32)
         self._c = np.zeros((1, 1, 128), dtype=np.float32)
         self._context = np.zeros(_CONTEXT, dtype=np.float32)
-        self._pending = np.zeros(0, dtype=np.float32)
 
-    def __call__(self, audio: np.ndarray) -> np.ndarray:
-        """Probabilities for every complete window now available (possibly none)."""
-        buf = np.concatenate([self._pending, audio]) if self._pending.size else audio
-        n = buf.size // WINDOW
-        self._pending = buf[n * WINDOW :].copy()
-        if n == 0:
-            return np.zeros(0, dtype=np.float32)
-        windows = buf[: n * WINDOW].reshape(n, WINDOW)
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        """`windows`: shape (n, 512), n >= 1, in stream order."""
+        n = windows.shape[0]
         contexts = np.empty((n, _CONTEXT), dtype=np.float32)
         contexts[0] = self._context
         contexts[1:] = windows[:-1, -_CONTEXT:]

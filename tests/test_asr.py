@@ -50,10 +50,14 @@ def test_no_torch_in_the_tree():
 
 def test_vad_probabilities_separate_speech_from_silence(vad_model):
     rec = next(r for r in load_devset() if r.id == "ls-61-70968-0000")
+    windows = rec.audio[: rec.audio.size // 512 * 512].reshape(-1, 512)
+    speech = SileroVAD(vad_model)(windows)
+    assert speech.size == windows.shape[0]  # one probability per 512-sample window
+    # Window by window gives the same as all at once: the recurrent state carries over.
     vad = SileroVAD(vad_model)
-    speech = np.concatenate([vad(rec.audio[i : i + 480]) for i in range(0, rec.audio.size, 480)])
-    assert speech.size == rec.audio.size // 512  # one probability per complete 512-sample window
-    silence = SileroVAD(vad_model)(np.zeros(16000 * 3, np.float32))
+    one_by_one = np.concatenate([vad(windows[i : i + 1]) for i in range(windows.shape[0])])
+    assert np.allclose(one_by_one, speech, atol=1e-4)
+    silence = SileroVAD(vad_model)(np.zeros((16000 * 3 // 512, 512), np.float32))
     assert np.mean(speech > 0.5) > 0.6
     assert silence.max() < 0.1
 
