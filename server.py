@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# numpy's OpenBLAS would start a thread per core for the small matrix products of Whisper's
+# feature extractor, and those threads spin between calls: a third of a core at 16 streams,
+# taken from the decode workers. Parallelism here comes from the workers, so BLAS gets one thread.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import asyncio
 import logging
-import os
 import signal
 import sys
 import threading
