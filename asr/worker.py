@@ -37,7 +37,8 @@ class DecodeWorker:
 
     Finals are FIFO and bounded. Speculative finals (decoded while the endpoint silence is still
     running) and partials are keyed by stream: a newer one replaces the waiting one, so each
-    stream holds at most one of each. Under load the worker sheds work in this order: stale
+    stream holds at most one of each. Under load the worker sheds work in this order: partials
+    never take the last idle thread (it stays free for the next final or speculation), stale
     partials are dropped, streams stop asking for partials and speculation while finals wait
     (see `finals_waiting`), and a final with others queued behind it is decoded greedily.
     """
@@ -50,6 +51,10 @@ class DecodeWorker:
         self._speculative: OrderedDict[Hashable, _Job] = OrderedDict()
         self._partials: OrderedDict[Hashable, _Job] = OrderedDict()
         self._closed = False
+        self._busy = 0  # threads decoding now
+        # With one thread there is nothing to keep free; with more, a final or speculation never
+        # waits behind a partial that started just before it (partials take 100-200 ms each).
+        self._partial_threads = max(1, threads - 1)
         self._threads = [threading.Thread(target=self._run, name=f"whisper-decode-{i}", daemon=True)
                          for i in range(threads)]
         self.busy_seconds = 0.0
@@ -117,29 +122,43 @@ class DecodeWorker:
         return job
 
     def _next(self) -> tuple[_Job, bool] | None:
-        """The next job, and whether it must be cheap (greedy) because finals queue behind it."""
+        """The next job, and whether it must be cheap (greedy) because finals queue behind it.
+
+        The calling thread counts as busy from here until it reports back through `_done`.
+        """
         with self._cond:
-            while True:
-                while not (self._closed or self._finals or self._speculative or self._partials):
-                    self._cond.wait()
-                if self._finals:
-                    job = self._finals.popleft()
-                    return job, len(self._finals) >= len(self._threads)
-                if self._speculative:
-                    return self._speculative.popitem(last=False)[1], False
-                if self._partials:
-                    job = self._partials.popitem(last=False)[1]
-                    if time.monotonic() - job.queued > _STALE_PARTIAL_S:
-                        self.shed_partials += 1
-                        job.loop.call_soon_threadsafe(_resolve, job.future, None)
-                        continue
-                    return job, False
-                return None
+            picked = self._pick()
+            if picked is not None:
+                self._busy += 1
+            return picked
+
+    def _pick(self) -> tuple[_Job, bool] | None:
+        """Under the lock: waits for a job this thread may take; None once the worker closes."""
+        while True:
+            while not (self._closed or self._finals or self._speculative or self._partials_allowed()):
+                self._cond.wait()
+            if self._finals:
+                job = self._finals.popleft()
+                return job, len(self._finals) >= len(self._threads)
+            if self._speculative:
+                return self._speculative.popitem(last=False)[1], False
+            if self._partials_allowed():
+                job = self._partials.popitem(last=False)[1]
+                if time.monotonic() - job.queued > _STALE_PARTIAL_S:
+                    self.shed_partials += 1
+                    job.loop.call_soon_threadsafe(_resolve, job.future, None)
+                    continue
+                return job, False
+            return None
+
+    def _partials_allowed(self) -> bool:
+        return bool(self._partials) and self._busy < self._partial_threads
 
     def _run(self) -> None:
         while (picked := self._next()) is not None:
             job, hurry = picked
             if job.abandoned:
+                self._done(0.0)
                 continue
             started = time.monotonic()
             try:
@@ -148,13 +167,19 @@ class DecodeWorker:
                 )
             except Exception as e:  # a broken decode fails its request, never the worker
                 result = e
-            with self._cond:
-                self.busy_seconds += time.monotonic() - started
-                self.decodes += 1
+            self._done(time.monotonic() - started)
             try:
                 job.loop.call_soon_threadsafe(_resolve, job.future, result)
             except RuntimeError:  # that loop is closed: nobody is waiting
                 pass
+
+    def _done(self, seconds: float) -> None:
+        with self._cond:
+            self._busy -= 1
+            if seconds:
+                self.busy_seconds += seconds
+                self.decodes += 1
+            self._cond.notify()  # a partial held back for a free thread may start now
 
 
 def _resolve(future: asyncio.Future, result) -> None:

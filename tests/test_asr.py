@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -146,6 +147,39 @@ async def test_worker_runs_finals_first_and_replaces_waiting_partials(engine):
         assert worker.decodes == 3
     finally:
         await worker.close()
+
+
+async def test_worker_keeps_a_thread_free_of_partials_for_finals(engine):
+    """With two threads, partials run one at a time: a final never waits for a partial to finish."""
+    rec = next(r for r in load_devset() if r.id == "ls-61-70968-0000")
+    spans: list[tuple[str, float, float]] = []
+    transcribe = engine.transcribe
+
+    def timed(audio, language, final, greedy=False):
+        started = time.monotonic()
+        try:
+            return transcribe(audio, language, final, greedy)
+        finally:
+            spans.append(("final" if final else "partial", started, time.monotonic()))
+
+    engine.transcribe = timed
+    worker = DecodeWorker(engine, max_finals=4, threads=2)
+    worker.start()
+    try:
+        partials = [worker.partial(key, rec.audio, "en") for key in "abc"]
+        await asyncio.sleep(0.02)
+        submitted = time.monotonic()
+        final = worker.final(rec.audio, "en")
+        assert await final is not None
+        await asyncio.gather(*partials)  # one that waited past a second is shed (None)
+    finally:
+        await worker.close()
+        del engine.transcribe
+    partial_spans = sorted(s for s in spans if s[0] == "partial")
+    assert len(partial_spans) >= 2
+    assert all(a[2] <= b[1] for a, b in zip(partial_spans, partial_spans[1:])), "partials overlapped"
+    final_start = next(s[1] for s in spans if s[0] == "final")
+    assert final_start - submitted < 0.05, "the final waited for a partial"
 
 
 def test_cut_loop_keeps_one_copy_of_a_repeated_tail():
