@@ -67,7 +67,9 @@ def cut_loop(tokens: list[int], min_period: int = 5) -> list[int]:
     """Whisper's loop: the output ends with the same block of tokens two or more times. Keep one.
 
     A speaker rarely repeats five or more tokens verbatim back to back; the decoder, given a
-    little trailing silence, does it readily. A last copy cut short by the length cap counts too.
+    little trailing silence, does it readily. A last copy cut short by the length cap counts too,
+    and so does a copy whose first token differs (a sentence said again with a capital, "yet
+    these thoughts ... Yet these thoughts ...").
     """
     n, keep = len(tokens), len(tokens)
     for period in range(min_period, n // 2 + 1):
@@ -75,8 +77,11 @@ def cut_loop(tokens: list[int], min_period: int = 5) -> list[int]:
         while i >= period and tokens[i] == tokens[i - period]:
             i -= 1
         # tokens[i + 1 - period : n] repeats with this period; its first copy ends at i + 1.
-        if n - (i + 1 - period) >= 2 * period:
+        repeated = n - (i + 1 - period)
+        if repeated >= 2 * period:
             keep = min(keep, i + 1)
+        elif repeated == 2 * period - 1:  # tokens[i] starts the second copy, in another spelling
+            keep = min(keep, i)
     return tokens[:keep]
 
 

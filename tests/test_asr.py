@@ -189,6 +189,8 @@ def test_cut_loop_keeps_one_copy_of_a_repeated_tail():
     assert cut_loop([1, 2] + sentence * 2) == [1, 2] + sentence
     assert cut_loop([1, 2] + sentence * 4 + sentence[:3]) == [1, 2] + sentence  # cut by the cap
     assert cut_loop(sentence + [1, 2, 3]) == sentence + [1, 2, 3]  # no repeat: untouched
+    again = [99] + sentence[1:]  # the same sentence again, its first word capitalised
+    assert cut_loop([1, 2] + sentence + again) == [1, 2] + sentence
     short = [7, 8, 9, 7, 8, 9]  # "no, no, no": short repeats are speech, not a loop
     assert cut_loop(short) == short
 
