@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install serve test test-deps bench clean
+.PHONY: install serve test test-deps bench bench-accuracy clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ $(BENCH_WL)/.installed: bench/requirements-whisperlive.txt
 # Streams real speech at rising concurrency; writes bench/results/ (takes 10 to 25 minutes).
 bench: $(VENV)/.bench-installed $(BENCH_WL)/.installed
 	tests/netns.sh $(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Word errors of streamed finals against offline faster-whisper, per encoder window (5 to 10 minutes).
+bench-accuracy: $(VENV)/.test-installed
+	$(BIN)/python bench/accuracy.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
