@@ -26,7 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 from asr.engine import DecodeOptions, WhisperEngine  # noqa: E402
 from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded  # noqa: E402
 from asr.vad import SileroModel, SileroVAD  # noqa: E402
-from run import RESULTS, Programme, machine  # noqa: E402
+from run import RESULTS, Programme, machine, replace_readme_block  # noqa: E402
 from speech import Recording, load_devset, word_errors  # noqa: E402
 
 
@@ -99,6 +99,8 @@ def main(args: argparse.Namespace) -> None:
     (RESULTS / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / "accuracy.md").write_text(markdown(report))
     print(markdown(report))
+    replace_readme_block("accuracy", table(report) + [
+        "", "Full report: [bench/results/accuracy.md](bench/results/accuracy.md)."])
 
 
 def _offline_errors(model, recordings: list[Recording]) -> int:
@@ -110,11 +112,15 @@ def _offline_errors(model, recordings: list[Recording]) -> int:
 
 
 def markdown(report: dict) -> str:
+    return "\n".join(["# Accuracy of streamed finals", "", *table(report), "",
+                      f"Run time {report['elapsed_s']} s. Produced by `make bench-accuracy`.", ""])
+
+
+def table(report: dict) -> list[str]:
     windows = [str(w) for w in report["windows"]]
-    lines = ["# Accuracy of streamed finals", "",
-             f"{report['date']}, {report['machine']['cpu']}, model {report['model']} (int8). Word errors of "
+    lines = [f"{report['date']}, {report['machine']['cpu']}, model {report['model']} (int8). Word errors of "
              "offline faster-whisper on whole files, and of the server's finals (its segmenter's utterances, "
-             "each decoded as a final) at each encoder window. Produced by `make bench-accuracy`.", "",
+             "each decoded as a final) at each encoder window.", "",
              "| audio | words | utterances | offline | "
              + " | ".join(f"streamed, {w} s window" for w in windows) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(windows)]
@@ -129,8 +135,7 @@ def markdown(report: dict) -> str:
     n = total["words"]
     lines.append(f"| **all** | {n} | | {total['offline']} ({total['offline'] / n:.1%}) | "
                  + " | ".join(f"{total[w]} ({total[w] / n:.1%})" for w in windows) + " |")
-    lines += ["", f"Run time {report['elapsed_s']} s.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

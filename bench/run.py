@@ -351,7 +351,6 @@ async def main(args: argparse.Namespace) -> None:
 
 
 README = ROOT / "README.md"
-_README_START, _README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def write(report: dict) -> None:
@@ -368,8 +367,7 @@ def update_readme(report: dict) -> None:
     """The README quotes the latest full run, written here so that no figure is typed in."""
     m = report["machine"]
     fmt = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
-    lines = [_README_START, "",
-             f"Latest `make bench`: {report['date']}, {m['cpu']}, {m['cores']} cores; tiny.en int8, "
+    lines = [f"Latest `make bench`: {report['date']}, {m['cpu']}, {m['cores']} cores; tiny.en int8, "
              "default settings; each stream says the devset in real time.", "",
              "| transport | streams | final p50 (s) | final p95 (s) | first partial p50 (s) | WER | "
              "peak RSS (MB) |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -383,10 +381,16 @@ def update_readme(report: dict) -> None:
         lines.append(f"{comparison['name']} on the same model and audio, one stream: final p50 "
                      f"{fmt(comparison['final_p50_s'])} s, p95 {fmt(comparison['final_p95_s'])} s, "
                      f"WER {fmt(comparison['wer'], 3)}.")
-    lines += ["Full report: [bench/results/report.md](bench/results/report.md).", "", _README_END]
+    lines.append("Full report: [bench/results/report.md](bench/results/report.md).")
+    replace_readme_block("bench", lines)
+
+
+def replace_readme_block(name: str, lines: list[str]) -> None:
+    """Rewrites the README between <!-- name:start --> and <!-- name:end -->."""
+    first, last = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = README.read_text()
-    start, end = text.index(_README_START), text.index(_README_END) + len(_README_END)
-    README.write_text(text[:start] + "\n".join(lines) + text[end:])
+    start, end = text.index(first), text.index(last) + len(last)
+    README.write_text(text[:start] + "\n".join([first, "", *lines, "", last]) + text[end:])
 
 
 def best_realtime(report: dict, transport: str) -> int:
