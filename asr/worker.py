@@ -158,7 +158,7 @@ class DecodeWorker:
         while (picked := self._next()) is not None:
             job, hurry = picked
             if job.abandoned:
-                self._done(0.0)
+                self._done(None)  # skipped: not a decode
                 continue
             started = time.monotonic()
             try:
@@ -173,10 +173,10 @@ class DecodeWorker:
             except RuntimeError:  # that loop is closed: nobody is waiting
                 pass
 
-    def _done(self, seconds: float) -> None:
+    def _done(self, seconds: float | None) -> None:
         with self._cond:
             self._busy -= 1
-            if seconds:
+            if seconds is not None:
                 self.busy_seconds += seconds
                 self.decodes += 1
             self._cond.notify()  # a partial held back for a free thread may start now
