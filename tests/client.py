@@ -371,6 +371,25 @@ class SSEClient(EventLog):
         await self._http.close()
 
 
+async def rtc_session_watched(base_url: str, track: MediaStreamTrack) -> tuple[RTCClient, SSEClient]:
+    """A WebRTC session that says all of `track` and stops, with an SSE subscriber from its start to its end."""
+    client = RTCClient(base_url, track=track)
+    subscriber: SSEClient | None = None
+    try:
+        await client.connect()
+        subscriber = SSEClient(base_url, client.session_id)
+        await subscriber.connect()
+        await client.heard_all()
+        client.send({"type": "stop"})
+        await client.wait_type("session.ended", timeout=15)
+        await subscriber.ended(timeout=10)
+    finally:
+        await client.close()
+        if subscriber is not None:
+            await subscriber.close()
+    return client, subscriber
+
+
 def check_protocol(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """Per-utterance order and shape of a session's events; returns the finals by utterance number."""
     assert events[0]["type"] == "session.started"

@@ -38,6 +38,15 @@ def require_devset() -> Path:
     pytest.skip(message)
 
 
+def write_wav(path: Path, audio: np.ndarray) -> None:
+    """16 kHz float audio as a 16-bit mono WAV, e.g. for Chromium's fake microphone."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+
+
 def read_wav(path: Path) -> np.ndarray:
     with wave.open(str(path)) as w:
         assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2

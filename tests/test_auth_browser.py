@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import urllib.request
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from client import ServerProcess, launch_chromium
-from speech import recording, wer
+from speech import recording, wer, write_wav
 
 BROWSER_HOST = "10.77.0.1"  # Chromium ignores loopback candidates (see test_browser.py)
 KEY = "page-backend-key-5c2e8f1a9b07"
@@ -40,11 +39,7 @@ def microphone(tmp_path_factory) -> tuple[Path, float]:
     audio = np.concatenate([np.zeros(int(LEAD_S * 16000), np.float32), recording(SPEECH_ID).audio,
                             np.zeros(int(TAIL_S * 16000), np.float32)])
     path = tmp_path_factory.mktemp("microphone") / "speech.wav"
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    write_wav(path, audio)
     return path, audio.size / 16000
 
 

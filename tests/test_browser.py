@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 from client import ROOT, ServerProcess, launch_chromium
-from speech import load_devset, wer
+from speech import load_devset, wer, write_wav
 
 # Chromium ignores loopback candidates: the page and the server meet on the veth that tests/netns.sh makes.
 BROWSER_HOST = "10.77.0.1"
@@ -45,11 +44,7 @@ def speech(tmp_path_factory) -> tuple[Path, float, str]:
         parts += [r.audio, silence(GAP_S)]
     audio = np.concatenate(parts + [silence(TAIL_S)])
     path = tmp_path_factory.mktemp("microphone") / "speech.wav"
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    write_wav(path, audio)
     return path, audio.size / 16000, " ".join(r.text for r in chosen)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from client import RTCClient, SSEClient, SpeechTrack, WSClient, wait_sessions
+from client import RTCClient, SSEClient, SpeechTrack, WSClient, rtc_session_watched, wait_sessions
 from speech import Recording, pcm16, recording, wer
 
 
@@ -23,20 +23,7 @@ def transcript(events: list[dict[str, Any]]) -> str:
 
 
 async def rtc_with_channel(base_url: str, rec: Recording) -> tuple[list[dict[str, Any]], SSEClient]:
-    track = SpeechTrack(rec.audio)
-    client = RTCClient(base_url, track=track)
-    subscriber: SSEClient | None = None
-    try:
-        await client.connect()
-        subscriber = await subscribe(base_url, client.session_id)
-        await client.heard_all()
-        client.send({"type": "stop"})
-        await client.wait_type("session.ended", timeout=10)
-        await subscriber.ended(timeout=10)
-    finally:
-        await client.close()
-        if subscriber is not None:
-            await subscriber.close()
+    client, subscriber = await rtc_session_watched(base_url, SpeechTrack(rec.audio))
     return [r.event for r in client.events], subscriber
 
 

@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 from yarl import URL
 
-from client import RTCClient, SSEClient, ServerProcess, SpeechTrack, WSClient, check_protocol
+from client import ServerProcess, SpeechTrack, WSClient, check_protocol, rtc_session_watched
 from speech import pcm16, recording, with_pauses
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -242,22 +242,7 @@ async def test_transcript_in_every_format_is_what_the_client_got(stored):
 
 
 async def test_session_saved_reaches_the_data_channel_and_sse_before_session_ended(stored):
-    rec = recording("ls-61-70968-0002")
-    track = SpeechTrack(rec.audio)
-    client = RTCClient(stored.url, track=track)
-    subscriber: SSEClient | None = None
-    try:
-        await client.connect()
-        subscriber = SSEClient(stored.url, client.session_id)
-        await subscriber.connect()
-        await client.heard_all()
-        client.send({"type": "stop"})
-        await client.wait_type("session.ended", timeout=15)
-        await subscriber.ended(timeout=10)
-    finally:
-        await client.close()
-        if subscriber is not None:
-            await subscriber.close()
+    client, subscriber = await rtc_session_watched(stored.url, SpeechTrack(recording("ls-61-70968-0002").audio))
     saved = {"type": "session.saved", "session_id": client.session_id,
              "transcript": f"/v1/sessions/{client.session_id}/transcript"}
     for events in ([r.event for r in client.events], [r.event for r in subscriber.events]):
