@@ -7,6 +7,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
+import ctranslate2
 import numpy as np
 from faster_whisper import WhisperModel
 from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
@@ -50,12 +51,12 @@ class DecodeOptions:
     beam_size: int = 5  # finals; partials are always greedy
     cpu_threads: int = 1  # per decode: parallel single-threaded decodes beat one wide decode on CPU
     workers: int = 1  # decodes that may run at once
-    # Whisper's encoder is built for 30 s; on one core, tiny's encoder takes ~425 ms at 30 s and
-    # ~58 ms at 10 s, so a final costs ~600 ms instead of ~190 ms. Below ~10 s the decoder starts to
-    # loop, so the window is max(window_s, audio + 1 s). The short window costs accuracy
-    # (bench/accuracy.py: 8.4% word errors against 6.5% at 30 s; 5.3% offline): the default takes
-    # the latency and capacity, and window_s=30 takes the accuracy.
-    window_s: float = 10.0
+    # Whisper's encoder is built for 30 s; on one core, tiny's takes ~425 ms at 30 s and ~58 ms at
+    # 10 s. The encoder runs over max(window_s, audio + 1 s) only, and the rest of the 30 s is the
+    # encoding of silence, computed once: the decoder still attends over the 1500 frames it was
+    # trained on. A decoder given the short output alone loses words (bench/accuracy.py: 8.4% word
+    # errors with a 10 s output; 6.3% padded; 6.5% with the encoder over the full 30 s).
+    window_s: float = 0.0
 
 
 _NO_SPEECH = 0.6  # faster-whisper's thresholds: no speech when both hold
@@ -106,6 +107,7 @@ class WhisperEngine:
         self._ct2 = self._model.model
         self.multilingual: bool = self._ct2.is_multilingual
         self._tokenizers: dict[str, Tokenizer] = {}
+        self._silence = self._encode_window(np.zeros(0, np.float32), 30.0)
         log.info("loaded model %s (%s, %s) in %.1fs", model, device, compute_type,
                  time.monotonic() - started)
 
@@ -142,13 +144,20 @@ class WhisperEngine:
         words = self._words(tokenizer, tokens, encoded, seconds) if final else []
         return Transcript(text=text, language=language, words=words)
 
-    def _encode(self, audio: np.ndarray):
+    def _encode(self, audio: np.ndarray) -> ctranslate2.StorageView:
+        """Whisper's 30 s of encoder output, of which only the utterance's part is computed."""
         window = min(30.0, max(self.options.window_s, audio.size / SAMPLE_RATE + 1.0))
+        encoded = self._encode_window(audio, window)
+        if encoded.shape[1] >= self._silence.shape[1]:
+            return get_ctranslate2_storage(encoded)
+        return get_ctranslate2_storage(np.concatenate([encoded, self._silence[:, encoded.shape[1]:]], axis=1))
+
+    def _encode_window(self, audio: np.ndarray, window: float) -> np.ndarray:
         padded = np.zeros(int(window * SAMPLE_RATE), np.float32)
         padded[: audio.size] = audio[: padded.size]
         frames = int(window * 100) // 2 * 2  # the encoder's convolution halves the frame count
         features = self._model.feature_extractor(padded)[:, :frames]
-        return self._ct2.encode(get_ctranslate2_storage(features[None]), to_cpu=False)
+        return np.array(self._ct2.encode(get_ctranslate2_storage(features[None]), to_cpu=True))
 
     def _tokenizer(self, language: str) -> Tokenizer:
         if language not in self._tokenizers:

@@ -7,7 +7,9 @@ import importlib.util
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
+import ctranslate2
 import numpy as np
 import pytest
 
@@ -109,6 +111,30 @@ def test_engine_transcribes_speech_with_words(engine):
     assert wer([(rec.text, result.text)]) <= 0.15
     assert len(result.words) >= 15
     assert all(0 <= w.start <= w.end <= rec.seconds + 0.5 and 0 <= w.probability <= 1 for w in result.words)
+
+
+def test_short_encoder_window_costs_no_words_against_whisper_s_full_window(engine, vad_model):
+    """The encoder runs over the utterance plus 1 s; the decoder still sees Whisper's 30 s.
+
+    Judged as the server decodes: the segmenter's utterances, clean and with noise at 15 dB SNR.
+    """
+    rng = np.random.default_rng(5)
+    audios = []
+    for rec in load_devset():
+        noise = rng.normal(0, np.sqrt(np.mean(rec.audio ** 2) / 10 ** 1.5), rec.audio.size).astype(np.float32)
+        audios += [(rec.text, padded(rec.audio)), (rec.text, padded(rec.audio + noise))]
+    utterances = [(text, [e.audio for e in segment(vad_model, audio) if isinstance(e, SpeechEnded)])
+                  for text, audio in audios]
+    default, errors = engine.options, {}
+    try:
+        for window in (0.0, 30.0):
+            engine.options = replace(default, window_s=window)
+            ctranslate2.set_random_seed(0)  # the temperature fallback samples
+            errors[window] = wer([(text, " ".join(getattr(engine.transcribe(a, "en", final=True), "text", "")
+                                                 for a in parts)) for text, parts in utterances])
+    finally:
+        engine.options = default
+    assert errors[0.0] <= errors[30.0] + 0.01, errors
 
 
 @pytest.mark.parametrize("kind", ["silence", "white noise"])
