@@ -1,14 +1,16 @@
-"""What streaming costs in accuracy, and what the encoder window has to do with it.
+"""What streaming costs in accuracy, and which part of it is the segmenter's and which the engine's.
 
 Runs the server's own segmenter and engine in-process (no network, no timing) over the devset and
 five altered copies of it (slower, faster, noisy, quiet, slower and noisy), so that each choice is
 judged on about a thousand words rather than 163. For each copy it counts word errors of:
   - offline faster-whisper on each whole file (library defaults, as `make bench` reports it);
-  - streamed finals: the segmenter's utterances, each decoded as the server decodes a final, with
-    the encoder run over each --windows value of audio (0, the server's default: the utterance
-    plus 1 s; the rest of the 30 s is the encoding of silence).
+  - faster-whisper on the segmenter's utterances, one by one, its encoder over Whisper's full 30 s:
+    what cutting speech into utterances costs;
+  - the server's finals: the same utterances, each decoded as the server decodes a final (the
+    encoder over the utterance plus 1 s, its output padded with the encoding of silence to 10 s,
+    the default, and to Whisper's 30 s, `--decode-window-s 30`).
 The temperature fallback samples; a fixed seed before each pass makes every run give the same counts.
-Writes bench/results/accuracy.md and accuracy.json. Run it with `make bench-accuracy` (5 to 10 minutes).
+Writes bench/results/accuracy.md and accuracy.json. Run it with `make bench-accuracy` (2 to 5 minutes).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from asr.engine import DecodeOptions, WhisperEngine  # noqa: E402
 from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded  # noqa: E402
 from asr.vad import SileroModel, SileroVAD  # noqa: E402
 from run import RESULTS, Programme, machine, replace_readme_block  # noqa: E402
-from speech import Recording, load_devset, word_errors  # noqa: E402
+from speech import load_devset, word_errors  # noqa: E402
 
 
 def _speed(audio: np.ndarray, factor: float) -> np.ndarray:
@@ -85,22 +87,23 @@ def main(args: argparse.Namespace) -> None:
         altered = [replace(r, audio=alter(r.audio, 10 * v + i)) for i, r in enumerate(recordings)]
         programme = Programme.build(altered)
         ends = utterances(programme, vad)
-        row = {"variant": name, "words": sum(word_errors(r.text, "")[1] for r in altered),
-               "utterances": len(ends), "streamed": {}}
+        row = {"variant": name, "words": sum(word_errors(r.text, "")[1] for r in altered), "utterances": len(ends)}
         ctranslate2.set_random_seed(args.seed)
-        row["offline"] = _offline_errors(offline, altered)
-        for window in args.windows:
+        row["offline"] = sum(word_errors(r.text, _transcribe(offline, r.audio))[0] for r in altered)
+        decoders = {"utterances_faster_whisper": lambda a: _transcribe(offline, a, without_timestamps=True),
+                    "server": lambda a: getattr(engine.transcribe(a, "en", final=True), "text", ""),
+                    "server_30": lambda a: getattr(engine.transcribe(a, "en", final=True), "text", "")}
+        for column, decode in decoders.items():
+            engine.options = replace(engine.options, window_s=30.0 if column == "server_30" else 10.0)
             ctranslate2.set_random_seed(args.seed)
-            engine.options = DecodeOptions(cpu_threads=args.threads, window_s=window)
             texts: list[list[str]] = [[] for _ in altered]
             for end in ends:
-                result = engine.transcribe(end.audio, "en", final=True)
-                texts[sentence_of(programme, end)].append(result.text if result else "")
-            row["streamed"][str(window)] = sum(word_errors(r.text, " ".join(t))[0] for r, t in zip(altered, texts))
+                texts[sentence_of(programme, end)].append(decode(end.audio))
+            row[column] = sum(word_errors(r.text, " ".join(t))[0] for r, t in zip(altered, texts))
         rows.append(row)
         print(json.dumps(row), flush=True)
     report = {"machine": machine(), "model": "tiny.en", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "windows": args.windows, "rows": rows, "elapsed_s": round(time.time() - started)}
+              "rows": rows, "elapsed_s": round(time.time() - started)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / "accuracy.md").write_text(markdown(report))
@@ -109,12 +112,9 @@ def main(args: argparse.Namespace) -> None:
         "", "Full report: [bench/results/accuracy.md](bench/results/accuracy.md)."])
 
 
-def _offline_errors(model, recordings: list[Recording]) -> int:
-    errors = 0
-    for rec in recordings:
-        segments, _ = model.transcribe(rec.audio, language="en")
-        errors += word_errors(rec.text, "".join(s.text for s in segments))[0]
-    return errors
+def _transcribe(model, audio: np.ndarray, **options) -> str:
+    segments, _ = model.transcribe(audio, language="en", **options)
+    return "".join(s.text for s in segments)
 
 
 def markdown(report: dict) -> str:
@@ -122,37 +122,29 @@ def markdown(report: dict) -> str:
                       f"Run time {report['elapsed_s']} s. Produced by `make bench-accuracy`.", ""])
 
 
+COLUMNS = {"offline": "offline, whole files", "utterances_faster_whisper": "faster-whisper, utterances",
+           "server": "server finals", "server_30": "server finals, `--decode-window-s 30`"}
+
+
 def table(report: dict) -> list[str]:
-    windows = [str(w) for w in report["windows"]]
     lines = [f"{report['date']}, {report['machine']['cpu']}, model {report['model']} (int8). Word errors of "
-             "offline faster-whisper on whole files, and of the server's finals (its segmenter's utterances, "
-             "each decoded as a final) with the encoder run over the utterance plus 1 s (the default; the "
-             "rest of Whisper's 30 s is a precomputed encoding of silence) or over a longer window.", "",
-             "| audio | words | utterances | offline | "
-             + " | ".join(_column(w) for w in windows) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(windows)]
-    total = {"words": 0, "offline": 0, **{w: 0 for w in windows}}
+             "offline faster-whisper on whole files; of faster-whisper on the server's utterances one by one "
+             "(its encoder over Whisper's full 30 s); and of the server's finals on the same utterances (the "
+             "encoder over the utterance plus 1 s, its output padded with a precomputed encoding of silence "
+             "to the 10 s the decoder attends over by default, or to Whisper's 30 s).", "",
+             "| audio | words | utterances | " + " | ".join(COLUMNS.values()) + " |",
+             "|---|---:|---:|" + "---:|" * len(COLUMNS)]
     for row in report["rows"]:
-        lines.append(f"| {row['variant']} | {row['words']} | {row['utterances']} | {row['offline']} | "
-                     + " | ".join(str(row["streamed"][w]) for w in windows) + " |")
-        total["words"] += row["words"]
-        total["offline"] += row["offline"]
-        for w in windows:
-            total[w] += row["streamed"][w]
-    n = total["words"]
-    lines.append(f"| **all** | {n} | | {total['offline']} ({total['offline'] / n:.1%}) | "
-                 + " | ".join(f"{total[w]} ({total[w] / n:.1%})" for w in windows) + " |")
+        lines.append(f"| {row['variant']} | {row['words']} | {row['utterances']} | "
+                     + " | ".join(str(row[c]) for c in COLUMNS) + " |")
+    n = sum(row["words"] for row in report["rows"])
+    totals = [sum(row[c] for row in report["rows"]) for c in COLUMNS]
+    lines.append(f"| **all** | {n} | | " + " | ".join(f"{t} ({t / n:.1%})" for t in totals) + " |")
     return lines
-
-
-def _column(window: str) -> str:
-    return "streamed, default" if float(window) == 0 else f"streamed, encoder over {float(window):g} s"
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--windows", type=float, nargs="+", default=[0.0, 30.0],
-                        help="encoder windows to compare, in seconds (the server's --decode-window-s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the temperature fallback's sampling")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per decode")
     main(parser.parse_args())
