@@ -90,11 +90,14 @@ def main(args: argparse.Namespace) -> None:
         row = {"variant": name, "words": sum(word_errors(r.text, "")[1] for r in altered), "utterances": len(ends)}
         ctranslate2.set_random_seed(args.seed)
         row["offline"] = sum(word_errors(r.text, _transcribe(offline, r.audio))[0] for r in altered)
+        def server(audio: np.ndarray) -> str:
+            return getattr(engine.transcribe(audio, "en", final=True), "text", "")
+
         decoders = {"utterances_faster_whisper": lambda a: _transcribe(offline, a, without_timestamps=True),
-                    "server": lambda a: getattr(engine.transcribe(a, "en", final=True), "text", ""),
-                    "server_30": lambda a: getattr(engine.transcribe(a, "en", final=True), "text", "")}
+                    "server": server, "server_30": server}
         for column, decode in decoders.items():
-            engine.options = replace(engine.options, window_s=30.0 if column == "server_30" else 10.0)
+            window = 30.0 if column == "server_30" else DecodeOptions.window_s  # the server's default
+            engine.options = replace(engine.options, window_s=window)
             ctranslate2.set_random_seed(args.seed)
             texts: list[list[str]] = [[] for _ in altered]
             for end in ends:
