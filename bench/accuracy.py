@@ -7,7 +7,7 @@ judged on about a thousand words rather than 163. For each copy it counts word e
   - faster-whisper on the segmenter's utterances, one by one, its encoder over Whisper's full 30 s:
     what cutting speech into utterances costs;
   - the server's finals: the same utterances, each decoded as the server decodes a final (the
-    encoder over the utterance plus 1 s, its output padded with the encoding of silence to 10 s,
+    encoder over the utterance plus 1 to 3 s, its output padded with the encoding of silence to 10 s,
     the default, and to Whisper's 30 s, `--decode-window-s 30`).
 The temperature fallback samples; a fixed seed before each pass makes every run give the same counts.
 Writes bench/results/accuracy.md and accuracy.json. Run it with `make bench-accuracy` (2 to 5 minutes).
@@ -31,29 +31,7 @@ from asr.engine import DecodeOptions, WhisperEngine  # noqa: E402
 from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded  # noqa: E402
 from asr.vad import SileroModel, SileroVAD  # noqa: E402
 from run import RESULTS, Programme, machine, replace_readme_block  # noqa: E402
-from speech import load_devset, word_errors  # noqa: E402
-
-
-def _speed(audio: np.ndarray, factor: float) -> np.ndarray:
-    n = int(audio.size / factor)
-    return np.interp(np.linspace(0, audio.size - 1, n), np.arange(audio.size), audio).astype(np.float32)
-
-
-def _noise(audio: np.ndarray, snr_db: float, seed: int) -> np.ndarray:
-    power = float(np.mean(audio**2))
-    noise = np.random.default_rng(seed).normal(0, np.sqrt(power / 10 ** (snr_db / 10)), audio.size)
-    return (audio + noise).astype(np.float32)
-
-
-# Seeds are fixed, so every run hears the same audio.
-VARIANTS = {
-    "clean": lambda a, i: a,
-    "speed 0.9": lambda a, i: _speed(a, 0.9),
-    "speed 1.1": lambda a, i: _speed(a, 1.1),
-    "noise 15 dB": lambda a, i: _noise(a, 15, i),
-    "quiet (-12 dB)": lambda a, i: a * 0.25,
-    "speed 0.95, noise 20 dB": lambda a, i: _noise(_speed(a, 0.95), 20, 100 + i),
-}
+from speech import devset_variants, word_errors  # noqa: E402
 
 
 def utterances(programme: Programme, vad: SileroModel) -> list[SpeechEnded]:
@@ -81,10 +59,8 @@ def main(args: argparse.Namespace) -> None:
     engine = WhisperEngine(path, options=DecodeOptions(cpu_threads=args.threads))
     offline = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=args.threads)
     vad = SileroModel()
-    recordings = load_devset()
     rows = []
-    for v, (name, alter) in enumerate(VARIANTS.items()):
-        altered = [replace(r, audio=alter(r.audio, 10 * v + i)) for i, r in enumerate(recordings)]
+    for name, altered in devset_variants().items():
         programme = Programme.build(altered)
         ends = utterances(programme, vad)
         row = {"variant": name, "words": sum(word_errors(r.text, "")[1] for r in altered), "utterances": len(ends)}
@@ -133,7 +109,7 @@ def table(report: dict) -> list[str]:
     lines = [f"{report['date']}, {report['machine']['cpu']}, model {report['model']} (int8). Word errors of "
              "offline faster-whisper on whole files; of faster-whisper on the server's utterances one by one "
              "(its encoder over Whisper's full 30 s); and of the server's finals on the same utterances (the "
-             "encoder over the utterance plus 1 s, its output padded with a precomputed encoding of silence "
+             "encoder over the utterance plus 1 to 3 s, its output padded with a precomputed encoding of silence "
              "to the 10 s the decoder attends over by default, or to Whisper's 30 s).", "",
              "| audio | words | utterances | " + " | ".join(COLUMNS.values()) + " |",
              "|---|---:|---:|" + "---:|" * len(COLUMNS)]

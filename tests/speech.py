@@ -6,7 +6,7 @@ import json
 import os
 import re
 import wave
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import av
@@ -51,6 +51,35 @@ def read_wav(path: Path) -> np.ndarray:
     with wave.open(str(path)) as w:
         assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2
         return np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
+
+
+def _speed(audio: np.ndarray, factor: float) -> np.ndarray:
+    n = int(audio.size / factor)
+    return np.interp(np.linspace(0, audio.size - 1, n), np.arange(audio.size), audio).astype(np.float32)
+
+
+def _noise(audio: np.ndarray, snr_db: float, seed: int) -> np.ndarray:
+    power = float(np.mean(audio**2))
+    noise = np.random.default_rng(seed).normal(0, np.sqrt(power / 10 ** (snr_db / 10)), audio.size)
+    return (audio + noise).astype(np.float32)
+
+
+# Six hearings of the devset (978 words), as (audio, seed) -> audio. The seeds are fixed, so every
+# run hears the same audio. bench/accuracy.py counts word errors on all six.
+VARIANTS = {
+    "clean": lambda a, i: a,
+    "speed 0.9": lambda a, i: _speed(a, 0.9),
+    "speed 1.1": lambda a, i: _speed(a, 1.1),
+    "noise 15 dB": lambda a, i: _noise(a, 15, i),
+    "quiet (-12 dB)": lambda a, i: a * 0.25,
+    "speed 0.95, noise 20 dB": lambda a, i: _noise(_speed(a, 0.95), 20, 100 + i),
+}
+
+
+def devset_variants() -> dict[str, list[Recording]]:
+    recordings = load_devset()
+    return {name: [replace(r, audio=alter(r.audio, 10 * v + i)) for i, r in enumerate(recordings)]
+            for v, (name, alter) in enumerate(VARIANTS.items())}
 
 
 def load_devset() -> list[Recording]:
