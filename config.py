@@ -60,7 +60,7 @@ class Config:
     beam_size: int = field(default=5, metadata={"help": "beam size for finals (partials are greedy)"})
     decode_window_s: float = field(default=10.0, metadata={
         "help": "seconds of encoder output the decoder attends over: the encoder runs over the "
-                "utterance plus 1 s, the rest is a precomputed encoding of silence (Whisper's own: 30)"})
+                "utterance plus 1 to 3 s, the rest is a precomputed encoding of silence (Whisper's own: 30)"})
     language: str = field(default="", metadata={
         "help": "default language code; empty: en for English-only models, detect otherwise"})
     endpoint_ms: int = field(default=500, metadata={"help": "silence that ends an utterance"})
