@@ -17,6 +17,7 @@ from asr import models
 from asr.engine import DecodeOptions, WhisperEngine
 from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
 from asr.vad import SileroModel, SileroVAD
+from asr.stream import SpeechStream, StreamOptions
 from asr.worker import DecodeWorker
 from speech import devset_variants, load_devset, wer
 
@@ -208,6 +209,48 @@ async def test_worker_keeps_a_thread_free_of_partials_for_finals(engine):
     assert all(a[2] <= b[1] for a, b in zip(partial_spans, partial_spans[1:])), "partials overlapped"
     final_start = next(s[1] for s in spans if s[0] == "final")
     assert final_start - submitted < 0.05, "the final waited for a partial"
+
+
+async def test_a_first_partial_that_says_nothing_is_asked_again_soon(engine, vad_model):
+    """At onset Whisper often hears too little to say anything; the next try comes 200 ms later, not 600.
+
+    Decodes here take no audio time: each partial finishes before the next 20 ms packet.
+    """
+    worker = DecodeWorker(engine, max_finals=4)
+    worker.start()
+    asked: dict[tuple[str, int], list[int]] = {}  # utterance -> speech samples of each partial asked for
+    shown: dict[tuple[str, int], int] = {}  # utterance -> speech samples of its first partial shown
+    try:
+        for rec in load_devset():
+            segmenter = Segmenter(SileroVAD(vad_model), SegmenterConfig())
+
+            def partial(key, audio, language, ask=DecodeWorker.partial.__get__(worker), rec=rec, seg=segmenter):
+                asked.setdefault((rec.id, seg.utterance), []).append(audio.size)
+                return ask(key, audio, language)
+
+            worker.partial = partial
+            events: list[dict] = []
+            stream = SpeechStream(worker, segmenter, StreamOptions(language="en", early_final_ms=0),
+                                  events.append)
+            audio = padded(rec.audio)
+            for i in range(0, audio.size, 320):
+                stream.feed(audio[i : i + 320])
+                while stream._partial_task is not None and not stream._partial_task.done():
+                    await asyncio.sleep(0.005)
+                for e in events:
+                    if e["type"] == "transcript.partial":
+                        shown.setdefault((rec.id, e["utterance"]), asked[rec.id, e["utterance"]][-1])
+            await stream.finish()
+    finally:
+        del worker.partial
+        await worker.close()
+    retried = [sizes for key, sizes in asked.items() if key in shown and sizes[0] < shown[key]]
+    assert retried, "every first partial said something, so the retry went untested"
+    # 200 ms, in whole 32 ms VAD windows; longer only where the speaker paused, when no partial is asked.
+    assert all(b - a < 0.6 * 16000 for a, b, *_ in retried), retried
+    # So every utterance shows words by 1 s of speech (the 300 ms pre-roll included), where retries
+    # after 600 ms would take up to 1.3 s.
+    assert max(shown.values()) <= 16000, shown
 
 
 def test_cut_loop_keeps_one_copy_of_a_repeated_tail():
