@@ -16,8 +16,8 @@ from faster_whisper import WhisperModel
 from asr import models
 from asr.engine import DecodeOptions, WhisperEngine
 from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
-from asr.vad import SileroModel, SileroVAD
 from asr.stream import SpeechStream, StreamOptions
+from asr.vad import SileroModel, SileroVAD
 from asr.worker import DecodeWorker
 from speech import devset_variants, load_devset, wer
 
@@ -220,11 +220,12 @@ async def test_a_first_partial_that_says_nothing_is_asked_again_soon(engine, vad
     worker.start()
     asked: dict[tuple[str, int], list[int]] = {}  # utterance -> speech samples of each partial asked for
     shown: dict[tuple[str, int], int] = {}  # utterance -> speech samples of its first partial shown
+    ask = worker.partial
     try:
         for rec in load_devset():
             segmenter = Segmenter(SileroVAD(vad_model), SegmenterConfig())
 
-            def partial(key, audio, language, ask=DecodeWorker.partial.__get__(worker), rec=rec, seg=segmenter):
+            def partial(key, audio, language, rec=rec, seg=segmenter):
                 asked.setdefault((rec.id, seg.utterance), []).append(audio.size)
                 return ask(key, audio, language)
 
