@@ -28,19 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from asr.engine import DecodeOptions, WhisperEngine  # noqa: E402
-from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded  # noqa: E402
-from asr.vad import SileroModel, SileroVAD  # noqa: E402
+from asr.segmenter import SpeechEnded  # noqa: E402
+from asr.vad import SileroModel  # noqa: E402
 from run import RESULTS, Programme, machine, replace_readme_block  # noqa: E402
-from speech import devset_variants, word_errors  # noqa: E402
-
-
-def utterances(programme: Programme, vad: SileroModel) -> list[SpeechEnded]:
-    """The utterances the server would cut, fed as 20 ms packets like a live stream."""
-    segmenter = Segmenter(SileroVAD(vad), SegmenterConfig())
-    ends = []
-    for i in range(0, programme.pcm.size, 320):
-        ends += [e for e in segmenter.push(programme.pcm[i : i + 320]) if isinstance(e, SpeechEnded)]
-    return ends + [e for e in segmenter.flush() if isinstance(e, SpeechEnded)]
+from speech import devset_variants, segment, word_errors  # noqa: E402
 
 
 def sentence_of(programme: Programme, end: SpeechEnded) -> int:
@@ -62,7 +53,7 @@ def main(args: argparse.Namespace) -> None:
     rows = []
     for name, altered in devset_variants().items():
         programme = Programme.build(altered)
-        ends = utterances(programme, vad)
+        ends = [e for e in segment(vad, programme.pcm) if isinstance(e, SpeechEnded)]
         row = {"variant": name, "words": sum(word_errors(r.text, "")[1] for r in altered), "utterances": len(ends)}
         ctranslate2.set_random_seed(args.seed)
         row["offline"] = sum(word_errors(r.text, _transcribe(offline, r.audio))[0] for r in altered)

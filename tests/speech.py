@@ -13,6 +13,9 @@ import av
 import numpy as np
 import pytest
 
+from asr.segmenter import SegmentEvent, Segmenter, SegmenterConfig
+from asr.vad import SileroModel, SileroVAD
+
 GAP_S = 1.5  # a speaker's pause between sentences: longer than the 500 ms endpoint
 
 DEVSET = Path(os.environ.get("STT_DEVSET", Path(__file__).resolve().parents[2] / "shared/eval/devset"))
@@ -51,6 +54,15 @@ def read_wav(path: Path) -> np.ndarray:
     with wave.open(str(path)) as w:
         assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2
         return np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
+
+
+def segment(vad_model: SileroModel, audio: np.ndarray, chunk: int = 320, **overrides) -> list[SegmentEvent]:
+    """The server's segmenter over `audio`, fed in 20 ms packets as a live stream feeds it."""
+    segmenter = Segmenter(SileroVAD(vad_model), SegmenterConfig(**overrides))
+    events = []
+    for i in range(0, audio.size, chunk):
+        events += segmenter.push(audio[i : i + chunk])
+    return events + segmenter.flush()
 
 
 def _speed(audio: np.ndarray, factor: float) -> np.ndarray:

@@ -19,7 +19,7 @@ from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
 from asr.stream import SpeechStream, StreamOptions
 from asr.vad import SileroModel, SileroVAD
 from asr.worker import DecodeWorker
-from speech import devset_variants, load_devset, wer
+from speech import devset_variants, load_devset, segment, wer
 
 PAD_S = 1.0
 
@@ -32,14 +32,6 @@ def vad_model() -> SileroModel:
 @pytest.fixture(scope="module")
 def engine() -> WhisperEngine:
     return WhisperEngine("tiny.en")
-
-
-def segment(vad_model, audio: np.ndarray, chunk: int = 320, **overrides):
-    segmenter = Segmenter(SileroVAD(vad_model), SegmenterConfig(**overrides))
-    events = []
-    for i in range(0, audio.size, chunk):
-        events += segmenter.push(audio[i : i + chunk])
-    return events + segmenter.flush()
 
 
 def padded(audio: np.ndarray) -> np.ndarray:
