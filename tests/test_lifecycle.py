@@ -110,7 +110,7 @@ async def test_vanished_client_is_cleaned_up(private_network, tmp_path: Path):
     async with dedicated_server("--idle-timeout-s", str(IDLE_TIMEOUT_S)) as server:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, str(script), server.url, "ls-1221-135766-0001",
-            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])})
         try:
             session_id = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
             assert session_id, "the client process did not connect"
