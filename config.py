@@ -74,7 +74,7 @@ class Config:
     vad_threshold: float = field(default=0.5, metadata={"help": "speech probability that starts speech"})
     min_speech_ms: int = field(default=250, metadata={"help": "shorter sounds are ignored"})
     preroll_ms: int = field(default=300, metadata={"help": "audio kept from before speech onset"})
-    max_utterance_s: float = field(default=20.0, metadata={"help": "longer speech is split (max 30)"})
+    max_utterance_s: float = field(default=12.0, metadata={"help": "longer speech is split (max 30)"})
     max_sessions: int = field(default=16, metadata={"help": "concurrent sessions; more get 503"})
     ice_timeout_s: float = field(default=15.0, metadata={"help": "time for ICE to connect"})
     idle_timeout_s: float = field(default=30.0, metadata={"help": "end a session with no audio for this long"})
