@@ -7,7 +7,8 @@ import json
 import logging
 from typing import Any
 
-from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection
+from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCRtpReceiver
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 import metrics
@@ -25,6 +26,23 @@ def rtc_configuration(ice_servers: list[dict[str, Any]]) -> RTCConfiguration:
         RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
         for s in ice_servers
     ])
+
+
+def release_audio_promptly(receiver: RTCRtpReceiver) -> bool:
+    """Frames leave the receiver's jitter buffer as soon as they are whole, not four packets later.
+
+    aiortc holds each audio packet until four more have come (80 ms), to smooth playback. Nothing
+    is played here, and those 80 ms were 60 ms of every final's latency. Lost or late packets are
+    still waited for as before. aiortc offers no setting for it, so its private buffer is replaced;
+    if a newer aiortc moves it, audio keeps working with the old delay. Call before RTP flows.
+    """
+    name = "_RTCRtpReceiver__jitter_buffer"
+    buffer = getattr(receiver, name, None)
+    if not isinstance(buffer, JitterBuffer):
+        log.warning("aiortc's audio jitter buffer not found: audio arrives 60 ms later than it could")
+        return False
+    setattr(receiver, name, JitterBuffer(capacity=buffer.capacity, prefetch=1))
+    return True
 
 
 class PeerSession:
@@ -61,6 +79,10 @@ class PeerSession:
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio" and self._reader is None:
+            # aiortc fires "track" inside setRemoteDescription, before any RTP can arrive.
+            for transceiver in self.pc.getTransceivers():
+                if transceiver.receiver.track is track:
+                    release_audio_promptly(transceiver.receiver)
             self._reader = asyncio.create_task(self._read(track))
 
     async def _on_state(self) -> None:
