@@ -186,7 +186,8 @@ class SpeechStream:
 
     async def _partial(self, utterance: int, audio: np.ndarray) -> None:
         try:
-            result = await self._worker.partial(self._key, audio, self.options.language)
+            result = await self._worker.partial(self._key, audio, self.options.language,
+                                                first=not self._previous_words)
         except Exception:
             log.exception("partial decode failed")
             return

@@ -102,14 +102,22 @@ class DecodeWorker:
             if job is not None:
                 self._finals.append(job)
 
-    def partial(self, key: Hashable, audio: np.ndarray, language: str | None) -> asyncio.Future:
-        """Resolves to None when there was no speech, or the partial was replaced or shed."""
-        return self._keyed(self._partials, key, self._job(audio, language, final=False))
+    def partial(self, key: Hashable, audio: np.ndarray, language: str | None,
+                first: bool = False) -> asyncio.Future:
+        """Resolves to None when there was no speech, or the partial was replaced or shed.
 
-    def _keyed(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job) -> asyncio.Future:
+        `first`: the utterance shows no words yet. Such a partial goes ahead of the streams that
+        already show some, so that under load a speaker still sees their words begin soon.
+        """
+        return self._keyed(self._partials, key, self._job(audio, language, final=False), first)
+
+    def _keyed(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job,
+               urgent: bool = False) -> asyncio.Future:
         with self._cond:
             stale = queue.pop(key, None)
             queue[key] = job
+            if urgent:
+                queue.move_to_end(key, last=False)
             self._cond.notify()
         if stale is not None:
             _resolve(stale.future, None)

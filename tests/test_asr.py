@@ -174,6 +174,29 @@ async def test_worker_runs_finals_first_and_replaces_waiting_partials(engine):
         await worker.close()
 
 
+async def test_worker_takes_an_utterances_first_partial_before_later_ones(engine):
+    """Under load a speaker who has seen no words yet goes ahead of those who have seen some."""
+    rec = next(r for r in load_devset() if r.id == "ls-61-70968-0002")
+    worker = DecodeWorker(engine, max_finals=4)
+    worker.start()
+    try:
+        order: list[str] = []
+
+        async def run(name, coro):
+            await coro
+            order.append(name)
+
+        busy = asyncio.create_task(run("final", worker.final(rec.audio, "en")))
+        await asyncio.sleep(0.05)  # the one thread is decoding the final; the partials queue
+        later = [asyncio.create_task(run(key, worker.partial(key, rec.audio[:16000], "en"))) for key in "ab"]
+        await asyncio.sleep(0)
+        first = asyncio.create_task(run("new", worker.partial("new", rec.audio[:16000], "en", first=True)))
+        await asyncio.gather(busy, first, *later)
+        assert order == ["final", "new", "a", "b"]
+    finally:
+        await worker.close()
+
+
 async def test_worker_keeps_a_thread_free_of_partials_for_finals(engine):
     """With two threads, partials run one at a time: a final never waits for a partial to finish."""
     rec = next(r for r in load_devset() if r.id == "ls-61-70968-0000")
@@ -221,9 +244,9 @@ async def test_a_first_partial_that_says_nothing_is_asked_again_soon(engine, vad
         for rec in load_devset():
             segmenter = Segmenter(SileroVAD(vad_model), SegmenterConfig())
 
-            def partial(key, audio, language, rec=rec, seg=segmenter):
+            def partial(key, audio, language, first=False, rec=rec, seg=segmenter):
                 asked.setdefault((rec.id, seg.utterance), []).append(audio.size)
-                return ask(key, audio, language)
+                return ask(key, audio, language, first)
 
             worker.partial = partial
             events: list[dict] = []
