@@ -39,9 +39,9 @@ async def test_devset_over_webrtc(server):
 
 async def test_the_server_hands_on_each_audio_packet_when_the_next_arrives():
     """aiortc would hold every packet until four more came: 60 ms more latency on every final."""
-    from rtc.peer import release_audio_promptly
+    from rtc.peer import release_audio_promptly, rtc_configuration
 
-    pc = RTCPeerConnection()
+    pc = RTCPeerConnection(rtc_configuration([]))  # never aiortc's default public STUN server
     try:
         receivers = [pc.addTransceiver("audio", direction="recvonly").receiver for _ in range(2)]
         assert release_audio_promptly(receivers[0])
