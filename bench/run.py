@@ -173,6 +173,10 @@ async def stream_rtc(url: str, programme: Programme, packets: list[bytes]) -> St
         await client.connect()
         await client.wait_type("session.started", timeout=20)
         await asyncio.sleep(programme.seconds + 0.5)
+        if client.channel is None or client.channel.readyState != "open":
+            last = client.events[-1].at - (track.started or 0) if client.events else 0.0
+            raise ConnectionError(f"the connection closed mid-programme (last event {last:.0f} s in, "
+                                  f"connection {client.pc.connectionState})")
         client.send({"type": "stop"})
         await client.wait_type("session.ended", timeout=30)
     except Exception as e:  # a failed session is a result, not a crash
@@ -417,6 +421,10 @@ def markdown(report: dict) -> str:
             f"{fmt(lv['final_p95_s'])} | {fmt(lv['first_partial_p50_s'])} | "
             f"{fmt(lv['partial_interval_p50_s'])} | {fmt(lv['wer'], 3)} | "
             f"{fmt(lv['cpu_s_per_audio_s_per_stream'], 3)} | {lv['peak_rss_mb']:.0f} |")
+    failures = [f"{lv['transport']} at {lv['streams']} streams: {lv['failed']} failed ({'; '.join(lv['errors'])})."
+                for lv in report["levels"] if lv["failed"]]
+    if failures:
+        lines += ["", *failures]
     lines += ["", f"Offline faster-whisper WER on the same files and model (whole files, library "
               f"defaults): **{report['offline_wer']:.3f}**.", ""]
     for t in sorted({lv["transport"] for lv in report["levels"]}):
