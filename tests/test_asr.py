@@ -145,7 +145,8 @@ def test_engine_says_nothing_for_silence_or_noise(engine, kind):
     assert engine.transcribe(audio, "en", final=False) is None
 
 
-async def test_worker_runs_finals_first_and_replaces_waiting_partials(engine):
+async def test_worker_runs_finals_first_then_first_partials_and_replaces_waiting_partials(engine):
+    """Under load a speaker who has seen no words yet goes ahead of those who have seen some."""
     rec = next(r for r in load_devset() if r.id == "ls-61-70968-0002")
     worker = DecodeWorker(engine, max_finals=4)
     worker.start()
@@ -164,35 +165,14 @@ async def test_worker_runs_finals_first_and_replaces_waiting_partials(engine):
         await asyncio.sleep(0)
         fresh = asyncio.create_task(run("fresh", worker.partial("a", rec.audio, "en")))
         await asyncio.sleep(0)
-        final = asyncio.create_task(run("final", worker.final(rec.audio, "en")))
-        results = await asyncio.gather(first, stale, fresh, final)
-        assert results[1] is None  # replaced by the newer partial of the same stream
-        assert results[2] is not None and results[3] is not None
-        assert order.index("final") < order.index("fresh")
-        assert worker.decodes == 3
-    finally:
-        await worker.close()
-
-
-async def test_worker_takes_an_utterances_first_partial_before_later_ones(engine):
-    """Under load a speaker who has seen no words yet goes ahead of those who have seen some."""
-    rec = next(r for r in load_devset() if r.id == "ls-61-70968-0002")
-    worker = DecodeWorker(engine, max_finals=4)
-    worker.start()
-    try:
-        order: list[str] = []
-
-        async def run(name, coro):
-            await coro
-            order.append(name)
-
-        busy = asyncio.create_task(run("final", worker.final(rec.audio, "en")))
-        await asyncio.sleep(0.05)  # the one thread is decoding the final; the partials queue
-        later = [asyncio.create_task(run(key, worker.partial(key, rec.audio[:16000], "en"))) for key in "ab"]
+        new = asyncio.create_task(run("new", worker.partial("b", rec.audio[:16000], "en", first=True)))
         await asyncio.sleep(0)
-        first = asyncio.create_task(run("new", worker.partial("new", rec.audio[:16000], "en", first=True)))
-        await asyncio.gather(busy, first, *later)
-        assert order == ["final", "new", "a", "b"]
+        final = asyncio.create_task(run("final", worker.final(rec.audio, "en")))
+        results = await asyncio.gather(first, stale, fresh, new, final)
+        assert results[1] is None  # replaced by the newer partial of the same stream
+        assert results[2] is not None and results[4] is not None
+        assert [name for name in order if name != "stale"] == ["first", "final", "new", "fresh"]
+        assert worker.decodes == 4
     finally:
         await worker.close()
 
