@@ -165,6 +165,11 @@ class SpeechStream:
         self._final_done.set()
         self._emit(_final_event(event, result, self.options.language))
 
+    @property
+    def _no_words_shown(self) -> bool:
+        """The utterance in progress has had no partial with words: it is retried soon, and first."""
+        return not self._previous_words
+
     def _maybe_partial(self) -> None:
         # In a pause there is nothing new to show, and the final's decode is about to need the worker;
         # while finals wait, a partial would only delay them.
@@ -175,7 +180,7 @@ class SpeechStream:
             return
         audio = self._segmenter.speech_audio()
         interval_ms = self.options.partial_interval_ms
-        if not self._previous_words:
+        if self._no_words_shown:
             interval_ms = min(interval_ms, _FIRST_PARTIAL_RETRY_MS)
         interval = interval_ms * SAMPLE_RATE // 1000
         # The first partial goes as soon as speech is confirmed; then one per interval of new audio.
@@ -187,7 +192,7 @@ class SpeechStream:
     async def _partial(self, utterance: int, audio: np.ndarray) -> None:
         try:
             result = await self._worker.partial(self._key, audio, self.options.language,
-                                                first=not self._previous_words)
+                                                first=self._no_words_shown)
         except Exception:
             log.exception("partial decode failed")
             return

@@ -50,6 +50,10 @@ def main(args: argparse.Namespace) -> None:
     engine = WhisperEngine(path, options=DecodeOptions(cpu_threads=args.threads))
     offline = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=args.threads)
     vad = SileroModel()
+
+    def server(audio: np.ndarray) -> str:
+        return getattr(engine.transcribe(audio, "en", final=True), "text", "")
+
     rows = []
     for name, altered in devset_variants().items():
         programme = Programme.build(altered)
@@ -57,9 +61,6 @@ def main(args: argparse.Namespace) -> None:
         row = {"variant": name, "words": sum(word_errors(r.text, "")[1] for r in altered), "utterances": len(ends)}
         ctranslate2.set_random_seed(args.seed)
         row["offline"] = sum(word_errors(r.text, _transcribe(offline, r.audio))[0] for r in altered)
-        def server(audio: np.ndarray) -> str:
-            return getattr(engine.transcribe(audio, "en", final=True), "text", "")
-
         decoders = {"utterances_faster_whisper": lambda a: _transcribe(offline, a, without_timestamps=True),
                     "server": server, "server_30": server}
         for column, decode in decoders.items():
