@@ -58,9 +58,12 @@ class Config:
         "help": "Whisper decodes that run at once (default: the number of cores)"})
     cpu_threads: int = field(default=1, metadata={"help": "threads per Whisper decode"})
     beam_size: int = field(default=5, metadata={"help": "beam size for finals (partials are greedy)"})
-    decode_window_s: float = field(default=10.0, metadata={
-        "help": "seconds of encoder output the decoder attends over: the encoder runs over the "
-                "utterance plus 1 to 3 s, the rest is a precomputed encoding of silence (Whisper's own: 30)"})
+    decode_window_s: float = field(default=30.0, metadata={
+        "help": "seconds of encoder output the decoder attends over when no other decode runs or waits: "
+                "the encoder runs over the utterance plus 1 to 3 s, the rest is a precomputed encoding of "
+                "silence (Whisper's own: 30)"})
+    busy_decode_window_s: float = field(default=10.0, metadata={
+        "help": "the same while other decodes run or wait: cheaper, a little less accurate"})
     language: str = field(default="", metadata={
         "help": "default language code; empty: en for English-only models, detect otherwise"})
     endpoint_ms: int = field(default=500, metadata={"help": "silence that ends an utterance"})
@@ -121,8 +124,8 @@ class Config:
             raise ValueError("max_utterance_s must be in (0, 30]: Whisper sees at most 30 s")
         if self.endpoint_ms < 100:
             raise ValueError("endpoint_ms must be at least 100")
-        if not 5 <= self.decode_window_s <= 30:
-            raise ValueError("decode_window_s must be between 5 and 30")
+        if not (5 <= self.decode_window_s <= 30 and 5 <= self.busy_decode_window_s <= 30):
+            raise ValueError("decode_window_s and busy_decode_window_s must be between 5 and 30")
         if self.decode_workers < 1 or self.cpu_threads < 1:
             raise ValueError("decode_workers and cpu_threads must be at least 1")
         if not 0.2 <= self.sentence_endpoint <= 1:

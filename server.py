@@ -155,7 +155,7 @@ def load_engine(config: Config) -> WhisperEngine:
         config.model, device=config.device, compute_type=config.compute_type,
         options=DecodeOptions(beam_size=config.beam_size, cpu_threads=config.cpu_threads,
                               workers=config.decode_workers,
-                              window_s=config.decode_window_s),
+                              window_s=config.decode_window_s, busy_window_s=config.busy_decode_window_s),
     )
     engine.warm_up()
     log.info("model ready in %.1fs", time.monotonic() - started)

@@ -53,12 +53,14 @@ class DecodeOptions:
     cpu_threads: int = 1  # per decode: parallel single-threaded decodes beat one wide decode on CPU
     workers: int = 1  # decodes that may run at once
     # Whisper's encoder is built for 30 s; on one core, tiny's takes ~425 ms at 30 s and ~58 ms at
-    # 10 s. It runs over the utterance plus 1 to 3 s only, and its output is padded to window_s with
-    # the encoding of silence, computed once. Word errors on bench/accuracy.py's 978 words: 72 padded to
-    # 10 s (an encoder run over 10 s of zero-padded audio had 82), 60 padded to 30 s, fewer than
-    # faster-whisper's full 30 s encoder on the same utterances. At 30 s the decoder's cross-attention
-    # costs ~10% more time per final and ~50 MB more memory per decode thread.
-    window_s: float = 10.0
+    # 10 s. It runs over the utterance plus 1 to 3 s only, and its output is padded with the
+    # encoding of silence, computed once, to the window the decoder attends over. Word errors on
+    # bench/accuracy.py's 978 words: 61 padded to Whisper's 30 s (faster-whisper's full encoder on
+    # the same utterances: 65), 72 padded to 10 s. But attending over 1500 frames costs every
+    # decode ~40 ms of one core more than over 500, so a decode takes the short window whenever
+    # other decodes wait for a thread: accuracy while the server has time, capacity when it has not.
+    window_s: float = 30.0
+    busy_window_s: float = 10.0
 
 
 # The encoder hears at least _ENCODE_PAD_S of silence after the utterance, rounded up to whole
@@ -135,13 +137,14 @@ class WhisperEngine:
         self.transcribe(0.1 * np.sin(2 * np.pi * 220 * t), self.default_language, final=True)
 
     def transcribe(self, audio: np.ndarray, language: str | None, final: bool,
-                   greedy: bool = False) -> Transcript | None:
+                   greedy: bool = False, busy: bool = False) -> Transcript | None:
         """Text of one utterance, or None when there is no credible speech in it.
 
-        `greedy` trades a little accuracy for time on a final when others wait behind it.
+        `busy` (other decodes wait) attends over `busy_window_s` instead of `window_s`; `greedy`
+        trades a little more accuracy for time on a final when finals queue behind it.
         """
         seconds = audio.size / SAMPLE_RATE
-        encoded = self._encode(audio)
+        encoded = self._encode(audio, self.options.busy_window_s if busy else self.options.window_s)
         if language is None:
             token, _ = self._ct2.detect_language(encoded)[0][0]
             language = token[2:-2]
@@ -153,12 +156,12 @@ class WhisperEngine:
         words = self._words(tokenizer, tokens, encoded, seconds) if final else []
         return Transcript(text=text, language=language, words=words)
 
-    def _encode(self, audio: np.ndarray) -> ctranslate2.StorageView:
+    def _encode(self, audio: np.ndarray, window_s: float) -> ctranslate2.StorageView:
         """Encoder output over max(window_s, audio + 1 to 3 s), of which only audio + 1 to 3 s is computed."""
         steps = math.ceil((audio.size / SAMPLE_RATE + _ENCODE_PAD_S) / _ENCODE_STEP_S)
         seconds = min(30.0, steps * _ENCODE_STEP_S)
         encoded = self._encode_window(audio, seconds)
-        frames = min(self._silence.shape[1], int(self.options.window_s * 50))
+        frames = min(self._silence.shape[1], int(window_s * 50))
         if encoded.shape[1] >= frames:
             return get_ctranslate2_storage(encoded)
         return get_ctranslate2_storage(np.concatenate([encoded, self._silence[:, encoded.shape[1]:frames]], axis=1))
