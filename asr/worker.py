@@ -41,7 +41,8 @@ class DecodeWorker:
     with others running or waiting attends over the engine's short window, partials never take the
     last idle thread (it stays free for the next final or speculation), stale partials are
     dropped, streams stop asking for partials and speculation while finals wait (see
-    `finals_waiting`), and a final with others queued behind it is decoded greedily.
+    `finals_waiting`), and a final or speculative final with as many of its kind queued behind
+    it as there are threads is decoded greedily.
     """
 
     def __init__(self, engine: WhisperEngine, max_finals: int, threads: int = 1) -> None:
@@ -131,7 +132,7 @@ class DecodeWorker:
         return job
 
     def _next(self) -> tuple[_Job, bool, bool] | None:
-        """The next job; whether it must be greedy because finals queue behind it; and whether
+        """The next job; whether it must be greedy because its kind queues behind it; and whether
         other decodes run or wait, so that it takes the engine's short window.
 
         The calling thread counts as busy from here until it reports back through `_done`.
@@ -151,7 +152,8 @@ class DecodeWorker:
                 job = self._finals.popleft()
                 return job, len(self._finals) >= len(self._threads), not self._alone()
             if self._speculative:
-                return self._speculative.popitem(last=False)[1], False, not self._alone()
+                job = self._speculative.popitem(last=False)[1]
+                return job, len(self._speculative) >= len(self._threads), not self._alone()
             if self._partials_allowed():
                 job = self._partials.popitem(last=False)[1]
                 if time.monotonic() - job.queued > _STALE_PARTIAL_S:

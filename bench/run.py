@@ -191,7 +191,7 @@ async def stream_rtc(url: str, programme: Programme, packets: list[bytes]) -> St
 
 async def stream_ws(url: str, programme: Programme) -> StreamResult:
     pcm = (np.clip(programme.pcm, -1, 1) * 32767).astype("<i2").tobytes()
-    chunk = 3200  # 100 ms
+    chunk = 640  # 20 ms, as web/pcm-worklet.js sends it
     events: list[tuple[float, dict]] = []
     try:
         async with aiohttp.ClientSession() as http, http.ws_connect(url + "/v1/ws") as ws:
@@ -205,8 +205,8 @@ async def stream_ws(url: str, programme: Programme) -> StreamResult:
             reader = asyncio.create_task(receive())
             started = time.monotonic()
             for n, i in enumerate(range(0, len(pcm), chunk)):
-                # As a microphone: a chunk leaves once its 100 ms have been captured.
-                await asyncio.sleep(max(0.0, started + (n + 1) * 0.1 - time.monotonic()))
+                # As a microphone: a chunk leaves once its 20 ms have been captured.
+                await asyncio.sleep(max(0.0, started + (n + 1) * 0.02 - time.monotonic()))
                 await ws.send_bytes(pcm[i : i + chunk])
             await ws.send_json({"type": "stop"})
             await asyncio.wait_for(reader, 30)

@@ -177,6 +177,33 @@ async def test_worker_runs_finals_first_then_first_partials_and_replaces_waiting
         await worker.close()
 
 
+async def test_worker_hurries_a_burst_of_finals_and_speculations(engine):
+    """While as many finals (or speculative finals) as there are threads wait behind a decode, it is
+    greedy; a decode with company attends over the short window, one alone over the full window."""
+    rec = next(r for r in load_devset() if r.id == "ls-1221-135766-0001")  # 16.7 s
+    calls: list[tuple[int, bool, bool]] = []
+    transcribe = engine.transcribe
+
+    def spy(audio, language, final, greedy=False, busy=False):
+        calls.append((audio.size // 16000, greedy, busy))
+        return transcribe(audio, language, final, greedy, busy)
+
+    engine.transcribe = spy
+    worker = DecodeWorker(engine, max_finals=4)
+    worker.start()
+    try:
+        first = worker.final(rec.audio, "en")
+        await asyncio.sleep(0.05)  # the worker is busy with `first` while the rest queue up behind it
+        rest = [worker.final(rec.audio[:16000 * 4], "en"), worker.final(rec.audio[:16000 * 3], "en"),
+                worker.speculate("a", rec.audio[:16000 * 2], "en"), worker.speculate("b", rec.audio[:16000], "en")]
+        await asyncio.gather(first, *rest)
+    finally:
+        await worker.close()
+        del engine.transcribe
+    seconds = int(rec.seconds)
+    assert calls == [(seconds, False, False), (4, True, True), (3, False, True), (2, True, True), (1, False, False)]
+
+
 async def test_worker_keeps_a_thread_free_of_partials_for_finals_and_the_full_window_for_lone_decodes(engine):
     """With two threads, partials run one at a time: a final never waits for a partial to finish.
 
