@@ -140,7 +140,7 @@ class WhisperEngine:
                    greedy: bool = False, busy: bool = False) -> Transcript | None:
         """Text of one utterance, or None when there is no credible speech in it.
 
-        `busy` (other decodes wait) attends over `busy_window_s` instead of `window_s`; `greedy`
+        `busy` (other decodes run or wait) attends over `busy_window_s` instead of `window_s`; `greedy`
         trades a little more accuracy for time on a final when finals queue behind it.
         """
         seconds = audio.size / SAMPLE_RATE
