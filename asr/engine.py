@@ -58,7 +58,7 @@ class DecodeOptions:
     # bench/accuracy.py's 978 words: 61 padded to Whisper's 30 s (faster-whisper's full encoder on
     # the same utterances: 65), 72 padded to 10 s. But attending over 1500 frames costs every
     # decode ~40 ms of one core more than over 500, so a decode takes the short window whenever
-    # other decodes wait for a thread: accuracy while the server has time, capacity when it has not.
+    # other decodes run or wait: accuracy while the server has time, capacity when it has not.
     window_s: float = 30.0
     busy_window_s: float = 10.0
 

@@ -61,6 +61,8 @@ class DecodeWorker:
                          for i in range(threads)]
         self.busy_seconds = 0.0
         self.decodes = 0
+        self.short_window_decodes = 0  # accuracy traded for capacity: an operator watches these two
+        self.greedy_decodes = 0
         self.shed_partials = 0
 
     def start(self) -> None:
@@ -185,18 +187,20 @@ class DecodeWorker:
                 )
             except Exception as e:  # a broken decode fails its request, never the worker
                 result = e
-            self._done(time.monotonic() - started)
+            self._done(time.monotonic() - started, busy, hurry)
             try:
                 job.loop.call_soon_threadsafe(_resolve, job.future, result)
             except RuntimeError:  # that loop is closed: nobody is waiting
                 pass
 
-    def _done(self, seconds: float | None) -> None:
+    def _done(self, seconds: float | None, short_window: bool = False, greedy: bool = False) -> None:
         with self._cond:
             self._busy -= 1
             if seconds is not None:
                 self.busy_seconds += seconds
                 self.decodes += 1
+                self.short_window_decodes += short_window
+                self.greedy_decodes += greedy
             self._cond.notify()  # a partial held back for a free thread may start now
 
 

@@ -202,6 +202,7 @@ async def test_worker_hurries_a_burst_of_finals_and_speculations(engine):
         del engine.transcribe
     seconds = int(rec.seconds)
     assert calls == [(seconds, False, False), (4, True, True), (3, False, True), (2, True, True), (1, False, False)]
+    assert (worker.decodes, worker.short_window_decodes, worker.greedy_decodes) == (5, 3, 2)  # as metrics
 
 
 async def test_worker_keeps_a_thread_free_of_partials_for_finals_and_the_full_window_for_lone_decodes(engine):
