@@ -141,7 +141,7 @@ class WhisperEngine:
         """Text of one utterance, or None when there is no credible speech in it.
 
         `busy` (other decodes run or wait) attends over `busy_window_s` instead of `window_s`; `greedy`
-        trades a little more accuracy for time on a final when finals queue behind it.
+        trades a little more accuracy for time on a final with a burst of finals behind it.
         """
         seconds = audio.size / SAMPLE_RATE
         encoded = self._encode(audio, self.options.busy_window_s if busy else self.options.window_s)
