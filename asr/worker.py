@@ -30,6 +30,9 @@ class _Job:
     future: asyncio.Future = field(repr=False)
     queued: float = field(default_factory=time.monotonic)
     abandoned: bool = False  # set on the loop thread when nobody awaits the result any more
+    # How the engine is to decode it, set when a thread takes it (see `_take`).
+    greedy: bool = False
+    busy: bool = False
 
 
 class DecodeWorker:
@@ -133,74 +136,72 @@ class DecodeWorker:
         job.future.add_done_callback(lambda _: setattr(job, "abandoned", True))
         return job
 
-    def _next(self) -> tuple[_Job, bool, bool] | None:
-        """The next job; whether it must be greedy because its kind queues behind it; and whether
-        other decodes run or wait, so that it takes the engine's short window.
-
-        The calling thread counts as busy from here until it reports back through `_done`.
-        """
+    def _next(self) -> _Job | None:
+        """The next job. The calling thread counts as busy from here until it reports back through `_done`."""
         with self._cond:
-            picked = self._pick()
-            if picked is not None:
+            job = self._pick()
+            if job is not None:
                 self._busy += 1
-            return picked
+            return job
 
-    def _pick(self) -> tuple[_Job, bool, bool] | None:
+    def _pick(self) -> _Job | None:
         """Under the lock: waits for a job this thread may take; None once the worker closes."""
         while True:
             while not (self._closed or self._finals or self._speculative or self._partials_allowed()):
                 self._cond.wait()
             if self._finals:
                 job = self._finals.popleft()
-                return job, len(self._finals) >= len(self._threads), not self._alone()
+                return self._take(job, greedy=len(self._finals) >= len(self._threads))
             if self._speculative:
                 job = self._speculative.popitem(last=False)[1]
-                return job, len(self._speculative) >= len(self._threads), not self._alone()
+                return self._take(job, greedy=len(self._speculative) >= len(self._threads))
             if self._partials_allowed():
                 job = self._partials.popitem(last=False)[1]
                 if time.monotonic() - job.queued > _STALE_PARTIAL_S:
                     self.shed_partials += 1
                     job.loop.call_soon_threadsafe(_resolve, job.future, None)
                     continue
-                return job, False, not self._alone()
+                return self._take(job, greedy=False)
             return None
 
-    def _alone(self) -> bool:
-        """No other decode runs or waits. Only then may a decode take the engine's full window:
-        taking it whenever nothing waited made 16 streams' p95 worse (1.8 to 2.0 s against 1.4 to 1.6).
+    def _take(self, job: _Job, greedy: bool) -> _Job:
+        """Greedy when as many of its kind as there are threads wait behind it. Busy (the engine's
+        short window) unless no other decode runs or waits: taking the full window whenever nothing
+        waited made 16 streams' p95 worse (1.8 to 2.0 s against 1.4 to 1.6).
         """
-        return not (self._busy or self._finals or self._speculative or self._partials)
+        job.greedy = greedy
+        job.busy = bool(self._busy or self._finals or self._speculative or self._partials)
+        return job
 
     def _partials_allowed(self) -> bool:
         return bool(self._partials) and self._busy < self._partial_threads
 
     def _run(self) -> None:
-        while (picked := self._next()) is not None:
-            job, hurry, busy = picked
+        while (job := self._next()) is not None:
             if job.abandoned:
-                self._done(None)  # skipped: not a decode
+                self._done(job, None)  # skipped: not a decode
                 continue
             started = time.monotonic()
             try:
                 result: Transcript | None | BaseException = self.engine.transcribe(
-                    job.audio, job.language, job.final, greedy=hurry, busy=busy
+                    job.audio, job.language, job.final, greedy=job.greedy, busy=job.busy
                 )
             except Exception as e:  # a broken decode fails its request, never the worker
                 result = e
-            self._done(time.monotonic() - started, busy, hurry)
+            self._done(job, time.monotonic() - started)
             try:
                 job.loop.call_soon_threadsafe(_resolve, job.future, result)
             except RuntimeError:  # that loop is closed: nobody is waiting
                 pass
 
-    def _done(self, seconds: float | None, short_window: bool = False, greedy: bool = False) -> None:
+    def _done(self, job: _Job, seconds: float | None) -> None:
         with self._cond:
             self._busy -= 1
             if seconds is not None:
                 self.busy_seconds += seconds
                 self.decodes += 1
-                self.short_window_decodes += short_window
-                self.greedy_decodes += greedy
+                self.short_window_decodes += job.busy
+                self.greedy_decodes += job.greedy
             self._cond.notify()  # a partial held back for a free thread may start now
 
 
