@@ -6,7 +6,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ctranslate2
 import numpy as np
@@ -75,6 +75,8 @@ _LOW_LOGPROB = -1.0
 _REPETITIVE = 2.4  # compression ratio of a repetition loop
 _FALLBACK_TEMPERATURES = (0.2, 0.4)
 _PREPEND, _APPEND = "\"'“¿([{-", "\"'.。,，!！?？:：”)]}、"
+_LONE_DIGIT = re.compile(r"(\d)([.!?]?)")
+_DIGIT_NAMES = ("Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine")
 
 
 def cut_loop(tokens: list[int], min_period: int = 5) -> list[int]:
@@ -97,6 +99,19 @@ def cut_loop(tokens: list[int], min_period: int = 5) -> list[int]:
         elif repeated == 2 * period - 1:  # tokens[i] starts the second copy, in another spelling
             keep = min(keep, i)
     return tokens[:keep]
+
+
+def spell_lone_digit(text: str) -> str:
+    """A digit said on its own, as its word: "3" becomes "Three", "1." "One.".
+
+    With no sentence around it, Whisper writes a lone number as a digit about as often as a word:
+    "one", "two", "three" said with pauses came out "1.", "Two.", "3", where offline, over the
+    whole recording, it wrote "One, two, three." Streaming cuts speech at pauses, so it meets lone
+    numbers that offline never does; spelling them restores the offline text and the style
+    (AP's) that writes single digits as words.
+    """
+    lone = _LONE_DIGIT.fullmatch(text)
+    return _DIGIT_NAMES[int(lone[1])] + lone[2] if lone else text
 
 
 def _normalize(text: str) -> str:
@@ -151,9 +166,13 @@ class WhisperEngine:
         tokenizer = self._tokenizer(language)
         tokens, avg_logprob, no_speech_prob = self._generate(encoded, tokenizer, seconds, final, greedy)
         text = tokenizer.decode(tokens).strip()
+        if language == "en":
+            text = spell_lone_digit(text)
         if self._rejected(text, avg_logprob, no_speech_prob):
             return None
         words = self._words(tokenizer, tokens, encoded, seconds) if final else []
+        if len(words) == 1:
+            words = [replace(words[0], word=text)]
         return Transcript(text=text, language=language, words=words)
 
     def _encode(self, audio: np.ndarray, window_s: float) -> ctranslate2.StorageView:

@@ -14,12 +14,12 @@ import pytest
 from faster_whisper import WhisperModel
 
 from asr import models
-from asr.engine import WhisperEngine
+from asr.engine import WhisperEngine, spell_lone_digit
 from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
 from asr.stream import SpeechStream, StreamOptions
 from asr.vad import SileroModel, SileroVAD
 from asr.worker import DecodeWorker
-from speech import devset_variants, load_devset, segment, wer
+from speech import devset_variants, load_devset, segment, wer, word_errors
 
 PAD_S = 1.0
 
@@ -134,6 +134,18 @@ def test_finals_lose_no_words_against_faster_whisper_on_the_same_utterances(engi
     ours_busy = error_rate(lambda a: getattr(engine.transcribe(a, "en", final=True, busy=True), "text", ""))
     assert ours <= theirs + 0.005, (ours, theirs)
     assert ours_busy <= theirs + 0.025, (ours_busy, theirs)
+
+
+def test_numbers_said_alone_are_written_as_offline_writes_them(engine, vad_model):
+    """Cut at its pauses, "one two three" reached Whisper as three lone words: "1." "Two." "3"."""
+    rec = next(r for r in load_devset() if r.id == "sr-english-one-two-three")
+    ends = [e for e in segment(vad_model, padded(rec.audio)) if isinstance(e, SpeechEnded)]
+    assert len(ends) == 3
+    finals = [engine.transcribe(e.audio, "en", final=True) for e in ends]
+    assert all(f is not None and [w.word for w in f.words] == [f.text] for f in finals), finals
+    assert word_errors(rec.text, " ".join(f.text for f in finals)) == (0, 3), finals
+    assert [spell_lone_digit(t) for t in ("3", "1.", "7?", "25", "At 3.", "3 4")] == [
+        "Three", "One.", "Seven?", "25", "At 3.", "3 4"]
 
 
 @pytest.mark.parametrize("kind", ["silence", "white noise"])
