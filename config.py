@@ -57,13 +57,15 @@ class Config:
     decode_workers: int = field(default=os.cpu_count() or 1, metadata={
         "help": "Whisper decodes that run at once (default: the number of cores)"})
     cpu_threads: int = field(default=1, metadata={"help": "threads per Whisper decode"})
-    beam_size: int = field(default=5, metadata={"help": "beam size for finals (partials are greedy)"})
+    beam_size: int = field(default=5, metadata={
+        "help": "beam size for a final that runs alone (partials, and finals while other decodes run or wait, "
+                "are greedy)"})
     decode_window_s: float = field(default=30.0, metadata={
-        "help": "seconds of encoder output the decoder attends over when no other decode runs or waits: "
-                "the encoder runs over the utterance plus 1 to 3 s, the rest is a precomputed encoding of "
-                "silence (Whisper's own: 30)"})
+        "help": "seconds of encoder output the decoder attends over: the encoder runs over the utterance "
+                "plus 1 to 3 s, the rest is a precomputed encoding of silence (Whisper's own: 30)"})
     busy_decode_window_s: float = field(default=10.0, metadata={
-        "help": "the same while other decodes run or wait: cheaper, a little less accurate"})
+        "help": "the same for partials while other decodes run or wait, and for finals in a burst: cheaper, "
+                "less accurate"})
     language: str = field(default="", metadata={
         "help": "default language code; empty: en for English-only models, detect otherwise"})
     endpoint_ms: int = field(default=500, metadata={"help": "silence that ends an utterance"})

@@ -126,11 +126,11 @@ class _WorkerCollector(Collector):
         yield CounterMetricFamily("stt_decode_busy_seconds", "Time spent decoding (summed over "
                                   "decode threads)", value=worker.busy_seconds)
         yield CounterMetricFamily("stt_decodes", "Decodes run", value=worker.decodes)
-        yield CounterMetricFamily("stt_decodes_short_window", "Decodes that attended over the short window "
-                                  "because other decodes ran or waited", value=worker.short_window_decodes)
+        yield CounterMetricFamily("stt_decodes_short_window", "Decodes that attended over the short window: "
+                                  "partials while other decodes ran or waited, finals in a burst",
+                                  value=worker.short_window_decodes)
         yield CounterMetricFamily("stt_decodes_greedy", "Finals and speculative finals decoded greedily "
-                                  "because as many as there are threads waited behind them",
-                                  value=worker.greedy_decodes)
+                                  "because other decodes ran or waited", value=worker.greedy_decodes)
         yield CounterMetricFamily("stt_partials_shed", "Partials dropped as stale before decoding",
                                   value=worker.shed_partials)
 

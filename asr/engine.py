@@ -55,10 +55,10 @@ class DecodeOptions:
     # Whisper's encoder is built for 30 s; on one core, tiny's takes ~425 ms at 30 s and ~58 ms at
     # 10 s. It runs over the utterance plus 1 to 3 s only, and its output is padded with the
     # encoding of silence, computed once, to the window the decoder attends over. Word errors on
-    # bench/accuracy.py's 978 words: 61 padded to Whisper's 30 s (faster-whisper's full encoder on
-    # the same utterances: 65), 72 padded to 10 s. But attending over 1500 frames costs every
-    # decode ~40 ms of one core more than over 500, so a decode takes the short window whenever
-    # other decodes run or wait: accuracy while the server has time, capacity when it has not.
+    # bench/accuracy.py's 978 words: 49 padded to Whisper's 30 s (faster-whisper's full encoder on
+    # the same utterances: 65), 66 padded to 10 s. But attending over 1500 frames costs every
+    # decode ~40 ms of one core more than over 500, so partials while other decodes run or wait,
+    # and finals in a burst, take the short window (asr/worker.py).
     window_s: float = 30.0
     busy_window_s: float = 10.0
 
@@ -152,14 +152,14 @@ class WhisperEngine:
         self.transcribe(0.1 * np.sin(2 * np.pi * 220 * t), self.default_language, final=True)
 
     def transcribe(self, audio: np.ndarray, language: str | None, final: bool,
-                   greedy: bool = False, busy: bool = False) -> Transcript | None:
+                   greedy: bool = False, short_window: bool = False) -> Transcript | None:
         """Text of one utterance, or None when there is no credible speech in it.
 
-        `busy` (other decodes run or wait) attends over `busy_window_s` instead of `window_s`; `greedy`
-        trades a little more accuracy for time on a final with a burst of finals behind it.
+        `greedy` (for a final: partials always are) and `short_window` (`busy_window_s` instead of
+        `window_s`) trade accuracy for time when other decodes run or wait.
         """
         seconds = audio.size / SAMPLE_RATE
-        encoded = self._encode(audio, self.options.busy_window_s if busy else self.options.window_s)
+        encoded = self._encode(audio, self.options.busy_window_s if short_window else self.options.window_s)
         if language is None:
             token, _ = self._ct2.detect_language(encoded)[0][0]
             language = token[2:-2]

@@ -32,7 +32,7 @@ class _Job:
     abandoned: bool = False  # set on the loop thread when nobody awaits the result any more
     # How the engine is to decode it, set when a thread takes it (see `_take`).
     greedy: bool = False
-    busy: bool = False
+    short_window: bool = False
 
 
 class DecodeWorker:
@@ -40,12 +40,12 @@ class DecodeWorker:
 
     Finals are FIFO and bounded. Speculative finals (decoded while the endpoint silence is still
     running) and partials are keyed by stream: a newer one replaces the waiting one, so each
-    stream holds at most one of each. Under load the worker sheds work in this order: a decode
-    with others running or waiting attends over the engine's short window, partials never take the
-    last idle thread (it stays free for the next final or speculation), stale partials are
-    dropped, streams stop asking for partials and speculation while finals wait (see
-    `finals_waiting`), and a final or speculative final with as many of its kind queued behind
-    it as there are threads is decoded greedily.
+    stream holds at most one of each. Under load the worker sheds work in this order: a final
+    with others running or waiting is decoded greedily and a partial over the engine's short
+    window, partials never take the last idle thread (it stays free for the next final or
+    speculation), stale partials are dropped, streams stop asking for partials and speculation
+    while finals wait (see `finals_waiting`), and a final or speculative final with as many of its
+    kind queued behind it as there are threads also takes the short window.
     """
 
     def __init__(self, engine: WhisperEngine, max_finals: int, threads: int = 1) -> None:
@@ -151,26 +151,30 @@ class DecodeWorker:
                 self._cond.wait()
             if self._finals:
                 job = self._finals.popleft()
-                return self._take(job, greedy=len(self._finals) >= len(self._threads))
+                return self._take(job, burst=len(self._finals) >= len(self._threads))
             if self._speculative:
                 job = self._speculative.popitem(last=False)[1]
-                return self._take(job, greedy=len(self._speculative) >= len(self._threads))
+                return self._take(job, burst=len(self._speculative) >= len(self._threads))
             if self._partials_allowed():
                 job = self._partials.popitem(last=False)[1]
                 if time.monotonic() - job.queued > _STALE_PARTIAL_S:
                     self.shed_partials += 1
                     job.loop.call_soon_threadsafe(_resolve, job.future, None)
                     continue
-                return self._take(job, greedy=False)
+                return self._take(job, burst=False)
             return None
 
-    def _take(self, job: _Job, greedy: bool) -> _Job:
-        """Greedy when as many of its kind as there are threads wait behind it. Busy (the engine's
-        short window) unless no other decode runs or waits: taking the full window whenever nothing
-        waited made 16 streams' p95 worse (1.8 to 2.0 s against 1.4 to 1.6).
+    def _take(self, job: _Job, burst: bool) -> _Job:
+        """A final with other decodes running or waiting is greedy; one in a burst (as many of its kind
+        waiting behind it as there are threads) also takes the short window; partials take it whenever
+        others run or wait. On bench/accuracy.py's 978 words, finals had 49 errors with beam search
+        over 30 s (247 ms a decode on one core), 54 greedy over 30 s (165 ms), 66 with beam search over
+        10 s (191 ms) and 69 greedy over 10 s (127 ms). Taking beam search over 30 s for every final
+        not in a burst made 16 streams' p95 worse (1.43 and 1.46 s against 1.08 and 1.20).
         """
-        job.greedy = greedy
-        job.busy = bool(self._busy or self._finals or self._speculative or self._partials)
+        others = bool(self._busy or self._finals or self._speculative or self._partials)
+        job.greedy = job.final and others
+        job.short_window = burst or (others and not job.final)
         return job
 
     def _partials_allowed(self) -> bool:
@@ -184,7 +188,7 @@ class DecodeWorker:
             started = time.monotonic()
             try:
                 result: Transcript | None | BaseException = self.engine.transcribe(
-                    job.audio, job.language, job.final, greedy=job.greedy, busy=job.busy
+                    job.audio, job.language, job.final, greedy=job.greedy, short_window=job.short_window
                 )
             except Exception as e:  # a broken decode fails its request, never the worker
                 result = e
@@ -200,7 +204,7 @@ class DecodeWorker:
             if seconds is not None:
                 self.busy_seconds += seconds
                 self.decodes += 1
-                self.short_window_decodes += job.busy
+                self.short_window_decodes += job.short_window
                 self.greedy_decodes += job.greedy
             self._cond.notify()  # a partial held back for a free thread may start now
 
