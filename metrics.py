@@ -131,6 +131,8 @@ class _WorkerCollector(Collector):
                                   value=worker.short_window_decodes)
         yield CounterMetricFamily("stt_decodes_greedy", "Finals and speculative finals decoded greedily "
                                   "because other decodes ran or waited", value=worker.greedy_decodes)
+        yield CounterMetricFamily("stt_decodes_batched", "Finals of bursts decoded together in one batch",
+                                  value=worker.batched_decodes)
         yield CounterMetricFamily("stt_partials_shed", "Partials dropped as stale before decoding",
                                   value=worker.shed_partials)
 

@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import subprocess
 import sys
+import threading
 import time
 
 import ctranslate2
@@ -133,11 +134,18 @@ def test_finals_lose_no_words_against_faster_whisper_on_the_same_utterances(engi
     theirs = error_rate(lambda a: "".join(
         s.text for s in reference.transcribe(a, language="en", without_timestamps=True)[0]))
     alone, busy, burst = ours(), ours(greedy=True), ours(greedy=True, short_window=True)
+    # A burst's finals decoded together, eight at a time, as the worker batches them.
+    audios = [a for _, parts in utterances for a in parts]
+    ctranslate2.set_random_seed(0)
+    texts = {id(a): getattr(t, "text", "") for i in range(0, len(audios), 8)
+             for a, t in zip(audios[i:i + 8], engine.transcribe_burst(audios[i:i + 8], "en"), strict=True)}
+    batched = error_rate(lambda a: texts[id(a)])
     print(f"\nword error rates: faster-whisper {theirs:.4f}, ours alone {alone:.4f}, busy {busy:.4f}, "
-          f"burst {burst:.4f}")
+          f"burst {burst:.4f}, burst batched {batched:.4f}")
     assert alone <= theirs + 0.005, (alone, theirs)
     assert busy <= theirs + 0.01, (busy, theirs)
     assert burst <= theirs + 0.03, (burst, theirs)
+    assert batched <= burst + 0.01, (batched, burst)
 
 
 def test_numbers_said_alone_are_written_as_offline_writes_them(engine, vad_model):
@@ -194,18 +202,29 @@ async def test_worker_runs_finals_first_then_first_partials_and_replaces_waiting
 
 
 async def test_worker_hurries_a_burst_of_finals_and_speculations(engine):
-    """A final with company is greedy; while as many finals (or speculative finals) as there are
-    threads wait behind it, it also attends over the short window. One alone takes beam search over
-    the full window."""
+    """A final with company is greedy. While as many finals (or speculative finals) as there are
+    threads wait behind one, the thread takes them and decodes them together, greedily over the
+    short window. A final alone takes beam search over the full window."""
     rec = next(r for r in load_devset() if r.id == "ls-1221-135766-0001")  # 16.7 s
-    calls: list[tuple[int, bool, bool]] = []
-    transcribe = engine.transcribe
+    calls: list[tuple] = []
+    transcribe, transcribe_burst = engine.transcribe, engine.transcribe_burst
+
+    in_burst = threading.local()
 
     def spy(audio, language, final, greedy=False, short_window=False):
-        calls.append((audio.size // 16000, greedy, short_window))
+        if not getattr(in_burst, "on", False):  # a burst's doubtful final, decoded again alone
+            calls.append((audio.size // 16000, greedy, short_window))
         return transcribe(audio, language, final, greedy, short_window)
 
-    engine.transcribe = spy
+    def spy_burst(audios, language):
+        calls.append(("burst", [a.size // 16000 for a in audios]))
+        in_burst.on = True
+        try:
+            return transcribe_burst(audios, language)
+        finally:
+            in_burst.on = False
+
+    engine.transcribe, engine.transcribe_burst = spy, spy_burst
     worker = DecodeWorker(engine, max_finals=4)
     worker.start()
     try:
@@ -213,13 +232,33 @@ async def test_worker_hurries_a_burst_of_finals_and_speculations(engine):
         await asyncio.sleep(0.05)  # the worker is busy with `first` while the rest queue up behind it
         rest = [worker.final(rec.audio[:16000 * 4], "en"), worker.final(rec.audio[:16000 * 3], "en"),
                 worker.speculate("a", rec.audio[:16000 * 2], "en"), worker.speculate("b", rec.audio[:16000], "en")]
-        await asyncio.gather(first, *rest)
+        results = await asyncio.gather(first, *rest)
     finally:
         await worker.close()
-        del engine.transcribe
-    seconds = int(rec.seconds)
-    assert calls == [(seconds, False, False), (4, True, True), (3, True, False), (2, True, True), (1, False, False)]
-    assert (worker.decodes, worker.short_window_decodes, worker.greedy_decodes) == (5, 2, 3)  # as metrics
+        del engine.transcribe, engine.transcribe_burst
+    assert all(r is not None and r.text for r in results), results
+    assert calls == [(int(rec.seconds), False, False), ("burst", [4, 3]), ("burst", [2, 1])]
+    assert (worker.decodes, worker.batched_decodes, worker.short_window_decodes, worker.greedy_decodes) == (5, 4, 4, 4)
+
+
+async def test_worker_shares_a_burst_among_its_free_threads(engine):
+    """With 5 finals waiting and 2 idle threads, the first thread takes 3 of them; the second, with
+    one final left behind the one it takes, fewer than there are threads, takes one. Finals whose
+    language is still to be detected are decoded one by one."""
+    audio = np.zeros(16000, np.float32)
+    worker = DecodeWorker(engine, max_finals=8, threads=2)  # not started: this test takes the jobs itself
+    futures = [worker.final(audio, "en") for _ in range(5)]
+    first, second = worker._next(), worker._next()
+    assert [len(first), len(second)] == [3, 1]
+    assert all(job.greedy and job.short_window for job in first)
+    assert second[0].greedy and not second[0].short_window  # company, no burst
+    assert [job.future for job in first + second] == futures[:4]
+    worker._done(first, 0.1)
+    worker._done(second, 0.1)
+    assert (worker.decodes, worker.batched_decodes) == (4, 3)
+    detect = [worker.final(audio, None) for _ in range(3)]
+    assert [len(worker._next()) for _ in range(3)] == [1, 1, 1]  # the remaining "en" final's turn comes first
+    assert worker.depth == 1 and len(detect) == 3
 
 
 async def test_worker_keeps_a_thread_free_of_partials_for_finals_and_the_full_window_for_lone_decodes(engine):

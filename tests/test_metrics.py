@@ -106,6 +106,7 @@ async def test_metrics_and_audit_log_follow_a_session(server):
     print(f"decodes {decodes}, short window {short}, greedy {greedy}, finals {len(finals)}")
     assert short < decodes
     assert greedy < len(finals)
+    assert grew(before, after, "stt_decodes_batched_total") == 0
     assert grew(before, after, "stt_decode_busy_seconds_total") > 0
     assert value(after, "stt_decode_queue_depth") == 0
     assert grew(before, after, "stt_errors_total", source="event", code="bad_message") == 1
