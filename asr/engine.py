@@ -175,13 +175,8 @@ class WhisperEngine:
         frames = max(e.shape[1] for e in encoded)
         batch = get_ctranslate2_storage(np.concatenate([self._pad(e, frames) for e in encoded]))
         tokenizer = self._tokenizer(language)
-        prompt = self._prompt(tokenizer)
-        caps = [self._max_length(prompt, audio.size / SAMPLE_RATE) for audio in audios]
-        results = self._ct2.generate(
-            batch, [prompt] * len(audios), max_length=max(caps), beam_size=1,
-            return_scores=True, return_no_speech_prob=True, suppress_blank=True,
-            suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
-        )
+        caps = [self._max_length(tokenizer, audio.size / SAMPLE_RATE) for audio in audios]
+        results = self._decode(batch, tokenizer, len(audios), max(caps), beam_size=1)
         transcripts: list[Transcript | None] = []
         for audio, one, result, cap in zip(audios, encoded, results, caps):
             storage = get_ctranslate2_storage(one)
@@ -235,8 +230,7 @@ class WhisperEngine:
 
         `tried`: the outcome of the first attempt, already decoded (in a batch).
         """
-        prompt = self._prompt(tokenizer)
-        max_length = self._max_length(prompt, seconds)
+        max_length = self._max_length(tokenizer, seconds)
         attempts = [{"beam_size": self.options.beam_size if final and not greedy else 1}]
         if final:
             attempts += [{"beam_size": 1, "sampling_temperature": t, "sampling_topk": 0,
@@ -247,11 +241,7 @@ class WhisperEngine:
                 return tried
             attempts = attempts[1:]
         for attempt in attempts:
-            result = self._ct2.generate(
-                encoded, [prompt], max_length=max_length, return_scores=True,
-                return_no_speech_prob=True, suppress_blank=True,
-                suppress_tokens=get_suppressed_tokens(tokenizer, [-1]), **attempt,
-            )[0]
+            result = self._decode(encoded, tokenizer, 1, max_length, **attempt)[0]
             candidate = self._outcome(result, tokenizer, max_length)
             if best is None or candidate[1] > best[1]:
                 best = candidate
@@ -260,14 +250,22 @@ class WhisperEngine:
         assert best is not None
         return best
 
+    def _decode(self, encoded, tokenizer: Tokenizer, count: int, max_length: int, **attempt) -> list:
+        """Whisper's decoder over `count` encodings, each with the plain transcription prompt."""
+        return self._ct2.generate(
+            encoded, [self._prompt(tokenizer)] * count, max_length=max_length, return_scores=True,
+            return_no_speech_prob=True, suppress_blank=True,
+            suppress_tokens=get_suppressed_tokens(tokenizer, [-1]), **attempt,
+        )
+
     @staticmethod
     def _prompt(tokenizer: Tokenizer) -> list[int]:
         return list(tokenizer.sot_sequence) + [tokenizer.no_timestamps]
 
-    @staticmethod
-    def _max_length(prompt: list[int], seconds: float) -> int:
+    @classmethod
+    def _max_length(cls, tokenizer: Tokenizer, seconds: float) -> int:
         # Speech runs under ~5 tokens a second: a longer output is a loop, cut short.
-        return min(224, len(prompt) + 16 + int(12 * seconds))
+        return min(224, len(cls._prompt(tokenizer)) + 16 + int(12 * seconds))
 
     @staticmethod
     def _outcome(result, tokenizer: Tokenizer, max_length: int) -> tuple[list[int], float, float]:

@@ -208,7 +208,7 @@ class DecodeWorker:
             results: list[Transcript | None | BaseException]
             try:
                 if len(jobs) > 1:
-                    results = list(self.engine.transcribe_burst([job.audio for job in jobs], jobs[0].language))
+                    results = self.engine.transcribe_burst([job.audio for job in jobs], jobs[0].language)
                 else:
                     results = [self.engine.transcribe(job.audio, job.language, job.final, greedy=job.greedy,
                                                       short_window=job.short_window) for job in jobs]
