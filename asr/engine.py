@@ -78,6 +78,11 @@ _LONE_DIGIT = re.compile(r"(\d)([.!?]?)")
 _DIGIT_NAMES = ("Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine")
 
 
+def _computed_s(seconds: float) -> float:
+    """How much of an utterance of `seconds` the encoder runs over: at least _ENCODE_PAD_S more."""
+    return min(30.0, math.ceil((seconds + _ENCODE_PAD_S) / _ENCODE_STEP_S) * _ENCODE_STEP_S)
+
+
 def cut_loop(tokens: list[int], min_period: int = 5) -> list[int]:
     """Whisper's loop: the output ends with the same block of tokens two or more times. Keep one.
 
@@ -163,7 +168,7 @@ class WhisperEngine:
             token, _ = self._ct2.detect_language(storage)[0][0]
             language = token[2:-2]
         tokenizer = self._tokenizer(language)
-        decoded = self._generate(storage, tokenizer, audio.size / SAMPLE_RATE, final, greedy)
+        decoded = self._generate(encoded, tokenizer, audio.size / SAMPLE_RATE, final, greedy)
         return self._transcript(decoded, tokenizer, storage, audio, final)
 
     def transcribe_burst(self, audios: list[np.ndarray], language: str) -> list[Transcript | None]:
@@ -179,10 +184,9 @@ class WhisperEngine:
         results = self._decode(batch, tokenizer, len(audios), max(caps), beam_size=1)
         transcripts: list[Transcript | None] = []
         for audio, one, result, cap in zip(audios, encoded, results, caps):
-            storage = get_ctranslate2_storage(one)
-            decoded = self._generate(storage, tokenizer, audio.size / SAMPLE_RATE, final=True, greedy=True,
+            decoded = self._generate(one, tokenizer, audio.size / SAMPLE_RATE, final=True, greedy=True,
                                      tried=self._outcome(result, tokenizer, cap))
-            transcripts.append(self._transcript(decoded, tokenizer, storage, audio, True))
+            transcripts.append(self._transcript(decoded, tokenizer, get_ctranslate2_storage(one), audio, True))
         return transcripts
 
     def _transcript(self, decoded: tuple[list[int], float, float], tokenizer: Tokenizer, encoded,
@@ -200,9 +204,11 @@ class WhisperEngine:
 
     def _encode(self, audio: np.ndarray, window_s: float) -> np.ndarray:
         """Encoder output over max(window_s, audio + 1 to 3 s), of which only audio + 1 to 3 s is computed."""
-        steps = math.ceil((audio.size / SAMPLE_RATE + _ENCODE_PAD_S) / _ENCODE_STEP_S)
-        seconds = min(30.0, steps * _ENCODE_STEP_S)
-        return self._pad(self._encode_window(audio, seconds), int(window_s * 50))
+        return self._pad(self._encode_window(audio, _computed_s(audio.size / SAMPLE_RATE)), int(window_s * 50))
+
+    def _short_window(self, encoded: np.ndarray, seconds: float) -> np.ndarray:
+        """`encoded`, of an utterance of `seconds`, cut to the short window: what follows is silence."""
+        return encoded[:, :int(max(self.options.busy_window_s, _computed_s(seconds)) * 50)]
 
     def _pad(self, encoded: np.ndarray, frames: int) -> np.ndarray:
         """`encoded` extended with the encoding of silence to `frames` (at most Whisper's 1500)."""
@@ -224,24 +230,30 @@ class WhisperEngine:
                 self._model.hf_tokenizer, self.multilingual, task="transcribe", language=language)
         return self._tokenizers[language]
 
-    def _generate(self, encoded, tokenizer: Tokenizer, seconds: float, final: bool, greedy: bool,
+    def _generate(self, encoded: np.ndarray, tokenizer: Tokenizer, seconds: float, final: bool, greedy: bool,
                   tried: tuple[list[int], float, float] | None = None) -> tuple[list[int], float, float]:
         """Greedy for partials; beam search with temperature fallback for finals, as offline.
 
-        `tried`: the outcome of the first attempt, already decoded (in a batch).
+        `tried`: the outcome of the first attempt, already decoded (in a batch). The fallback's five
+        sampled hypotheses attend over the short window: over Whisper's 1500 frames they took
+        77 to 99 MB more for as long as the decode ran, over 500 frames 13 to 24 MB (two threads
+        doing it at once showed as transient 80 MB peaks of RSS). It runs for 2 or 3 of
+        bench/accuracy.py's 89 utterances.
         """
         max_length = self._max_length(tokenizer, seconds)
-        attempts = [{"beam_size": self.options.beam_size if final and not greedy else 1}]
+        first = (get_ctranslate2_storage(encoded), {"beam_size": self.options.beam_size if final and not greedy else 1})
+        attempts = [first]
         if final:
-            attempts += [{"beam_size": 1, "sampling_temperature": t, "sampling_topk": 0,
-                          "num_hypotheses": 5} for t in _FALLBACK_TEMPERATURES]
+            short = get_ctranslate2_storage(self._short_window(encoded, seconds))
+            attempts += [(short, {"beam_size": 1, "sampling_temperature": t, "sampling_topk": 0,
+                                  "num_hypotheses": 5}) for t in _FALLBACK_TEMPERATURES]
         best = tried
         if tried is not None:
             if self._settled(tried, tokenizer):
                 return tried
             attempts = attempts[1:]
-        for attempt in attempts:
-            result = self._decode(encoded, tokenizer, 1, max_length, **attempt)[0]
+        for storage, attempt in attempts:
+            result = self._decode(storage, tokenizer, 1, max_length, **attempt)[0]
             candidate = self._outcome(result, tokenizer, max_length)
             if best is None or candidate[1] > best[1]:
                 best = candidate

@@ -189,7 +189,7 @@ class DecodeWorker:
         """A final with other decodes running or waiting is greedy; one in a burst (as many of its kind
         waiting behind it as there are threads) also takes the short window; partials take it whenever
         others run or wait. On bench/accuracy.py's 978 words, finals had 49 errors with beam search
-        over 30 s (247 ms a decode on one core), 54 greedy over 30 s (165 ms), 66 with beam search over
+        over 30 s (247 ms a decode on one core), 56 greedy over 30 s (165 ms), 66 with beam search over
         10 s (191 ms) and 69 greedy over 10 s (127 ms). Taking beam search over 30 s for every final
         not in a burst made 16 streams' p95 worse (1.43 and 1.46 s against 1.08 and 1.20).
         """
