@@ -466,13 +466,15 @@ def plot(report: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for t in sorted({lv["transport"] for lv in report["levels"]}):
-        levels = [lv for lv in report["levels"] if lv["transport"] == t and lv["final_p50_s"] is not None]
+    measured = [lv for lv in report["levels"] if lv["final_p50_s"] is not None]  # not every session failed
+    for t in sorted({lv["transport"] for lv in measured}):
+        levels = [lv for lv in measured if lv["transport"] == t]
         xs = [lv["streams"] for lv in levels]
         ax.plot(xs, [lv["final_p50_s"] for lv in levels], "o-", label=f"{t} p50")
         ax.plot(xs, [lv["final_p95_s"] for lv in levels], "s--", label=f"{t} p95")
     ax.axhline(REALTIME_P95_S, color="grey", lw=0.8, ls=":")
-    ax.set_xscale("log", base=2)
+    if measured:
+        ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("end of speech → final (s)")
     ax.set_title("Final latency against concurrency")
