@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -240,12 +241,18 @@ class ProcessProbe:
         return self._cpu() - self._cpu0
 
 
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def percentile(values: list[float], p: float) -> float | None:
     return float(np.percentile(values, p)) if values else None
 
 
 async def run_level(server: ServerProcess, transport: str, n: int, programmes, packets) -> dict:
     probe = ProcessProbe(server.proc.pid)
+    clients_cpu = _own_cpu()
     rng = random.Random(n)
 
     async def one(i: int) -> StreamResult:
@@ -257,6 +264,7 @@ async def run_level(server: ServerProcess, transport: str, n: int, programmes, p
 
     results = await asyncio.gather(*(one(i) for i in range(n)))
     cpu = probe.stop()
+    clients_cpu = _own_cpu() - clients_cpu
     latencies = [x for r in results for x in r.latencies]
     audio_s = sum(programmes[i % len(programmes)].seconds for i in range(n))
     level = {
@@ -268,6 +276,8 @@ async def run_level(server: ServerProcess, transport: str, n: int, programmes, p
         "partial_interval_p50_s": percentile([x for r in results for x in r.partial_gaps], 50),
         "wer": wer([(r.reference, r.hypothesis) for r in results if r.ok]) if any(r.ok for r in results) else None,
         "cpu_s_per_audio_s_per_stream": cpu / audio_s,
+        # The clients run in this process, on the same cores as the server.
+        "clients_cpu_s_per_audio_s_per_stream": clients_cpu / audio_s,
         "peak_rss_mb": probe.peak_rss_mb,
     }
     level["realtime"] = level["failed"] == 0 and (level["final_p95_s"] or 99) <= REALTIME_P95_S
@@ -412,15 +422,17 @@ def markdown(report: dict) -> str:
         f"({report['programme_s']} s with pauses) in real time; latency is measured from the end of "
         "speech in the audio to the arrival of the final at the client.", "",
         "| transport | streams | failed | final p50 (s) | final p95 (s) | first partial p50 (s) | "
-        "partial interval p50 (s) | WER | CPU s / audio s / stream | peak RSS (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "partial interval p50 (s) | WER | CPU s / audio s / stream | clients' CPU s / audio s / stream | "
+        "peak RSS (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for lv in report["levels"]:
         lines.append(
             f"| {lv['transport']} | {lv['streams']} | {lv['failed']} | {fmt(lv['final_p50_s'])} | "
             f"{fmt(lv['final_p95_s'])} | {fmt(lv['first_partial_p50_s'])} | "
             f"{fmt(lv['partial_interval_p50_s'])} | {fmt(lv['wer'], 3)} | "
-            f"{fmt(lv['cpu_s_per_audio_s_per_stream'], 3)} | {lv['peak_rss_mb']:.0f} |")
+            f"{fmt(lv['cpu_s_per_audio_s_per_stream'], 3)} | "
+            f"{fmt(lv['clients_cpu_s_per_audio_s_per_stream'], 3)} | {lv['peak_rss_mb']:.0f} |")
     failures = [f"{lv['transport']} at {lv['streams']} streams: {lv['failed']} failed ({'; '.join(lv['errors'])})."
                 for lv in report["levels"] if lv["failed"]]
     if failures:
