@@ -234,7 +234,8 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     reads one datagram per socket per turn. Once turns took longer than 20 ms, as at 32 streams on
     2 cores, packets piled up in every socket faster than they were read, the ICE consent checks
     queued behind them timed out, and all 32 connections closed 30 s in. uvloop (libuv) reads
-    what waits, up to 32 datagrams a turn; the same 32 streams then all ran to the end.
+    what waits, up to 32 datagrams a turn: in a single run all 32 streams then ran to the end, and
+    past that the loop thread itself runs short of CPU (README: Benchmark).
     """
     try:
         import uvloop
