@@ -241,8 +241,8 @@ class WhisperEngine:
         bench/accuracy.py's 89 utterances.
         """
         max_length = self._max_length(tokenizer, seconds)
-        first = (get_ctranslate2_storage(encoded), {"beam_size": self.options.beam_size if final and not greedy else 1})
-        attempts = [first]
+        beam_size = self.options.beam_size if final and not greedy else 1
+        attempts = [(get_ctranslate2_storage(encoded), {"beam_size": beam_size})]
         if final:
             short = get_ctranslate2_storage(self._short_window(encoded, seconds))
             attempts += [(short, {"beam_size": 1, "sampling_temperature": t, "sampling_topk": 0,
