@@ -83,6 +83,11 @@ def _computed_s(seconds: float) -> float:
     return min(30.0, math.ceil((seconds + _ENCODE_PAD_S) / _ENCODE_STEP_S) * _ENCODE_STEP_S)
 
 
+def _silent(avg_logprob: float, no_speech_prob: float) -> bool:
+    """Whisper's own verdict of no speech: the no-speech token likely and the text improbable."""
+    return no_speech_prob > _NO_SPEECH and avg_logprob < _LOW_LOGPROB
+
+
 def cut_loop(tokens: list[int], min_period: int = 5) -> list[int]:
     """Whisper's loop: the output ends with the same block of tokens two or more times. Keep one.
 
@@ -289,7 +294,7 @@ class WhisperEngine:
     def _settled(decoded: tuple[list[int], float, float], tokenizer: Tokenizer) -> bool:
         """No fallback needed: confidently silent, or neither a loop nor improbable."""
         tokens, avg_logprob, no_speech_prob = decoded
-        if no_speech_prob > _NO_SPEECH and avg_logprob < _LOW_LOGPROB:
+        if _silent(avg_logprob, no_speech_prob):
             return True
         return get_compression_ratio(tokenizer.decode(tokens)) <= _REPETITIVE and avg_logprob >= _LOW_LOGPROB
 
@@ -309,7 +314,7 @@ class WhisperEngine:
     def _rejected(text: str, avg_logprob: float, no_speech_prob: float) -> bool:
         if not text:
             return True
-        if no_speech_prob > _NO_SPEECH and avg_logprob < _LOW_LOGPROB:
+        if _silent(avg_logprob, no_speech_prob):
             return True
         if get_compression_ratio(text) > _REPETITIVE:  # still a loop after every fallback
             return True
