@@ -71,7 +71,7 @@ class Config:
     endpoint_ms: int = field(default=500, metadata={"help": "silence that ends an utterance"})
     partial_interval_ms: int = field(default=600, metadata={
         "help": "new audio between two partial hypotheses"})
-    sentence_endpoint: float = field(default=0.6, metadata={
+    sentence_endpoint: float = field(default=0.8, metadata={
         "help": "share of the endpoint silence that ends an utterance whose early final already "
                 "ends a sentence (. ? !); 1: off"})
     early_final_ms: int = field(default=160, metadata={

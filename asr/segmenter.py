@@ -26,6 +26,12 @@ class SegmenterConfig:
     # no more word errors in bench/accuracy.py.
     max_utterance_s: float = 12.0
     split_pause_ms: int = 160  # a pause long enough to split an utterance grown past half its limit
+    # Silero's probability stays up for 100 to 300 ms after the voice stops (120 ms typically on the
+    # devset). A pause is counted from where the audio itself fell this far below the utterance's
+    # loudest speech, so the endpoint comes that much sooner after the real end of speech...
+    quiet_db: float = 20.0
+    # ... but never more than this ahead of the VAD, which must hear the pause too.
+    max_hangover_ms: int = 250
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class Segmenter:
         self._tail_windows = min(self._endpoint_windows, round(config.tail_ms / 1000 / _WINDOW_S))
         self._split_pause_windows = max(1, round(config.split_pause_ms / 1000 / _WINDOW_S))
         self._max_windows = int(config.max_utterance_s / _WINDOW_S)
+        self._max_hangover_windows = round(config.max_hangover_ms / 1000 / _WINDOW_S)
         self._unprocessed = np.zeros(0, dtype=np.float32)
         self._position = 0  # windows seen since the stream began
         self._recent: deque[np.ndarray] = deque(maxlen=self._preroll_windows)
@@ -68,6 +75,8 @@ class Segmenter:
         self._onset = 0  # window index where speech began
         self._speech = 0  # speech windows in the candidate
         self._silence = 0  # trailing windows below neg_threshold
+        self._loudest = -np.inf  # level (dB) of the candidate's loudest speech window
+        self._quiet = 0  # trailing windows quieter than quiet_db under it
         self._confirmed = False
         self._active = False
 
@@ -80,14 +89,26 @@ class Segmenter:
         return self._utterance
 
     @property
+    def _pause(self) -> int:
+        """Windows since the speaker stopped: the VAD says they have, the audio says since when."""
+        if not self._silence:
+            return 0
+        return min(max(self._silence, self._quiet), self._silence + self._max_hangover_windows)
+
+    @property
     def pause_ms(self) -> float:
         """How long the utterance in progress has been silent."""
+        return self._pause * _WINDOW_S * 1000 if self._confirmed else 0.0
+
+    @property
+    def vad_pause_ms(self) -> float:
+        """How long the VAD has heard no speech: `pause_ms` without the audio's head start."""
         return self._silence * _WINDOW_S * 1000 if self._confirmed else 0.0
 
     @property
     def speech_end(self) -> float:
         """Timeline position where the utterance in progress last had speech."""
-        return round((self._first + len(self._windows) - self._silence) * _WINDOW_S, 3)
+        return round((self._first + len(self._windows) - self._pause) * _WINDOW_S, 3)
 
     @property
     def onset(self) -> float:
@@ -106,8 +127,9 @@ class Segmenter:
         if n == 0:
             return events
         windows = buf[: n * WINDOW].reshape(n, WINDOW)
-        for window, prob in zip(windows, self._vad(windows)):
-            self._step(window, float(prob), events)
+        levels = 10 * np.log10(np.einsum("ij,ij->i", windows, windows) / WINDOW + 1e-12)
+        for window, prob, level in zip(windows, self._vad(windows), levels):
+            self._step(window, float(prob), float(level), events)
             self._position += 1
         return events
 
@@ -117,12 +139,12 @@ class Segmenter:
         if self._confirmed:
             if self._unprocessed.size:
                 self._windows.append(self._unprocessed)
-            events.append(self._end(len(self._windows) - self._silence + self._tail_windows))
+            events.append(self._end(len(self._windows) - self._silence + min(self._tail_windows, self._silence)))
         self._unprocessed = np.zeros(0, dtype=np.float32)
         self._reset()
         return events
 
-    def _step(self, window: np.ndarray, prob: float, events: list[SegmentEvent]) -> None:
+    def _step(self, window: np.ndarray, prob: float, level: float, events: list[SegmentEvent]) -> None:
         c = self.config
         if not self._active:
             self._recent.append(window)
@@ -133,9 +155,13 @@ class Segmenter:
                 self._first = self._position - len(self._windows) + 1
                 self._onset = self._position
                 self._speech, self._silence = 1, 0
+                self._loudest, self._quiet = level, 0
             return
         self._windows.append(window)
         self._probs.append(prob)
+        if prob >= c.threshold:
+            self._loudest = max(self._loudest, level)
+        self._quiet = self._quiet + 1 if level < self._loudest - c.quiet_db else 0
         if prob < c.neg_threshold:
             self._silence += 1
         else:
@@ -152,10 +178,10 @@ class Segmenter:
                 self._discard()
             return
         length = len(self._windows)
-        if self._silence >= self._endpoint_windows or (
+        if self._pause >= self._endpoint_windows or (
             length > self._max_windows // 2 and self._silence >= self._split_pause_windows
         ):
-            keep = length - self._silence + self._tail_windows
+            keep = length - self._silence + min(self._tail_windows, self._silence)
             events.append(self._end(keep))
             self._carry_over(keep)
         elif length >= self._max_windows:
@@ -174,7 +200,7 @@ class Segmenter:
         return event
 
     def _end(self, keep: int) -> SpeechEnded:
-        speech_end = self._first + len(self._windows) - self._silence
+        speech_end = self._first + len(self._windows) - self._pause
         return SpeechEnded(
             utterance=self._utterance,
             start=round(self._onset * _WINDOW_S, 3),
@@ -207,5 +233,6 @@ class Segmenter:
 
     def _reset(self) -> None:
         self._windows, self._probs = [], []
-        self._speech = self._silence = 0
+        self._speech = self._silence = self._quiet = 0
+        self._loudest = -np.inf
         self._confirmed = self._active = False

@@ -91,6 +91,11 @@ class DecodeWorker:
         return len(self._finals) + len(self._speculative) + len(self._partials)
 
     @property
+    def idle(self) -> bool:
+        """No decode runs or waits."""
+        return not (self._busy or self.depth)
+
+    @property
     def finals_waiting(self) -> int:
         """Finals not yet started: while any wait, extra work would only delay them."""
         return len(self._finals)

@@ -84,6 +84,40 @@ def test_segmenter_finds_each_recordings_speech(vad_model):
         assert np.mean(inside) >= 0.95, rec.id
 
 
+def test_the_endpoint_counts_the_pause_from_where_the_voice_stops(vad_model):
+    """Silero's probability lags the voice by 100 to 300 ms; the endpoint does not wait for that lag,
+    yet never comes before the endpoint's silence has passed in the audio, and cuts the same audio."""
+    declared: dict[str, list[float]] = {"vad": [], "audio": []}
+    for name, recordings in devset_variants().items():
+        for rec in recordings:
+            audio = np.concatenate([np.zeros(8000, np.float32), rec.audio, np.zeros(24000, np.float32)])
+            cuts, ends = {}, []
+            for how, overrides in (("vad", {"max_hangover_ms": 0}), ("audio", {})):
+                # The 30 s limit: a short pause ends speech past half the limit, not the endpoint.
+                config = SegmenterConfig(endpoint_ms=500, max_utterance_s=30.0, **overrides)
+                segmenter = Segmenter(SileroVAD(vad_model), config)
+                ends = []
+                for i in range(0, audio.size, 320):
+                    ends += [((i + 320) / 16000, e) for e in segmenter.push(audio[i : i + 320])
+                             if isinstance(e, SpeechEnded)]
+                if how == "vad":
+                    # Where the voice stops: the last 10 ms within 20 dB of the recording's peak, before
+                    # the VAD's end (the JFK clip ends in loud applause).
+                    rms = np.sqrt((audio[: audio.size // 160 * 160].reshape(-1, 160) ** 2).mean(axis=1))
+                    loud = np.flatnonzero(rms > 0.1 * rms.max()) * 0.01
+                    voice_end = loud[loud < ends[-1][1].end][-1] + 0.01
+                declared[how].append(ends[-1][0] - voice_end)
+                cuts[how] = [(e.audio_start, e.audio.size) for _, e in ends]
+            assert cuts["audio"] == cuts["vad"], (name, rec.id)
+            assert declared["audio"][-1] <= declared["vad"][-1], (name, rec.id)
+            if ends[-1][1].audio.size / 16000 < 14.0:
+                # At most a little short of the endpoint's silence by this finer measure (a fading
+                # sound 20 to 30 dB down is silence to the segmenter's 32 ms windows, not to 10 ms ones).
+                assert declared["audio"][-1] >= 0.5 - 0.15, (name, rec.id)
+    gain = np.array(declared["vad"]) - np.array(declared["audio"])
+    assert gain.mean() >= 0.05 and gain.max() >= 0.15, gain
+
+
 @pytest.mark.parametrize("kind", ["silence", "white noise 0.01", "white noise 0.1", "white noise 0.5"])
 def test_segmenter_ignores_silence_and_noise(vad_model, kind):
     rng = np.random.default_rng(7)
