@@ -19,7 +19,7 @@ from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
 from asr.stream import SpeechStream, StreamOptions
 from asr.vad import SileroModel, SileroVAD
 from asr.worker import DecodeWorker
-from speech import devset_variants, load_devset, segment, wer, word_errors
+from speech import devset_variants, load_devset, recording, segment, wer, word_errors
 
 PAD_S = 1.0
 
@@ -370,6 +370,48 @@ async def test_a_first_partial_that_says_nothing_is_asked_again_soon(engine, vad
     # on from a split at the length limit has its first try at once, with the speech carried over.
     late = {key: size - asked[key][0] for key, size in shown.items() if size - asked[key][0] > 8000}
     assert not late, late
+
+
+@pytest.mark.parametrize("idle", [True, False])
+async def test_the_final_is_guessed_once_the_voice_pauses_if_the_worker_is_idle(engine, vad_model, monkeypatch, idle):
+    """An idle worker starts the speculative final 160 ms after the voice stopped, before Silero's
+    probability has fallen; a busy one waits until the VAD has heard 160 ms of pause. Either way the
+    guess is the final, and a sentence ends after 400 ms of pause rather than the 500 ms endpoint."""
+    if not idle:
+        monkeypatch.setattr(DecodeWorker, "idle", property(lambda self: False))
+    worker = DecodeWorker(engine, max_finals=4)
+    worker.start()
+    events: list[dict] = []
+    segmenter = Segmenter(SileroVAD(vad_model), SegmenterConfig(endpoint_ms=500))
+    stream = SpeechStream(worker, segmenter, StreamOptions(language="en", partials=False), events.append)
+    guessed_at = stopped_at = None
+    audio = padded(recording("ls-1221-135766-0002").audio)
+    try:
+        for i in range(0, audio.size, 320):
+            stream.feed(audio[i : i + 320])
+            if stopped_at is None and any(e["type"] == "speech.stopped" for e in events):
+                stopped_at = (i + 320) / 16000
+            spec = stream._speculation
+            if spec is not None and guessed_at is None:
+                guessed_at = (segmenter.pause_ms, segmenter.vad_pause_ms)
+            if spec is not None:  # decodes take no audio time here
+                await asyncio.wait([spec.result])
+            await asyncio.sleep(0)
+        await stream.finish()
+    finally:
+        await worker.close()
+    assert guessed_at is not None
+    pause, vad_pause = guessed_at
+    if idle:
+        assert pause >= 160 > vad_pause, guessed_at
+    else:
+        assert vad_pause >= 160, guessed_at
+    stopped = [e for e in events if e["type"] == "speech.stopped"]
+    finals = [e for e in events if e["type"] == "transcript.final"]
+    assert len(stopped) == len(finals) == 1
+    assert 0.4 - 0.04 <= stopped_at - stopped[0]["end"] < 0.5, (stopped_at, stopped[0])
+    assert word_errors("yet these thoughts affected hester prynne less with hope than apprehension",
+                       finals[0]["text"])[0] <= 3, finals[0]["text"]
 
 
 def test_cut_loop_keeps_one_copy_of_a_repeated_tail():
