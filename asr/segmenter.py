@@ -139,7 +139,7 @@ class Segmenter:
         if self._confirmed:
             if self._unprocessed.size:
                 self._windows.append(self._unprocessed)
-            events.append(self._end(len(self._windows) - self._silence + min(self._tail_windows, self._silence)))
+            events.append(self._end(self._kept()))
         self._unprocessed = np.zeros(0, dtype=np.float32)
         self._reset()
         return events
@@ -181,7 +181,7 @@ class Segmenter:
         if self._pause >= self._endpoint_windows or (
             length > self._max_windows // 2 and self._silence >= self._split_pause_windows
         ):
-            keep = length - self._silence + min(self._tail_windows, self._silence)
+            keep = self._kept()
             events.append(self._end(keep))
             self._carry_over(keep)
         elif length >= self._max_windows:
@@ -194,10 +194,14 @@ class Segmenter:
         """Declares the endpoint now, before the full silence, if the utterance is in a pause."""
         if not (self._confirmed and self._silence):
             return None
-        keep = len(self._windows) - self._silence + min(self._tail_windows, self._silence)
+        keep = self._kept()
         event = self._end(keep)
         self._carry_over(keep)
         return event
+
+    def _kept(self) -> int:
+        """Windows an ending utterance keeps: through the VAD's end of speech, and the tail after it."""
+        return len(self._windows) - self._silence + min(self._tail_windows, self._silence)
 
     def _end(self, keep: int) -> SpeechEnded:
         speech_end = self._first + len(self._windows) - self._pause
