@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import av
+import numpy as np
 from aiortc import RTCPeerConnection
 from aiortc.rtp import RtpPacket
 
@@ -55,6 +57,45 @@ async def test_the_server_hands_on_each_audio_packet_when_the_next_arrives():
                 out.append(buffer.add(packet)[1])
             first = next(i for i, frame in enumerate(out) if frame is not None)
             assert first == released_after and out[first].data == bytes([0])
+    finally:
+        await pc.close()
+
+
+async def test_the_server_decodes_each_audio_frame_on_the_loop_as_it_leaves_the_jitter_buffer():
+    """aiortc decodes in a thread per track; the crossing to it and back cost more than decoding."""
+    from aiortc.codecs import get_encoder
+    from aiortc.jitterbuffer import JitterFrame
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+    from aiortc.rtcrtpreceiver import RemoteStreamTrack
+
+    from rtc.peer import decode_on_loop, rtc_configuration
+
+    pc = RTCPeerConnection(rtc_configuration([]))
+    try:
+        receiver = pc.addTransceiver("audio", direction="recvonly").receiver
+        receiver._track = RemoteStreamTrack(kind="audio")  # as a remote offer's track would be
+        assert decode_on_loop(receiver)
+        opus = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
+        t = np.arange(960) / 48000
+        tone = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16).repeat(2).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(tone, format="s16", layout="stereo")
+        frame.sample_rate, frame.pts = 48000, 0
+        payloads, _ = get_encoder(opus).encode(frame)
+
+        decoder = receiver._RTCRtpReceiver__decoder_queue
+        decoder.put((opus, JitterFrame(data=payloads[0], timestamp=0)))
+        frames = receiver.track._queue
+        assert frames.qsize() == 1  # decoded within the call: no thread in between
+        decoded = frames.get_nowait()
+        assert (decoded.sample_rate, decoded.samples) == (48000, 960)
+
+        decoder.put((opus, JitterFrame(data=b"", timestamp=960)))  # a broken packet: lost, nothing raised
+        assert frames.qsize() == 0
+
+        # aiortc's decoder thread still starts and waits on the queue; stopping the receiver ends it.
+        waiting = asyncio.get_running_loop().run_in_executor(None, decoder.get)
+        decoder.put(None)
+        assert await asyncio.wait_for(waiting, 2) is None
     finally:
         await pc.close()
 
