@@ -8,7 +8,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Iterator
 
 import numpy as np
 
@@ -210,31 +210,40 @@ class DecodeWorker:
         while jobs := self._next():
             jobs = [job for job in jobs if not job.abandoned]  # nobody awaits them: no decode
             started = time.monotonic()
-            results: list[Transcript | None | BaseException]
+            waiting = list(jobs)
             try:
-                if len(jobs) > 1:
-                    results = self.engine.transcribe_burst([job.audio for job in jobs], jobs[0].language)
-                else:
-                    results = [self.engine.transcribe(job.audio, job.language, job.final, greedy=job.greedy,
-                                                      short_window=job.short_window) for job in jobs]
+                for job, result in self._decode(jobs):  # each as soon as it is ready, not when the batch is
+                    waiting.remove(job)
+                    self._deliver(job, result, batched=len(jobs) > 1)
             except Exception as e:  # a broken decode fails its requests, never the worker
-                results = [e] * len(jobs)
-            self._done(jobs, time.monotonic() - started)
-            for job, result in zip(jobs, results):
-                try:
-                    job.loop.call_soon_threadsafe(_resolve, job.future, result)
-                except RuntimeError:  # that loop is closed: nobody is waiting
-                    pass
+                for job in waiting:
+                    self._deliver(job, e, batched=len(jobs) > 1)
+            self._done(time.monotonic() - started if jobs else 0.0)
 
-    def _done(self, jobs: list[_Job], seconds: float) -> None:
+    def _decode(self, jobs: list[_Job]) -> Iterator[tuple[_Job, Transcript | None]]:
+        if len(jobs) == 1:
+            job = jobs[0]
+            yield job, self.engine.transcribe(job.audio, job.language, job.final, greedy=job.greedy,
+                                              short_window=job.short_window)
+        elif jobs:
+            for i, result in self.engine.transcribe_burst([job.audio for job in jobs], jobs[0].language):
+                yield jobs[i], result
+
+    def _deliver(self, job: _Job, result: Transcript | None | BaseException, batched: bool) -> None:
+        with self._cond:  # counted before the loop can see the result
+            self.decodes += 1
+            self.batched_decodes += batched
+            self.short_window_decodes += job.short_window
+            self.greedy_decodes += job.greedy
+        try:
+            job.loop.call_soon_threadsafe(_resolve, job.future, result)
+        except RuntimeError:  # that loop is closed: nobody is waiting
+            pass
+
+    def _done(self, seconds: float) -> None:
         with self._cond:
             self._busy -= 1
-            if jobs:
-                self.busy_seconds += seconds
-                self.decodes += len(jobs)
-                self.batched_decodes += len(jobs) if len(jobs) > 1 else 0
-                self.short_window_decodes += sum(job.short_window for job in jobs)
-                self.greedy_decodes += sum(job.greedy for job in jobs)
+            self.busy_seconds += seconds
             self._cond.notify()  # a partial held back for a free thread may start now
 
 

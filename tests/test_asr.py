@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import subprocess
 import sys
+import threading
 import time
 
 import ctranslate2
@@ -171,8 +172,11 @@ def test_finals_lose_no_words_against_faster_whisper_on_the_same_utterances(engi
     # A burst's finals decoded together, eight at a time, as the worker batches them.
     audios = [a for _, parts in utterances for a in parts]
     ctranslate2.set_random_seed(0)
-    texts = {id(a): getattr(t, "text", "") for i in range(0, len(audios), 8)
-             for a, t in zip(audios[i:i + 8], engine.transcribe_burst(audios[i:i + 8], "en"), strict=True)}
+    texts = {}
+    for i in range(0, len(audios), 8):
+        batch = dict(engine.transcribe_burst(audios[i:i + 8], "en"))
+        assert sorted(batch) == list(range(len(audios[i:i + 8])))
+        texts.update({id(a): getattr(batch[n], "text", "") for n, a in enumerate(audios[i:i + 8])})
     batched = error_rate(lambda a: texts[id(a)])
     print(f"\nword error rates: faster-whisper {theirs:.4f}, ours alone {alone:.4f}, busy {busy:.4f}, "
           f"burst {burst:.4f}, burst batched {batched:.4f}")
@@ -268,6 +272,33 @@ async def test_worker_hurries_a_burst_of_finals_and_speculations(engine):
     assert (worker.decodes, worker.batched_decodes, worker.short_window_decodes, worker.greedy_decodes) == (5, 4, 4, 4)
 
 
+async def test_worker_hands_on_each_final_of_a_burst_as_soon_as_it_is_ready(engine):
+    """A burst's finals are decoded together, but none waits for the word timings of the others."""
+    audio = next(r for r in load_devset() if r.id == "ls-1221-135766-0001").audio
+    resolved = threading.Event()
+    early: list[bool] = []
+    words = engine._words
+
+    def spy_words(*args):
+        if len(early) < 2:
+            early.append(resolved.wait(5) if early else False)  # before the second's: the first delivered?
+        return words(*args)
+
+    engine._words = spy_words
+    worker = DecodeWorker(engine, max_finals=4)  # one thread: it takes all three as one burst
+    try:
+        futures = [worker.final(audio[:16000 * seconds], "en") for seconds in (4, 3, 2)]
+        for future in futures:
+            future.add_done_callback(lambda _: resolved.set())
+        worker.start()
+        results = await asyncio.gather(*futures)
+    finally:
+        await worker.close()
+        del engine._words
+    assert early == [False, True]
+    assert worker.batched_decodes == 3 and all(r is not None and r.text for r in results), results
+
+
 async def test_worker_shares_a_burst_among_its_free_threads(engine):
     """With 5 finals waiting and 2 idle threads, the first thread takes 3 of them; the second, with
     one final left behind the one it takes, fewer than there are threads, takes one. Finals whose
@@ -280,9 +311,8 @@ async def test_worker_shares_a_burst_among_its_free_threads(engine):
     assert all(job.greedy and job.short_window for job in first)
     assert second[0].greedy and not second[0].short_window  # company, no burst
     assert [job.future for job in first + second] == futures[:4]
-    worker._done(first, 0.1)
-    worker._done(second, 0.1)
-    assert (worker.decodes, worker.batched_decodes) == (4, 3)
+    worker._done(0.1)
+    worker._done(0.1)
     detect = [worker.final(audio, None) for _ in range(3)]
     assert [len(worker._next()) for _ in range(3)] == [1, 1, 1]  # the remaining "en" final's turn comes first
     assert worker.depth == 1 and len(detect) == 3
