@@ -218,7 +218,7 @@ class DecodeWorker:
             except Exception as e:  # a broken decode fails its requests, never the worker
                 for job in waiting:
                     self._deliver(job, e, batched=len(jobs) > 1)
-            self._done(time.monotonic() - started if jobs else 0.0)
+            self._done(time.monotonic() - started)
 
     def _decode(self, jobs: list[_Job]) -> Iterator[tuple[_Job, Transcript | None]]:
         if len(jobs) == 1:
