@@ -108,7 +108,11 @@ class Segmenter:
     @property
     def speech_end(self) -> float:
         """Timeline position where the utterance in progress last had speech."""
-        return round((self._first + len(self._windows) - self._pause) * _WINDOW_S, 3)
+        return round(self._speech_end * _WINDOW_S, 3)
+
+    @property
+    def _speech_end(self) -> int:
+        return self._first + len(self._windows) - self._pause
 
     @property
     def onset(self) -> float:
@@ -204,11 +208,10 @@ class Segmenter:
         return len(self._windows) - self._silence + min(self._tail_windows, self._silence)
 
     def _end(self, keep: int) -> SpeechEnded:
-        speech_end = self._first + len(self._windows) - self._pause
         return SpeechEnded(
             utterance=self._utterance,
             start=round(self._onset * _WINDOW_S, 3),
-            end=round(min(speech_end, self._first + keep) * _WINDOW_S, 3),
+            end=round(min(self._speech_end, self._first + keep) * _WINDOW_S, 3),
             audio=np.concatenate(self._windows[:keep]),
             audio_start=round(self._first * _WINDOW_S, 3),
         )

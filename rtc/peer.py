@@ -56,7 +56,7 @@ class _LoopDecoder:
     aiortc decodes in a thread per track, and each 20 ms frame crossed to that thread and back to the
     loop through `run_coroutine_threadsafe`. That crossing cost more than the decoding (about 50 us
     a frame), and 16 such threads contending for the GIL made the loop's own work slower too: with
-    16 streams of no speech, the server took 40 ms of CPU a stream-second, and 22 ms with this.
+    16 streams of no speech, the server took 35 to 40 ms of CPU a stream-second, and 22 to 23 with this.
     """
 
     def __init__(self, frames: asyncio.Queue) -> None:
