@@ -210,15 +210,27 @@ class DecodeWorker:
         while jobs := self._next():
             jobs = [job for job in jobs if not job.abandoned]  # nobody awaits them: no decode
             started = time.monotonic()
-            waiting = list(jobs)
-            try:
-                for job, result in self._decode(jobs):  # each as soon as it is ready, not when the batch is
-                    waiting.remove(job)
-                    self._deliver(job, result, batched=len(jobs) > 1)
-            except Exception as e:  # a broken decode fails its requests, never the worker
-                for job in waiting:
-                    self._deliver(job, e, batched=len(jobs) > 1)
-            self._done(time.monotonic() - started)
+            left = len(jobs)
+            for job, outcome in self._outcomes(jobs):  # each as soon as it is ready, not when the batch is
+                left -= 1
+                if not left:
+                    # Idle before the last result is seen, so that a decode asked for on seeing it finds
+                    # this thread free (and, alone, gets beam search).
+                    self._done(time.monotonic() - started)
+                self._deliver(job, outcome, batched=len(jobs) > 1)
+            if not jobs:
+                self._done(0.0)
+
+    def _outcomes(self, jobs: list[_Job]) -> Iterator[tuple[_Job, Transcript | None | BaseException]]:
+        """One outcome per job."""
+        waiting = list(jobs)
+        try:
+            for job, result in self._decode(jobs):
+                waiting.remove(job)
+                yield job, result
+        except Exception as e:  # a broken decode fails its requests, never the worker
+            for job in waiting:
+                yield job, e
 
     def _decode(self, jobs: list[_Job]) -> Iterator[tuple[_Job, Transcript | None]]:
         if len(jobs) == 1:
