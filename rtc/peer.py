@@ -19,6 +19,8 @@ import metrics
 from asr.audio import Resampler
 from sessions import Session
 
+from .opus import opus_decoder
+
 log = logging.getLogger(__name__)
 
 _FLUSH_TIMEOUT_S = 2.0
@@ -71,7 +73,8 @@ class _LoopDecoder:
             return
         codec, encoded = item
         if self._decoder is None or codec.name != self._codec:
-            self._decoder, self._codec = get_decoder(codec), codec.name
+            native = opus_decoder() if codec.mimeType.lower() == "audio/opus" else None
+            self._decoder, self._codec = native or get_decoder(codec), codec.name
         try:
             frames = self._decoder.decode(encoded)
         except Exception as e:  # a corrupt packet is lost audio, never a lost session or loop

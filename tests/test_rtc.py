@@ -7,11 +7,12 @@ import socket
 
 import av
 import numpy as np
+import pytest
 from aiortc import RTCPeerConnection
 from aiortc.rtp import RtpPacket
 
 from client import RTCClient, SpeechTrack, check_transcript, wait_sessions
-from speech import load_devset, split_by_duration, wer, with_pauses
+from speech import load_devset, recording, split_by_duration, wer, with_pauses
 
 
 async def stream_session(server, recordings, form: str) -> tuple[RTCClient, float]:
@@ -87,7 +88,8 @@ async def test_the_server_decodes_each_audio_frame_on_the_loop_as_it_leaves_the_
         frames = receiver.track._queue
         assert frames.qsize() == 1  # decoded within the call: no thread in between
         decoded = frames.get_nowait()
-        assert (decoded.sample_rate, decoded.samples) == (48000, 960)
+        # Straight to the pipeline's rate and layout: nothing left to resample.
+        assert (decoded.sample_rate, decoded.samples, decoded.layout.name) == (16000, 320, "mono")
 
         decoder.put((opus, JitterFrame(data=b"", timestamp=960)))  # a broken packet: lost, nothing raised
         assert frames.qsize() == 0
@@ -98,6 +100,38 @@ async def test_the_server_decodes_each_audio_frame_on_the_loop_as_it_leaves_the_
         assert await asyncio.wait_for(waiting, 2) is None
     finally:
         await pc.close()
+
+
+def test_opus_is_decoded_to_16_khz_mono_as_faithfully_as_aiortc_decodes_it():
+    """libopus synthesises 16 kHz itself: the same speech as aiortc's 48 kHz stereo, resampled."""
+    from aiortc.codecs.opus import OpusDecoder
+    from aiortc.jitterbuffer import JitterFrame
+
+    from asr.audio import Resampler
+    from rtc.opus import opus_decoder
+
+    speech = recording("ls-61-70968-0000").audio
+    encoder = av.CodecContext.create("libopus", "w")
+    encoder.sample_rate, encoder.layout, encoder.format, encoder.bit_rate = 48000, "stereo", "s16", 32000
+    upsample = av.AudioResampler(format="s16", layout="stereo", rate=48000)
+    source = av.AudioFrame.from_ndarray((speech * 32767).astype(np.int16).reshape(1, -1), format="s16",
+                                        layout="mono")
+    source.sample_rate = 16000
+    packets = [bytes(p) for f in upsample.resample(source) for p in encoder.encode(f)]
+
+    native, reference = opus_decoder(), OpusDecoder()
+    assert native is not None  # PyAV's wheel bundles libopus
+    ours, theirs, resampler = [], [], Resampler()
+    for i, packet in enumerate(packets):
+        ours += [f.to_ndarray().reshape(-1) for f in native.decode(JitterFrame(packet, 960 * i))]
+        theirs += [resampler.frame(f) for f in reference.decode(JitterFrame(packet, 960 * i))]
+    ours_pcm = np.concatenate(ours).astype(np.float32) / 32768
+    theirs_pcm = np.concatenate(theirs)
+    n = min(ours_pcm.size, theirs_pcm.size)
+    assert abs(ours_pcm.size - theirs_pcm.size) <= 320 and n > 0.95 * speech.size
+    assert np.corrcoef(ours_pcm[:n], theirs_pcm[:n])[0, 1] > 0.9
+    with pytest.raises(ValueError):
+        native.decode(JitterFrame(b"\xff" * 3, 0))  # not Opus: the loop decoder drops such a packet
 
 
 def test_the_server_loop_reads_every_waiting_datagram_of_a_socket_in_one_turn():
