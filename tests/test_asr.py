@@ -19,7 +19,7 @@ from asr.engine import WhisperEngine, spell_lone_digit
 from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
 from asr.stream import SpeechStream, StreamOptions
 from asr.vad import SileroModel, SileroVAD
-from asr.worker import DecodeWorker
+from asr.worker import _MAX_BATCH, DecodeWorker
 from speech import devset_variants, load_devset, recording, segment, wer, word_errors
 
 PAD_S = 1.0
@@ -169,14 +169,15 @@ def test_finals_lose_no_words_against_faster_whisper_on_the_same_utterances(engi
     theirs = error_rate(lambda a: "".join(
         s.text for s in reference.transcribe(a, language="en", without_timestamps=True)[0]))
     alone, busy, burst = ours(), ours(greedy=True), ours(greedy=True, short_window=True)
-    # A burst's finals decoded together, eight at a time, as the worker batches them.
+    # A burst's finals decoded together, as many at a time as the worker batches.
     audios = [a for _, parts in utterances for a in parts]
     ctranslate2.set_random_seed(0)
     texts = {}
-    for i in range(0, len(audios), 8):
-        batch = dict(engine.transcribe_burst(audios[i:i + 8], "en"))
-        assert sorted(batch) == list(range(len(audios[i:i + 8])))
-        texts.update({id(a): getattr(batch[n], "text", "") for n, a in enumerate(audios[i:i + 8])})
+    for i in range(0, len(audios), _MAX_BATCH):
+        group = audios[i:i + _MAX_BATCH]
+        batch = dict(engine.transcribe_burst(group, "en"))
+        assert sorted(batch) == list(range(len(group)))
+        texts.update({id(a): getattr(batch[n], "text", "") for n, a in enumerate(group)})
     batched = error_rate(lambda a: texts[id(a)])
     print(f"\nword error rates: faster-whisper {theirs:.4f}, ours alone {alone:.4f}, busy {busy:.4f}, "
           f"burst {burst:.4f}, burst batched {batched:.4f}")
