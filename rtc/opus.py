@@ -22,9 +22,10 @@ import numpy as np
 from aiortc.codecs.base import Decoder
 from aiortc.jitterbuffer import JitterFrame
 
+from asr.audio import SAMPLE_RATE
+
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 _MAX_SAMPLES = SAMPLE_RATE * 120 // 1000  # the longest Opus packet: 120 ms
 _TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 
