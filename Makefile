@@ -46,7 +46,7 @@ $(BENCH_WL)/.installed: bench/requirements-whisperlive.txt
 	$(BENCH_WL)/bin/pip install --quiet -r bench/requirements-whisperlive.txt
 	touch $@
 
-# Streams real speech at rising concurrency; writes bench/results/ (takes 10 to 25 minutes).
+# Streams real speech at rising concurrency, then 16 WebRTC streams in unison; writes bench/results/ (18 to 25 minutes).
 bench: $(VENV)/.bench-installed $(BENCH_WL)/.installed
 	tests/netns.sh $(BIN)/python bench/run.py $(BENCH_ARGS)
 
