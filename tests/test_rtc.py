@@ -91,7 +91,8 @@ async def test_the_server_decodes_each_audio_frame_on_the_loop_as_it_leaves_the_
         # Straight to the pipeline's rate and layout: nothing left to resample.
         assert (decoded.sample_rate, decoded.samples, decoded.layout.name) == (16000, 320, "mono")
 
-        decoder.put((opus, JitterFrame(data=b"", timestamp=960)))  # a broken packet: lost, nothing raised
+        decoder.put((opus, JitterFrame(data=b"", timestamp=960)))  # an empty packet: lost, nothing raised
+        decoder.put((opus, JitterFrame(data=b"\xff" * 3, timestamp=1920)))  # one libopus rejects: the same
         assert frames.qsize() == 0
 
         # aiortc's decoder thread still starts and waits on the queue; stopping the receiver ends it.
