@@ -124,6 +124,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0, help="seed of the temperature fallback's sampling")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per decode")
-    parser.add_argument("--devset", help="a folder of 16 kHz mono WAVs and their manifest.jsonl, as "
+    parser.add_argument("--devset", help="a folder of recordings (WAV, FLAC, ...) and their manifest.jsonl, as "
                         "../shared/eval/devset (the default, or $STT_DEVSET): e.g. held-out speech")
     main(parser.parse_args())

@@ -524,7 +524,7 @@ if __name__ == "__main__":
     parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
     parser.add_argument("--transports", nargs="+", default=["webrtc", "websocket"])
     parser.add_argument("--quick", action="store_true", help="four short sentences per stream")
-    parser.add_argument("--devset", help="a folder of 16 kHz mono WAVs and their manifest.jsonl, as "
+    parser.add_argument("--devset", help="a folder of recordings (WAV, FLAC, ...) and their manifest.jsonl, as "
                         "../shared/eval/devset (the default, or $STT_DEVSET): e.g. held-out speech")
     parser.add_argument("--unison", type=int, metavar="N",
                         help="after the WebRTC levels, N WebRTC streams saying the same programme at once "

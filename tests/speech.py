@@ -13,6 +13,7 @@ import av
 import numpy as np
 import pytest
 
+from asr.audio import Resampler
 from asr.segmenter import SegmentEvent, Segmenter, SegmenterConfig
 from asr.vad import SileroModel, SileroVAD
 
@@ -51,9 +52,19 @@ def write_wav(path: Path, audio: np.ndarray) -> None:
 
 
 def read_wav(path: Path) -> np.ndarray:
-    with wave.open(str(path)) as w:
-        assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2
-        return np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
+    """16 kHz mono float32. A 16 kHz mono 16-bit WAV, as the devset's are, is read sample for sample;
+    any other file PyAV can decode (FLAC, another rate, stereo, 24-bit) is downmixed and resampled as
+    the server would, so that held-out speech need not be converted first."""
+    try:
+        with wave.open(str(path)) as w:
+            if (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2):
+                return np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
+    except (wave.Error, EOFError):
+        pass
+    resampler = Resampler()
+    with av.open(str(path)) as container:
+        pieces = [resampler.frame(frame) for frame in container.decode(audio=0)]
+    return np.concatenate(pieces + [resampler.frame(None)])
 
 
 def segment(vad_model: SileroModel, audio: np.ndarray, chunk: int = 320, **overrides) -> list[SegmentEvent]:

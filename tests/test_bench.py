@@ -51,3 +51,31 @@ def test_a_missing_final_fails_the_stream(programme):
     events = [(first.end + 0.5, {"type": "transcript.final", "end": first.end, "text": "one"})]
     result = bench.analyse("webrtc", programme, started, events)
     assert not result.ok and "no final" in result.error and len(result.latencies) == 1
+
+
+def test_held_out_speech_need_not_be_16_khz_mono_wav(tmp_path, monkeypatch):
+    """`--devset` takes a folder as the devset is laid out; its audio may come in another form (here
+    44.1 kHz stereo FLAC) and is read as the server would hear it."""
+    import json
+
+    import av
+    import speech
+
+    jfk = next(r for r in load_devset() if r.id == "jfk-inaugural-ask-not")
+    stereo = av.AudioResampler(format="s16", layout="stereo", rate=44100)
+    source = av.AudioFrame.from_ndarray((jfk.audio * 32767).astype(np.int16).reshape(1, -1), format="s16",
+                                        layout="mono")
+    source.sample_rate = 16000
+    with av.open(str(tmp_path / "jfk.flac"), "w") as container:
+        stream = container.add_stream("flac", rate=44100, layout="stereo")
+        for frame in stereo.resample(source) + stereo.resample(None):
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"id": "jfk", "wav": "jfk.flac", "text": jfk.text}) + "\n")
+    monkeypatch.setattr(speech, "DEVSET", tmp_path)
+    [heard] = speech.load_devset()
+    assert heard.text == jfk.text and abs(heard.seconds - jfk.seconds) < 0.05
+    n = min(heard.audio.size, jfk.audio.size)
+    assert np.corrcoef(heard.audio[:n], jfk.audio[:n])[0, 1] > 0.99
