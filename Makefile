@@ -50,7 +50,7 @@ $(BENCH_WL)/.installed: bench/requirements-whisperlive.txt
 bench: $(VENV)/.bench-installed $(BENCH_WL)/.installed
 	tests/netns.sh $(BIN)/python bench/run.py $(BENCH_ARGS)
 
-# Word errors of streamed finals against offline faster-whisper, per encoder window (5 to 10 minutes).
+# Word errors of streamed finals against offline faster-whisper, per encoder window (2 to 5 minutes).
 bench-accuracy: $(VENV)/.test-installed
 	$(BIN)/python bench/accuracy.py $(BENCH_ARGS)
 
