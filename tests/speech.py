@@ -51,7 +51,7 @@ def write_wav(path: Path, audio: np.ndarray) -> None:
         w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
 
 
-def read_wav(path: Path) -> np.ndarray:
+def read_audio(path: Path) -> np.ndarray:
     """16 kHz mono float32. A 16 kHz mono 16-bit WAV, as the devset's are, is read sample for sample;
     any other file PyAV can decode (FLAC, another rate, stereo, 24-bit) is downmixed and resampled as
     the server would, so that held-out speech need not be converted first."""
@@ -111,7 +111,7 @@ def load_devset() -> list[Recording]:
     for line in (root / "manifest.jsonl").read_text().splitlines():
         if line.strip():
             entry = json.loads(line)
-            items.append(Recording(entry["id"], entry["text"], read_wav(root / entry["wav"])))
+            items.append(Recording(entry["id"], entry["text"], read_audio(root / entry["wav"])))
     return items
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import run as bench  # noqa: E402
+import speech  # noqa: E402
 from speech import load_devset  # noqa: E402
 
 
@@ -56,11 +59,6 @@ def test_a_missing_final_fails_the_stream(programme):
 def test_held_out_speech_need_not_be_16_khz_mono_wav(tmp_path, monkeypatch):
     """`--devset` takes a folder as the devset is laid out; its audio may come in another form (here
     44.1 kHz stereo FLAC) and is read as the server would hear it."""
-    import json
-
-    import av
-    import speech
-
     jfk = next(r for r in load_devset() if r.id == "jfk-inaugural-ask-not")
     stereo = av.AudioResampler(format="s16", layout="stereo", rate=44100)
     source = av.AudioFrame.from_ndarray((jfk.audio * 32767).astype(np.int16).reshape(1, -1), format="s16",
