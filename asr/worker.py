@@ -212,10 +212,9 @@ class DecodeWorker:
         while jobs := self._next():
             jobs = [job for job in jobs if not job.abandoned]  # nobody awaits them: no decode
             started = time.monotonic()
-            left = len(jobs)
-            for job, outcome in self._outcomes(jobs):  # each as soon as it is ready, not when the batch is
-                left -= 1
-                if not left:
+            # Each as soon as it is ready, not when the whole batch is.
+            for delivered, (job, outcome) in enumerate(self._outcomes(jobs), 1):
+                if delivered == len(jobs):
                     # Idle before the last result is seen, so that a decode asked for on seeing it finds
                     # this thread free (and, alone, gets beam search).
                     self._done(time.monotonic() - started)
