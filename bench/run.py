@@ -335,9 +335,19 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
+def add_devset_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--devset", help="a folder of recordings (WAV, FLAC, ...) and their manifest.jsonl, as "
+                        "../shared/eval/devset (the default, or $STT_DEVSET): e.g. held-out speech")
+
+
+def use_devset(folder: str | None) -> None:
+    """Speech from `folder` instead of the owners' devset; None keeps the devset."""
+    if folder:
+        speech.DEVSET = Path(folder)
+
+
 async def main(args: argparse.Namespace) -> None:
-    if args.devset:
-        speech.DEVSET = Path(args.devset)
+    use_devset(args.devset)
     recordings = load_devset()
     if args.quick:
         recordings = [r for r in recordings if r.seconds < 8][:4]
@@ -524,8 +534,7 @@ if __name__ == "__main__":
     parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
     parser.add_argument("--transports", nargs="+", default=["webrtc", "websocket"])
     parser.add_argument("--quick", action="store_true", help="four short sentences per stream")
-    parser.add_argument("--devset", help="a folder of recordings (WAV, FLAC, ...) and their manifest.jsonl, as "
-                        "../shared/eval/devset (the default, or $STT_DEVSET): e.g. held-out speech")
+    add_devset_option(parser)
     parser.add_argument("--unison", type=int, metavar="N",
                         help="after the WebRTC levels, N WebRTC streams saying the same programme at once "
                              "(default 16, none with --quick; 0: skip)")
