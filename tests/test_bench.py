@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -46,6 +47,14 @@ def test_latency_is_final_arrival_minus_end_of_speech(programme):
     assert result.ok and np.allclose(result.latencies, [0.6, 0.9])
     assert np.allclose(result.first_partials, [0.4]) and np.allclose(result.partial_gaps, [0.6])
     assert result.hypothesis == "one two"
+
+
+def test_speakers_start_anywhere_in_a_sentence_period(programme):
+    delays = bench.start_delays(200, [programme], random.Random(0))
+    period = programme.seconds / len(programme.sentences)
+    assert period > 5 and all(0 <= d < period for d in delays)
+    # Over the whole period, not its first 2 s: speakers of the same recording must not end sentences together.
+    assert sum(d > 2 for d in delays) > 100
 
 
 def test_a_missing_final_fails_the_stream(programme):
