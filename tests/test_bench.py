@@ -57,6 +57,13 @@ def test_speakers_start_anywhere_in_a_sentence_period(programme):
     assert sum(d > 2 for d in delays) > 100
 
 
+def test_only_a_complete_run_on_the_devset_rewrites_the_readme():
+    assert bench.complete(bench.arguments([]))
+    for partial in (["--levels", "1", "16"], ["--transports", "webrtc"], ["--quick"], ["--unison", "0"],
+                    ["--no-compare"], ["--devset", "/held/out"], ["--server-args", "--endpoint-ms", "300"]):
+        assert not bench.complete(bench.arguments(partial)), partial
+
+
 def test_a_missing_final_fails_the_stream(programme):
     started = 0.0
     first = programme.sentences[0]
