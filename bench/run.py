@@ -253,11 +253,13 @@ def percentile(values: list[float], p: float) -> float | None:
 
 
 def start_delays(n: int, programmes: list[Programme], rng: random.Random) -> list[float]:
-    """When each of `n` speakers starts: at a random moment of the programme's mean sentence period (2 s
-    at least), as people who do not talk in unison. Within 2 s, as the benchmark had them before, the
+    """When each of `n` speakers starts: at a random moment of the programme's mean sentence period (2 to
+    10 s), as people who do not talk in unison. Within 2 s, as the benchmark had them before, the
     speakers who start at the same recording (5 or 6 of 16 when there are 3 recordings) ended their
-    sentences at about the same moments, a burst of finals that independent speakers rarely make."""
-    period = max(2.0, programmes[0].seconds / len(programmes[0].sentences))
+    sentences at about the same moments, a burst of finals that independent speakers rarely make. Over
+    recordings of several sentences each, the mean period overstates a sentence's: past 10 s, a wider
+    spread would only leave fewer speakers talking at once."""
+    period = min(10.0, max(2.0, programmes[0].seconds / len(programmes[0].sentences)))
     return [rng.uniform(0, period) for _ in range(n)]
 
 

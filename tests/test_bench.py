@@ -50,11 +50,14 @@ def test_latency_is_final_arrival_minus_end_of_speech(programme):
 
 
 def test_speakers_start_anywhere_in_a_sentence_period(programme):
+    period = programme.seconds / len(programme.sentences)  # about 10 s: two recordings, 11 and 3 s
     delays = bench.start_delays(200, [programme], random.Random(0))
-    period = programme.seconds / len(programme.sentences)
-    assert period > 5 and all(0 <= d < period for d in delays)
+    assert all(0 <= d < period for d in delays)
     # Over the whole period, not its first 2 s: speakers of the same recording must not end sentences together.
     assert sum(d > 2 for d in delays) > 100
+    # One long recording: speakers still start within 10 s, so that most of them talk at once.
+    long = bench.Programme(np.zeros(60 * 16000, np.float32), programme.sentences[:1])
+    assert 9 < max(bench.start_delays(200, [long], random.Random(0))) < 10
 
 
 def test_only_a_complete_run_on_the_devset_rewrites_the_readme():
