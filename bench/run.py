@@ -257,14 +257,14 @@ def start_spread(programme: Programme) -> float:
     return min(10.0, max(2.0, programme.seconds / len(programme.sentences)))
 
 
-def start_delays(n: int, programmes: list[Programme], rng: random.Random) -> list[float]:
+def start_delays(n: int, programme: Programme, rng: random.Random) -> list[float]:
     """When each of `n` speakers starts: at a random moment of the programme's mean sentence period (2 to
     10 s), as people who do not talk in unison. Within 2 s, as the benchmark had them before, the
     speakers who start at the same recording (5 or 6 of 16 when there are 3 recordings) ended their
     sentences at about the same moments, a burst of finals that independent speakers rarely make. Over
     recordings of several sentences each, the mean period overstates a sentence's: past 10 s, a wider
     spread would only leave fewer speakers talking at once."""
-    return [rng.uniform(0, start_spread(programmes[0])) for _ in range(n)]
+    return [rng.uniform(0, start_spread(programme)) for _ in range(n)]
 
 
 async def run_level(server: ServerProcess, transport: str, n: int, programmes, packets,
@@ -275,7 +275,7 @@ async def run_level(server: ServerProcess, transport: str, n: int, programmes, p
         programmes, packets = programmes[:1], packets[:1]
     probe = ProcessProbe(server.proc.pid)
     clients_cpu = _own_cpu()
-    delays = [0.0] * n if unison else start_delays(n, programmes, random.Random(n))
+    delays = [0.0] * n if unison else start_delays(n, programmes[0], random.Random(n))
 
     async def one(i: int) -> StreamResult:
         await asyncio.sleep(delays[i])

@@ -67,6 +67,14 @@ def read_audio(path: Path) -> np.ndarray:
     return np.concatenate(pieces + [resampler.frame(None)])
 
 
+def stereo_frame(audio: np.ndarray, rate: int) -> av.AudioFrame:
+    """16 kHz float speech as one 16-bit stereo frame at `rate`, both channels alike, as a stereo source sends it."""
+    left_right = np.repeat(np.frombuffer(pcm16(audio, rate), "<i2"), 2).reshape(1, -1)
+    frame = av.AudioFrame.from_ndarray(left_right, format="s16", layout="stereo")
+    frame.sample_rate = rate
+    return frame
+
+
 def segment(vad_model: SileroModel, audio: np.ndarray, chunk: int = 320, **overrides) -> list[SegmentEvent]:
     """The server's segmenter over `audio`, fed in 20 ms packets as a live stream feeds it."""
     segmenter = Segmenter(SileroVAD(vad_model), SegmenterConfig(**overrides))

@@ -51,13 +51,13 @@ def test_latency_is_final_arrival_minus_end_of_speech(programme):
 
 def test_speakers_start_anywhere_in_a_sentence_period(programme):
     period = programme.seconds / len(programme.sentences)  # about 10 s: two recordings, 11 and 3 s
-    delays = bench.start_delays(200, [programme], random.Random(0))
+    delays = bench.start_delays(200, programme, random.Random(0))
     assert all(0 <= d < period for d in delays)
     # Over the whole period, not its first 2 s: speakers of the same recording must not end sentences together.
     assert sum(d > 2 for d in delays) > 100
     # One long recording: speakers still start within 10 s, so that most of them talk at once.
     long = bench.Programme(np.zeros(60 * 16000, np.float32), programme.sentences[:1])
-    assert 9 < max(bench.start_delays(200, [long], random.Random(0))) < 10
+    assert 9 < max(bench.start_delays(200, long, random.Random(0))) < 10
 
 
 def test_only_a_complete_run_on_the_devset_rewrites_the_readme():
@@ -79,9 +79,7 @@ def test_held_out_speech_need_not_be_16_khz_mono_wav(tmp_path, monkeypatch):
     """`--devset` takes a folder as the devset is laid out; its audio may come in another form (here
     44.1 kHz stereo FLAC) and is read as the server would hear it."""
     jfk = next(r for r in load_devset() if r.id == "jfk-inaugural-ask-not")
-    left_right = np.repeat(np.frombuffer(speech.pcm16(jfk.audio, 44100), "<i2"), 2).reshape(1, -1)
-    frame = av.AudioFrame.from_ndarray(left_right, format="s16", layout="stereo")
-    frame.sample_rate = 44100
+    frame = speech.stereo_frame(jfk.audio, 44100)
     with av.open(str(tmp_path / "jfk.flac"), "w") as container:
         stream = container.add_stream("flac", rate=44100, layout="stereo")
         container.mux(stream.encode(frame))

@@ -12,7 +12,7 @@ from aiortc import RTCPeerConnection
 from aiortc.rtp import RtpPacket
 
 from client import RTCClient, SpeechTrack, check_transcript, wait_sessions
-from speech import load_devset, pcm16, recording, split_by_duration, wer, with_pauses
+from speech import load_devset, recording, split_by_duration, stereo_frame, wer, with_pauses
 
 
 async def stream_session(server, recordings, form: str) -> tuple[RTCClient, float]:
@@ -114,10 +114,7 @@ def test_opus_is_decoded_to_16_khz_mono_as_faithfully_as_aiortc_decodes_it():
     speech = recording("ls-61-70968-0000").audio
     encoder = av.CodecContext.create("libopus", "w")
     encoder.sample_rate, encoder.layout, encoder.format, encoder.bit_rate = 48000, "stereo", "s16", 32000
-    left_right = np.repeat(np.frombuffer(pcm16(speech, 48000), "<i2"), 2).reshape(1, -1)
-    source = av.AudioFrame.from_ndarray(left_right, format="s16", layout="stereo")
-    source.sample_rate = 48000
-    packets = [bytes(p) for p in encoder.encode(source)]  # the encoder cuts it into 20 ms frames
+    packets = [bytes(p) for p in encoder.encode(stereo_frame(speech, 48000))]  # the encoder cuts it into 20 ms frames
 
     native, reference = opus_decoder(), OpusDecoder()
     assert native is not None  # PyAV's wheel bundles libopus
