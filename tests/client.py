@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import aiohttp
 import av
@@ -37,6 +37,8 @@ def free_port(host: str = HOST) -> int:
 class ServerProcess:
     """server.py in a subprocess, started the way the README says."""
 
+    running: ClassVar[list[ServerProcess]] = []  # a failed test's report shows their logs (conftest)
+
     def __init__(self, *args: str, env: dict[str, str] | None = None, host: str = HOST,
                  wait: bool = True) -> None:
         self.port = free_port(host)
@@ -49,6 +51,7 @@ class ServerProcess:
             cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
+        ServerProcess.running.append(self)
         if wait:
             self._wait_ready()
 
@@ -96,6 +99,8 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        if self in ServerProcess.running:
+            ServerProcess.running.remove(self)
         return self.proc.returncode
 
 

@@ -13,6 +13,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from client import ServerProcess  # noqa: E402
 
 _PRIVATE_LINKS = {"lo", "v0", "v1"}
+_LOG_TAIL = 60  # lines of each server's log in a failed test's report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test shows what its servers logged: a rare failure in CI may not come back."""
+    report = yield
+    if report.failed:
+        for proc in ServerProcess.running:
+            try:
+                tail = proc.log().splitlines()[-_LOG_TAIL:]
+            except OSError:
+                continue
+            report.sections.append((f"server on port {proc.port} (last {len(tail)} lines)", "\n".join(tail)))
+    return report
 
 
 @pytest.fixture(scope="session")

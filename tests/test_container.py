@@ -162,6 +162,17 @@ def _module_file(dotted: str) -> Path | None:
     return None
 
 
+def _parse(path: Path) -> ast.AST:
+    # CPython 3.11 keeps ast.parse's recursion count in state that every thread shares, so a parse on
+    # another thread (3.11's tracebacks parse the failing line) can break this one with a
+    # SystemError, "AST constructor recursion depth mismatch" (python/cpython#106905). It is
+    # not about the file: a second parse succeeds.
+    try:
+        return ast.parse(path.read_text(), str(path))
+    except SystemError:
+        return ast.parse(path.read_text(), str(path))
+
+
 def local_modules(start: Path) -> set[Path]:
     """Every file of this repository that `start` imports, directly or through another one."""
     seen, todo, unresolved = set(), [start], set()
@@ -173,7 +184,7 @@ def local_modules(start: Path) -> set[Path]:
         rel = path.relative_to(ROOT).with_suffix("")
         package = list(rel.parts[:-1])  # the package that relative imports start from
         names: list[str] = []
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(_parse(path)):
             if isinstance(node, ast.Import):
                 names += [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
