@@ -57,6 +57,9 @@ class Config:
     decode_workers: int = field(default=os.cpu_count() or 1, metadata={
         "help": "Whisper decodes that run at once (default: the number of cores)"})
     cpu_threads: int = field(default=1, metadata={"help": "threads per Whisper decode"})
+    decode_nice: int = field(default=10, metadata={
+        "help": "niceness added to the Whisper compute threads (Linux), so that under load the event loop "
+                "that takes in the audio comes first (0: the same priority; 0 to 19)"})
     beam_size: int = field(default=5, metadata={
         "help": "beam size for a final that runs alone (partials, and finals while other decodes run or wait, "
                 "are greedy)"})
@@ -130,6 +133,8 @@ class Config:
             raise ValueError("decode_window_s and busy_decode_window_s must be between 5 and 30")
         if self.decode_workers < 1 or self.cpu_threads < 1:
             raise ValueError("decode_workers and cpu_threads must be at least 1")
+        if not 0 <= self.decode_nice <= 19:
+            raise ValueError("decode_nice must be between 0 and 19")
         if not 0.2 <= self.sentence_endpoint <= 1:
             raise ValueError("sentence_endpoint must be between 0.2 and 1")
         if self.max_sessions < 1:

@@ -154,7 +154,7 @@ def load_engine(config: Config) -> WhisperEngine:
     engine = WhisperEngine(
         config.model, device=config.device, compute_type=config.compute_type,
         options=DecodeOptions(beam_size=config.beam_size, cpu_threads=config.cpu_threads,
-                              workers=config.decode_workers,
+                              workers=config.decode_workers, nice=config.decode_nice,
                               window_s=config.decode_window_s, busy_window_s=config.busy_decode_window_s),
     )
     engine.warm_up()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import subprocess
 import sys
 import threading
@@ -145,6 +146,34 @@ def test_engine_transcribes_speech_with_words(engine):
     assert wer([(rec.text, result.text)]) <= 0.15
     assert len(result.words) >= 15
     assert all(0 <= w.start <= w.end <= rec.seconds + 0.5 and 0 <= w.probability <= 1 for w in result.words)
+
+
+def _threads() -> dict[int, tuple[int, float]]:
+    """This process's threads: niceness and CPU seconds so far."""
+    threads = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread has ended
+            continue
+        threads[int(tid)] = (int(fields[16]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return threads
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux's")
+def test_decodes_compute_at_a_lower_priority_than_the_thread_that_asks(engine):
+    """CTranslate2 computes on threads of its own, which take the engine's niceness (DecodeOptions.nice);
+    the thread that asks, as the event loop's, keeps its own."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    before = _threads()
+    for _ in range(3):
+        engine.transcribe(recording("jfk-inaugural-ask-not").audio, "en", final=True)
+    after = _threads()
+    spent = {tid: cpu - before.get(tid, (0, 0.0))[1] for tid, (_, cpu) in after.items()}
+    niced = sum(cpu for tid, cpu in spent.items() if after[tid][0] == min(19, own + engine.options.nice))
+    assert engine.options.nice == 10
+    assert os.getpriority(os.PRIO_PROCESS, 0) == own
+    assert niced >= 0.6 * sum(spent.values()), (spent, after)
 
 
 def test_finals_lose_no_words_against_faster_whisper_on_the_same_utterances(engine, vad_model):
