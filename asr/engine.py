@@ -149,7 +149,8 @@ def _load_niced(nice: int, load: Callable[[], WhisperModel]) -> WhisperModel:
         except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
             box["error"] = e
 
-    thread = threading.Thread(target=run, name="model-load-niced")
+    # A daemon, as server.py's loading thread: a stop during a long download does not wait for it.
+    thread = threading.Thread(target=run, name="model-load-niced", daemon=True)
     thread.start()
     thread.join()
     if "error" in box:
