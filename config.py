@@ -57,9 +57,10 @@ class Config:
     decode_workers: int = field(default=os.cpu_count() or 1, metadata={
         "help": "Whisper decodes that run at once (default: the number of cores)"})
     cpu_threads: int = field(default=1, metadata={"help": "threads per Whisper decode"})
-    decode_nice: int = field(default=10, metadata={
+    decode_nice: int = field(default=0, metadata={
         "help": "niceness added to the Whisper compute threads (Linux), so that under load the event loop "
-                "that takes in the audio comes first (0: the same priority; 0 to 19)"})
+                "that takes in the audio comes first; every other process on the machine does too "
+                "(0: the same priority; 0 to 19)"})
     beam_size: int = field(default=5, metadata={
         "help": "beam size for a final that runs alone (partials, and finals while other decodes run or wait, "
                 "are greedy)"})

@@ -65,8 +65,9 @@ class DecodeOptions:
     window_s: float = 30.0
     busy_window_s: float = 10.0
     # Niceness added to CTranslate2's compute threads (Linux), so that under load the event loop, which
-    # takes in every stream's audio, gets the CPU before decodes do. 0: the same priority.
-    nice: int = 10
+    # takes in every stream's audio, gets the CPU before decodes do. 0: the same priority (see
+    # --decode-nice in the README for why that is the default).
+    nice: int = 0
 
 
 # The encoder hears at least _ENCODE_PAD_S of silence after the utterance, rounded up to whole
@@ -139,12 +140,13 @@ def _load_niced(nice: int, load: Callable[[], WhisperModel]) -> WhisperModel:
     machine, the server had taken in 52 s of a stream's audio after 66 s, the peers' ICE consent
     checks timed out, and every session of the run closed. Niced, decodes get what the loop leaves.
     """
+    if not nice or not sys.platform.startswith("linux"):  # elsewhere the niceness is the process's
+        return load()
     box: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            if nice and sys.platform.startswith("linux"):  # elsewhere the niceness is the process's
-                os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+            os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + nice)
             box["model"] = load()
         except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
             box["error"] = e
