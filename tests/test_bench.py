@@ -34,6 +34,17 @@ def test_speech_edges_come_from_the_audio(programme):
     assert programme.pcm.size == round(programme.seconds * 16000)
 
 
+def test_noise_after_the_last_word_does_not_move_the_end_of_speech():
+    """The JFK clip slowed to 0.95 with white noise at 20 dB SNR: its crowd noise passes the VAD and the
+    energy test, and was read as speech 0.68 s past the last word. The last word's alignment bounds it."""
+    clean = next(r for r in load_devset() if r.id == "jfk-inaugural-ask-not")
+    variant = next(recs for name, recs in speech.devset_variants().items() if "noise 20 dB" in name)
+    noisy = next(r for r in variant if r.id == clean.id)
+    true_end = bench.speech_span(clean.audio)[1] / 0.95
+    assert bench._speech_span(noisy.audio)[1] - true_end > 0.5  # what the energy edge alone reads
+    assert abs(bench.speech_span(noisy.audio)[1] - true_end) < 0.15
+
+
 def test_latency_is_final_arrival_minus_end_of_speech(programme):
     started = 1000.0
     first, second = programme.sentences
