@@ -205,13 +205,12 @@ class WhisperEngine:
         `window_s`) trade accuracy for time when other decodes run or wait.
         """
         encoded = self._encode(audio, self.options.busy_window_s if short_window else self.options.window_s)
-        storage = get_ctranslate2_storage(encoded)
         if language is None:
-            token, _ = self._ct2.detect_language(storage)[0][0]
+            token, _ = self._ct2.detect_language(get_ctranslate2_storage(encoded))[0][0]
             language = token[2:-2]
         tokenizer = self._tokenizer(language)
         decoded = self._generate(encoded, tokenizer, audio.size / SAMPLE_RATE, final, greedy)
-        return self._transcript(decoded, tokenizer, storage, audio, final)
+        return self._transcript(decoded, tokenizer, encoded, audio, final, quick_words=greedy)
 
     def transcribe_burst(self, audios: list[np.ndarray], language: str) -> Iterator[tuple[int, Transcript | None]]:
         """Finals of a burst, as `transcribe(final=True, greedy=True, short_window=True)` gives them,
@@ -232,17 +231,17 @@ class WhisperEngine:
         for i in sorted(range(len(audios)), key=lambda i: not self._settled(tried[i], tokenizer)):
             seconds = audios[i].size / SAMPLE_RATE
             decoded = self._generate(encoded[i], tokenizer, seconds, final=True, greedy=True, tried=tried[i])
-            yield i, self._transcript(decoded, tokenizer, get_ctranslate2_storage(encoded[i]), audios[i], True)
+            yield i, self._transcript(decoded, tokenizer, encoded[i], audios[i], True, quick_words=True)
 
-    def _transcript(self, decoded: tuple[list[int], float, float], tokenizer: Tokenizer, encoded,
-                    audio: np.ndarray, final: bool) -> Transcript | None:
+    def _transcript(self, decoded: tuple[list[int], float, float], tokenizer: Tokenizer, encoded: np.ndarray,
+                    audio: np.ndarray, final: bool, quick_words: bool = False) -> Transcript | None:
         tokens, avg_logprob, no_speech_prob = decoded
         text = tokenizer.decode(tokens).strip()
         if tokenizer.language_code == "en":
             text = spell_lone_digit(text)
         if self._rejected(text, avg_logprob, no_speech_prob):
             return None
-        words = self._words(tokenizer, tokens, encoded, audio.size / SAMPLE_RATE) if final else []
+        words = self._words(tokenizer, tokens, encoded, audio.size / SAMPLE_RATE, quick_words) if final else []
         if len(words) == 1:
             words = [replace(words[0], word=text)]
         return Transcript(text=text, language=tokenizer.language_code, words=words)
@@ -338,11 +337,23 @@ class WhisperEngine:
             return True
         return get_compression_ratio(tokenizer.decode(tokens)) <= _REPETITIVE and avg_logprob >= _LOW_LOGPROB
 
-    def _words(self, tokenizer: Tokenizer, tokens: list[int], encoded, seconds: float) -> list[Word]:
+    def _words(self, tokenizer: Tokenizer, tokens: list[int], encoded: np.ndarray, seconds: float,
+               quick: bool) -> list[Word]:
+        """Word timings from the decoder's cross-attention over `encoded`, or, `quick`, over its computed
+        part alone (the utterance plus 1 to 3 s).
+
+        Over 30 s a final's alignment took 55 ms of one core on the devset's first three hearings (45
+        utterances); over the computed part 22 ms, and over the 10 s window 27 ms. Against the 30 s
+        timings, the computed part's moved 8 ms (starts) and 13 ms (ends) on average, at most 0.3 s; the
+        10 s window's 13 and 18 ms, at most 1.3 s. A final alone is aligned over its full window; one
+        decoded while others run or wait, over the computed part.
+        """
         if not tokens:
             return []
         frames = int(seconds * 100) // 2 * 2
-        alignment = self._model.find_alignment(tokenizer, [tokens], encoded, frames)[0]
+        if quick:
+            encoded = encoded[:, :int(_computed_s(seconds) * 50)]
+        alignment = self._model.find_alignment(tokenizer, [tokens], get_ctranslate2_storage(encoded), frames)[0]
         merge_punctuations(alignment, _PREPEND, _APPEND)
         return [
             Word(a["word"].strip(), round(min(a["start"], seconds), 3),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import importlib.util
 import os
 import subprocess
@@ -146,6 +147,23 @@ def test_engine_transcribes_speech_with_words(engine):
     assert wer([(rec.text, result.text)]) <= 0.15
     assert len(result.words) >= 15
     assert all(0 <= w.start <= w.end <= rec.seconds + 0.5 and 0 <= w.probability <= 1 for w in result.words)
+
+
+def test_word_timings_agree_with_faster_whisper(engine):
+    """A final alone aligns its words over the padded 30 s window, one decoded under load over the utterance
+    plus 1 to 3 s only; either way the timings must be faster-whisper's own, word for word, within what a
+    listener could tell apart."""
+    reference = WhisperModel(models.resolve("tiny.en"), device="cpu", compute_type="int8")
+    for rec, greedy in zip(load_devset()[:4], (False, True, False, True)):
+        ours = engine.transcribe(rec.audio, "en", final=True, greedy=greedy).words
+        segments, _ = reference.transcribe(rec.audio, language="en", word_timestamps=True)
+        theirs = [w for s in segments for w in s.words]
+        blocks = difflib.SequenceMatcher(None, *[[w.word.strip(" ,.?!").lower() for w in ws] for ws in (ours, theirs)],
+                                         autojunk=False).get_matching_blocks()
+        matched = [(ours[m.a + k], theirs[m.b + k]) for m in blocks for k in range(m.size)]
+        assert len(matched) >= 0.6 * len(theirs), (rec.id, ours, theirs)  # greedy hears some words otherwise
+        gaps = [max(abs(a.start - b.start), abs(a.end - b.end)) for a, b in matched]
+        assert np.mean(gaps) < 0.05 and max(gaps) < 0.4, (rec.id, gaps)
 
 
 def _threads() -> dict[int, tuple[int, float]]:
