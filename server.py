@@ -42,6 +42,7 @@ WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 def build_app(config: Config) -> web.Application:
     """The app without its model: serve() loads it while the server already answers (GET /ready)."""
     registry = SessionRegistry(config, None, SileroModel())  # the worker comes with the model
+    metrics.watch_vad(registry.vad_batch)
     app = web.Application(middlewares=[json_errors, auth.guard, ready_gate])
     app[REGISTRY] = registry
     access = auth.setup(app, config)  # POST /v1/tokens, CORS

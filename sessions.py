@@ -15,7 +15,7 @@ from aiohttp import web
 
 from asr.segmenter import Segmenter, SegmenterConfig
 from asr.stream import Event, SpeechStream, StreamOptions
-from asr.vad import SileroModel, SileroVAD
+from asr.vad import SileroModel, SileroVAD, VadBatch
 from asr.worker import DecodeWorker
 import metrics
 from config import Config
@@ -265,6 +265,7 @@ class SessionRegistry:
         self.config = config
         self.worker = worker
         self.vad_model = vad_model
+        self.vad_batch = VadBatch(vad_model)  # every session's VAD windows, decided together
         self.accepting = True
         self._sessions: dict[str, Session] = {}
         self.observers: list[Callable[[Session], None]] = []  # told of each new session (storage)
@@ -330,7 +331,7 @@ class SessionRegistry:
 
         def stream(emit: Sink) -> SpeechStream:
             segmenter = Segmenter(SileroVAD(self.vad_model), segmenter_config)
-            return SpeechStream(self.worker, segmenter, stream_options, emit)
+            return SpeechStream(self.worker, segmenter, stream_options, emit, self.vad_batch)
 
         session = Session(self, transport, options, stream, hold_events, client)
         self._sessions[session.id] = session

@@ -56,7 +56,7 @@ class Segmenter:
     """Feed 16 kHz mono float32 audio; get utterance boundaries and their audio."""
 
     def __init__(self, vad: SileroVAD, config: SegmenterConfig) -> None:
-        self._vad = vad
+        self.vad = vad
         self.config = config
         self._preroll_windows = max(1, round(config.preroll_ms / 1000 / _WINDOW_S))
         self._endpoint_windows = max(1, round(config.endpoint_ms / 1000 / _WINDOW_S))
@@ -124,15 +124,22 @@ class Segmenter:
         return np.concatenate(self._windows)
 
     def push(self, audio: np.ndarray) -> list[SegmentEvent]:
+        """`audio` through the VAD, here and now."""
+        windows = self.windows(audio)
+        return self.advance(windows, self.vad(windows)) if windows.size else []
+
+    def windows(self, audio: np.ndarray) -> np.ndarray:
+        """The whole VAD windows that `audio` completes, (n, 512), n >= 0; the rest waits for more."""
         buf = np.concatenate([self._unprocessed, audio]) if self._unprocessed.size else audio
         n = buf.size // WINDOW
         self._unprocessed = buf[n * WINDOW :].copy()
+        return buf[: n * WINDOW].reshape(n, WINDOW)
+
+    def advance(self, windows: np.ndarray, probs: np.ndarray) -> list[SegmentEvent]:
+        """`windows`, as `windows()` gave them, with the VAD's probability of each."""
         events: list[SegmentEvent] = []
-        if n == 0:
-            return events
-        windows = buf[: n * WINDOW].reshape(n, WINDOW)
         levels = 10 * np.log10(np.einsum("ij,ij->i", windows, windows) / WINDOW + 1e-12)
-        for window, prob, level in zip(windows, self._vad(windows), levels):
+        for window, prob, level in zip(windows, probs, levels):
             self._step(window, float(prob), float(level), events)
             self._position += 1
         return events

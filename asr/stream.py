@@ -11,7 +11,7 @@ import numpy as np
 
 from .engine import Transcript
 from .segmenter import Segmenter, SpeechEnded, SpeechStarted
-from .vad import SAMPLE_RATE
+from .vad import SAMPLE_RATE, VadBatch
 from .worker import DecodeWorker, Overloaded
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,10 @@ class SpeechStream:
     """Feeds the segmenter, asks the worker for partials and finals, emits events in order."""
 
     def __init__(self, worker: DecodeWorker, segmenter: Segmenter, options: StreamOptions,
-                 emit: Callable[[Event], None]) -> None:
+                 emit: Callable[[Event], None], vad_batch: VadBatch | None = None) -> None:
         self._worker = worker
         self._segmenter = segmenter
+        self._vad_batch = vad_batch  # None: each feed's windows are decided at once
         self.options = options
         self._emit = emit
         self.samples = 0
@@ -70,7 +71,16 @@ class SpeechStream:
     def feed(self, pcm: np.ndarray) -> None:
         """16 kHz mono float32. Cheap: VAD and bookkeeping only; decoding is queued."""
         self.samples += pcm.size
-        for event in self._segmenter.push(pcm):
+        windows = self._segmenter.windows(pcm)
+        if not windows.size:
+            return
+        if self._vad_batch is None:
+            self._advance(windows, self._segmenter.vad(windows))
+        else:
+            self._vad_batch.submit(self._segmenter.vad, windows, self._advance)
+
+    def _advance(self, windows: np.ndarray, probs: np.ndarray) -> None:
+        for event in self._segmenter.advance(windows, probs):
             self._on_segment(event)
         self._maybe_speculate()
         self._maybe_end_sentence()
@@ -78,12 +88,16 @@ class SpeechStream:
 
     async def finish(self) -> None:
         """End of input: close the utterance in progress and wait until its final is sent."""
+        if self._vad_batch is not None and self._vad_batch.pending(self._segmenter.vad):
+            self._vad_batch.run()
         for event in self._segmenter.flush():
             self._on_segment(event)
         if self._last_final is not None:
             await asyncio.shield(self._last_final)
 
     def close(self) -> None:
+        if self._vad_batch is not None:
+            self._vad_batch.cancel(self._segmenter.vad)
         self._drop_speculation()
         for task in (self._partial_task, self._last_final):
             if task is not None and not task.done():

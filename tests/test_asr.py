@@ -20,7 +20,7 @@ from asr import models
 from asr.engine import DecodeOptions, WhisperEngine, spell_lone_digit
 from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
 from asr.stream import SpeechStream, StreamOptions
-from asr.vad import SileroModel, SileroVAD
+from asr.vad import SileroModel, SileroVAD, VadBatch
 from asr.worker import _MAX_BATCH, DecodeWorker
 from speech import devset_variants, load_devset, recording, segment, wer, word_errors
 
@@ -60,6 +60,68 @@ def test_vad_probabilities_separate_speech_from_silence(vad_model):
     silence = SileroVAD(vad_model)(np.zeros((16000 * 3 // 512, 512), np.float32))
     assert np.mean(speech > 0.5) > 0.6
     assert silence.max() < 0.1
+
+
+async def test_streams_vad_decided_together_as_each_alone(vad_model):
+    """Every stream's waiting windows go through Silero in one call per window position: each stream
+    must get exactly the probabilities it gets alone, whatever the others send and however it is cut."""
+    recordings = load_devset()[:5]
+    windows = [r.audio[: min(r.audio.size, 3 * 16000) // 512 * 512].reshape(-1, 512) for r in recordings]
+    alone = [SileroVAD(vad_model)(w) for w in windows]
+    batch = VadBatch(vad_model)
+    vads = [SileroVAD(vad_model) for _ in windows]
+    got: list[list[np.ndarray]] = [[] for _ in windows]
+    position = [0] * len(windows)
+    for turn in range(max(w.shape[0] for w in windows)):
+        for i, w in enumerate(windows):
+            # Streams send 0 to 3 windows at a time, sometimes twice before the batch runs.
+            for _ in range((turn + i) % 2 + 1):
+                take = (turn * (i + 1)) % 4
+                if position[i] < w.shape[0] and take:
+                    batch.submit(vads[i], w[position[i]:position[i] + take],
+                                 lambda _, probs, i=i: got[i].append(probs))
+                    position[i] += take
+        await asyncio.sleep(0.02)  # the batch gathers for 10 ms when several streams are open
+    for i, w in enumerate(windows):
+        if position[i] < w.shape[0]:
+            batch.submit(vads[i], w[position[i]:], lambda _, probs, i=i: got[i].append(probs))
+    batch.run()
+    for i in range(len(windows)):
+        assert np.array_equal(np.concatenate(got[i]), alone[i]), recordings[i].id
+    assert batch.windows == sum(w.shape[0] for w in windows)
+    # One window from each of five streams, waiting together: one call.
+    calls = batch.calls
+    for vad, w in zip(vads, windows):
+        batch.submit(vad, w[:1], lambda *_: None)
+    await asyncio.sleep(0.02)
+    assert batch.calls == calls + 1
+    # Four windows at once are no microphone in real time (a sender faster than that): decided at the
+    # loop's next turn, not gathered.
+    batch.submit(vads[0], windows[0][:4], lambda *_: None)
+    await asyncio.sleep(0)
+    assert batch.calls == calls + 5
+    calls = batch.calls
+    # A stream alone is decided at the loop's next turn: nobody else's windows are worth waiting for.
+    for vad in vads[1:]:
+        batch.cancel(vad)
+    batch.submit(vads[0], windows[0][:1], lambda *_: None)
+    await asyncio.sleep(0)
+    assert batch.calls == calls + 1
+
+
+def test_vad_is_silero_v6_as_faster_whisper_ships_it(vad_model):
+    """The batching file from silero-vad's wheel decides as the v6 file in faster-whisper does."""
+    import onnxruntime
+    from faster_whisper.utils import get_assets_path
+
+    session = onnxruntime.InferenceSession(os.path.join(get_assets_path(), "silero_vad_v6.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    rec = recording("jfk-inaugural-ask-not")
+    windows = rec.audio[: rec.audio.size // 512 * 512].reshape(-1, 512)
+    contexts = np.concatenate([np.zeros((1, 64), np.float32), windows[:-1, -64:]])
+    zeros = np.zeros((1, 1, 128), np.float32)
+    theirs = session.run(None, {"input": np.concatenate([contexts, windows], axis=1), "h": zeros, "c": zeros})[0]
+    assert np.allclose(SileroVAD(vad_model)(windows), np.asarray(theirs).reshape(-1), atol=1e-5)
 
 
 def test_segmenter_finds_each_recordings_speech(vad_model):

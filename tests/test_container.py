@@ -300,6 +300,10 @@ def test_no_torch_and_no_pip_cache():
     assert not any(re.search(r"\btorch\b", r) for r in runs), runs
     requirements = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     assert not any(re.match(r"torch\b", r, re.I) for r in requirements)
+    # silero-vad's wheel depends on torch: it goes in without its dependencies, and nowhere else.
+    assert not any(re.match(r"silero", r, re.I) for r in requirements)
+    nodeps = [r for r in runs if "requirements-nodeps.txt" in r]
+    assert nodeps and all(re.search(r"--no-deps -r requirements-nodeps\.txt", r) for r in nodeps), runs
     no_cache = env_of(DOCKER).get("PIP_NO_CACHE_DIR") in ("1", "true", "on", "yes")
     for r in runs:
         if re.search(r"\bpip3? install\b", r):
@@ -337,7 +341,7 @@ def test_dockerignore_keeps_the_build_context_small():
     for rel in (".venv/bin/python", ".git/HEAD", "tests/test_ws.py", "bench/run.py", "data/x.json",
                 "test-artifacts/phone.png", "asr/__pycache__/vad.cpython-311.pyc"):
         assert ignored(rel, rules), rel
-    for rel in ("requirements.txt", "server.py", "asr/vad.py", "web/index.html"):
+    for rel in ("requirements.txt", "requirements-nodeps.txt", "server.py", "asr/vad.py", "web/index.html"):
         assert not ignored(rel, rules), rel
 
 
