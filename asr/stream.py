@@ -147,7 +147,7 @@ class SpeechStream:
             return spec.result
         if spec is not None:
             spec.result.cancel()
-        return self._worker.final(event.audio, self.options.language, self._key)
+        return self._worker.final(event.audio, self.options.language)
 
     def _on_segment(self, event: SpeechStarted | SpeechEnded) -> None:
         if isinstance(event, SpeechStarted):

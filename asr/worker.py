@@ -34,7 +34,6 @@ class _Job:
     final: bool
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future = field(repr=False)
-    key: Hashable | None = None  # the stream that asked, where it said
     queued: float = field(default_factory=time.monotonic)
     abandoned: bool = False  # set on the loop thread when nobody awaits the result any more
     # How the engine is to decode it, set when a thread takes it (see `_take`).
@@ -65,7 +64,6 @@ class DecodeWorker:
         self._partials: OrderedDict[Hashable, _Job] = OrderedDict()
         self._closed = False
         self._busy = 0  # threads decoding now
-        self._running: list[_Job] = []  # their jobs
         # With one thread there is nothing to keep free; with more, a final or speculation never
         # waits behind a partial that started just before it (partials take 100-200 ms each).
         self._partial_threads = max(1, threads - 1)
@@ -104,9 +102,8 @@ class DecodeWorker:
         """Finals not yet started: while any wait, extra work would only delay them."""
         return len(self._finals)
 
-    def final(self, audio: np.ndarray, language: str | None, key: Hashable | None = None) -> asyncio.Future:
-        """`key`: the stream's, as for partials; its own running partial is then no company (see `_take`)."""
-        job = self._job(audio, language, final=True, key=key)
+    def final(self, audio: np.ndarray, language: str | None) -> asyncio.Future:
+        job = self._job(audio, language, final=True)
         with self._cond:
             if len(self._finals) >= self._max_finals:
                 raise Overloaded("too many utterances waiting for transcription")
@@ -116,7 +113,7 @@ class DecodeWorker:
 
     def speculate(self, key: Hashable, audio: np.ndarray, language: str | None) -> asyncio.Future:
         """A final decoded ahead of the endpoint; resolves to None if a newer one replaced it."""
-        return self._keyed(self._speculative, key, self._job(audio, language, final=True, key=key))
+        return self._keyed(self._speculative, key, self._job(audio, language, final=True))
 
     def promote(self, key: Hashable) -> None:
         """The endpoint came: the stream's waiting speculative final becomes a real one."""
@@ -132,7 +129,7 @@ class DecodeWorker:
         `first`: the utterance shows no words yet. Such a partial goes ahead of the streams that
         already show some, so that under load a speaker still sees their words begin soon.
         """
-        return self._keyed(self._partials, key, self._job(audio, language, final=False, key=key), first)
+        return self._keyed(self._partials, key, self._job(audio, language, final=False), first)
 
     def _keyed(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job,
                urgent: bool = False) -> asyncio.Future:
@@ -146,9 +143,9 @@ class DecodeWorker:
             _resolve(stale.future, None)
         return job.future
 
-    def _job(self, audio: np.ndarray, language: str | None, final: bool, key: Hashable | None) -> _Job:
+    def _job(self, audio: np.ndarray, language: str | None, final: bool) -> _Job:
         loop = asyncio.get_running_loop()
-        job = _Job(audio, language, final, loop, loop.create_future(), key=key)
+        job = _Job(audio, language, final, loop, loop.create_future())
         job.future.add_done_callback(lambda _: setattr(job, "abandoned", True))
         return job
 
@@ -159,7 +156,6 @@ class DecodeWorker:
             jobs = self._pick()
             if jobs:
                 self._busy += 1
-                self._running += jobs
             return jobs
 
     def _pick(self) -> list[_Job]:
@@ -204,10 +200,7 @@ class DecodeWorker:
         10 s (191 ms) and 69 greedy over 10 s (127 ms). Taking beam search over 30 s for every final
         not in a burst made 16 streams' p95 worse (1.43 and 1.46 s against 1.08 and 1.20).
         """
-        # The stream's own running partial is no company: its final makes it obsolete, and with one
-        # stream alone it made a final greedy whenever the pause began during a partial.
-        running = [r for r in self._running if r.final or r.key is None or r.key != job.key]
-        others = bool(running or self._finals or self._speculative or self._partials)
+        others = bool(self._busy or self._finals or self._speculative or self._partials)
         job.greedy = job.final and (burst or others)
         job.short_window = burst or (others and not job.final)
         return job
@@ -216,18 +209,18 @@ class DecodeWorker:
         return bool(self._partials) and self._busy < self._partial_threads
 
     def _run(self) -> None:
-        while taken := self._next():
-            jobs = [job for job in taken if not job.abandoned]  # nobody awaits them: no decode
+        while jobs := self._next():
+            jobs = [job for job in jobs if not job.abandoned]  # nobody awaits them: no decode
             started = time.monotonic()
             # Each as soon as it is ready, not when the whole batch is.
             for delivered, (job, outcome) in enumerate(self._outcomes(jobs), 1):
                 if delivered == len(jobs):
                     # Idle before the last result is seen, so that a decode asked for on seeing it finds
                     # this thread free (and, alone, gets beam search).
-                    self._done(taken, time.monotonic() - started)
+                    self._done(time.monotonic() - started)
                 self._deliver(job, outcome, batched=len(jobs) > 1)
             if not jobs:
-                self._done(taken, 0.0)
+                self._done(0.0)
 
     def _outcomes(self, jobs: list[_Job]) -> Iterator[tuple[_Job, Transcript | None | BaseException]]:
         """One outcome per job."""
@@ -260,11 +253,9 @@ class DecodeWorker:
         except RuntimeError:  # that loop is closed: nobody is waiting
             pass
 
-    def _done(self, jobs: list[_Job], seconds: float) -> None:
+    def _done(self, seconds: float) -> None:
         with self._cond:
             self._busy -= 1
-            for job in jobs:
-                self._running.remove(job)
             self.busy_seconds += seconds
             self._cond.notify()  # a partial held back for a free thread may start now
 
