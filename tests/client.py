@@ -76,6 +76,28 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    def audio_received_s(self) -> float:
+        """Seconds of audio the server has received so far, every session and transport (GET /metrics)."""
+        import urllib.request
+
+        unverified = ssl._create_unverified_context()
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5, context=unverified) as r:
+            text = r.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("stt_audio_received_seconds_total{"))
+
+    def hear_out(self, since: float, seconds: float, timeout: float) -> float:
+        """Until the server has received `seconds` of audio more than `since`, or `timeout` passed.
+
+        Chromium's fake microphone reads its file on a timer that skips the ticks it was too busy for,
+        so on a starved machine the file plays slower than real time: waiting for its audio rather
+        than for the clock keeps the end of the speech from being cut off. Returns what came.
+        """
+        deadline = time.monotonic() + timeout
+        while (received := self.audio_received_s() - since) < seconds and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return received
+
     async def wait_log(self, text: str, timeout: float = 10) -> str:
         """The log line containing `text` (logging may trail the state change a little)."""
         deadline = time.monotonic() + timeout
@@ -316,10 +338,10 @@ class WSClient(EventLog):
                 await asyncio.sleep(max(0.0, started + i * chunk_ms / 1000 - time.monotonic()))
             await self.send(audio_message(pcm[offset : offset + step], form))
 
-    async def stop(self, message: dict[str, str] | None = None) -> None:
+    async def stop(self, message: dict[str, str] | None = None, timeout: float = 20) -> None:
         """Says stop: the last finals, session.ended (stop) as the last event, and a normal close."""
         await self.send(message or {"type": "stop"})
-        assert (await self.wait_type("session.ended", timeout=20))["reason"] == "stop"
+        assert (await self.wait_type("session.ended", timeout=timeout))["reason"] == "stop"
         assert await self.closed(timeout=10) == 1000
         assert self.events[-1].event["type"] == "session.ended"
 

@@ -4,6 +4,7 @@ token goes as Bearer to /v1/rtc and as ?token= to /v1/ws; without it the server 
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -20,18 +21,17 @@ SPEECH_ID = "ls-61-70968-0000"
 LEAD_S, TAIL_S = 1.5, 2.5
 
 # In the page: the embedding app's code, given a token by its back end.
-TRANSCRIBE = """async ({ token, transport, listenMs }) => {
+START = """async ({ token, transport }) => {
   const { startTranscription } = await import("/web/stt.js");
-  const finals = [];
+  window.finals = [];
   try {
-    const session = await startTranscription({ token, transport, onFinal: (e) => finals.push(e.text) });
-    await new Promise((done) => setTimeout(done, listenMs));
-    await session.stop();
-    return { transport: session.transport, finals };
+    window.session = await startTranscription({ token, transport, onFinal: (e) => finals.push(e.text) });
+    return { transport: window.session.transport };
   } catch (error) {
     return { error: error.code };
   }
 }"""
+STOP = "async () => { await window.session.stop(); return window.finals; }"
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +72,19 @@ def mint(server: ServerProcess) -> str:
 
 @pytest.mark.parametrize("transport", ["rtc", "ws"])
 def test_stt_js_sends_the_token(page, server, microphone, transport):
-    result = page.evaluate(TRANSCRIBE, {"token": mint(server), "transport": transport,
-                                        "listenMs": int(microphone[1] * 1000)})
+    before = server.audio_received_s()
+    started = time.monotonic()
+    result = page.evaluate(START, {"token": mint(server), "transport": transport})
     assert result.get("transport") == transport, result
-    text = " ".join(result["finals"])
+    time.sleep(max(0.0, started + microphone[1] - time.monotonic()))
+    # The lead may go by before the session connects; the speech and the tail may not.
+    server.hear_out(before, microphone[1] - LEAD_S, timeout=5 * microphone[1])
+    text = " ".join(page.evaluate(STOP))
     print(f"\n{transport} with a token: {text}")
     assert wer([(recording(SPEECH_ID).text, text)]) <= 0.2, text
 
 
 @pytest.mark.parametrize("transport, code", [("rtc", "unauthorized"), ("ws", "connect_failed")])
 def test_without_a_token_the_server_refuses(page, server, transport, code):
-    result = page.evaluate(TRANSCRIBE, {"token": "", "transport": transport, "listenMs": 0})
+    result = page.evaluate(START, {"token": "", "transport": transport})
     assert result == {"error": code}
