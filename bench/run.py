@@ -482,7 +482,7 @@ def update_readme(report: dict) -> None:
     if comparison.get("ran"):
         lines.append(f"{comparison['name']} on the same model and audio, one stream: final p50 "
                      f"{fmt(comparison['final_p50_s'])} s, p95 {fmt(comparison['final_p95_s'])} s, "
-                     f"WER {fmt(comparison['wer'], 3)}.")
+                     f"WER {fmt(comparison['wer'], 3)}" + "".join(f"; {e}" for e in comparison["errors"]) + ".")
     lines.append("Full report: [bench/results/report.md](bench/results/report.md).")
     replace_readme_block("bench", lines)
 
