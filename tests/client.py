@@ -86,17 +86,16 @@ class ServerProcess:
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith("stt_audio_received_seconds_total{"))
 
-    def hear_out(self, since: float, seconds: float, timeout: float) -> float:
+    def hear_out(self, since: float, seconds: float, timeout: float) -> None:
         """Until the server has received `seconds` of audio more than `since`, or `timeout` passed.
 
         Chromium's fake microphone reads its file on a timer that skips the ticks it was too busy for,
         so on a starved machine the file plays slower than real time: waiting for its audio rather
-        than for the clock keeps the end of the speech from being cut off. Returns what came.
+        than for the clock keeps the end of the speech from being cut off.
         """
         deadline = time.monotonic() + timeout
-        while (received := self.audio_received_s() - since) < seconds and time.monotonic() < deadline:
+        while self.audio_received_s() - since < seconds and time.monotonic() < deadline:
             time.sleep(0.2)
-        return received
 
     async def wait_log(self, text: str, timeout: float = 10) -> str:
         """The log line containing `text` (logging may trail the state change a little)."""
