@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import os
 import weakref
 from typing import Callable
@@ -16,6 +17,8 @@ SAMPLE_RATE = 16000
 WINDOW = 512  # samples per VAD decision (32 ms), fixed by the model
 _CONTEXT = 64  # the model sees the tail of the previous window before each window
 _SR = np.array(SAMPLE_RATE, dtype=np.int64)
+
+log = logging.getLogger(__name__)
 
 
 def default_model_path() -> str:
@@ -57,16 +60,24 @@ class SileroVAD:
 
     def __init__(self, model: SileroModel) -> None:
         self._model = model
-        self.state = np.zeros((2, 1, 128), dtype=np.float32)
-        self.context = np.zeros(_CONTEXT, dtype=np.float32)
+        self.state = np.zeros((2, 1, 128), dtype=np.float32)  # the recurrent state, (2, 1, 128)
+        self._context = np.zeros(_CONTEXT, dtype=np.float32)
+
+    def input(self, window: np.ndarray) -> np.ndarray:
+        """The model's input for this stream's next window: the tail of the one before, then it."""
+        return np.concatenate([self._context, window])
+
+    def carry(self, window: np.ndarray, state: np.ndarray) -> None:
+        """`window` was decided, and left the model in `state`."""
+        self.state = state
+        self._context = window[-_CONTEXT:].copy()
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
         """`windows`: shape (n, 512), in stream order; decided here and now, one call per window."""
         probs = np.empty(windows.shape[0], np.float32)
         for i, window in enumerate(windows):
-            inputs = np.concatenate([self.context, window])[None]
-            probs[i:i + 1], self.state = self._model.run(inputs, self.state)
-            self.context = window[-_CONTEXT:].copy()
+            probs[i:i + 1], state = self._model.run(self.input(window)[None], self.state)
+            self.carry(window, state)
         return probs
 
 
@@ -139,14 +150,16 @@ class VadBatch:
         probs = [np.empty(w.shape[0], np.float32) for w in windows]
         for k in range(max(w.shape[0] for w in windows)):
             rows = [i for i, w in enumerate(windows) if w.shape[0] > k]
-            inputs = np.stack([np.concatenate([vads[i].context, windows[i][k]]) for i in rows])
+            inputs = np.stack([vads[i].input(windows[i][k]) for i in rows])
             state = np.concatenate([vads[i].state for i in rows], axis=1)
             out, state = self.model.run(inputs, state)
             for j, i in enumerate(rows):
                 probs[i][k] = out[j]
-                vads[i].state = state[:, j:j + 1]
-                vads[i].context = windows[i][k][-_CONTEXT:].copy()
+                vads[i].carry(windows[i][k], state[:, j:j + 1])
             self.calls += 1
             self.windows += len(rows)
         for vad, w, p in zip(vads, windows, probs):
-            waiting[vad][1](w, p)
+            try:
+                waiting[vad][1](w, p)
+            except Exception:  # one session's failure must not cost the others their windows
+                log.exception("a stream failed on its VAD decisions")

@@ -109,6 +109,22 @@ async def test_streams_vad_decided_together_as_each_alone(vad_model):
     assert batch.calls == calls + 1
 
 
+async def test_a_stream_that_fails_on_its_vad_decisions_costs_the_others_nothing(vad_model, caplog):
+    rec = load_devset()[0]
+    windows = rec.audio[: 16 * 512].reshape(-1, 512)
+    batch = VadBatch(vad_model)
+    got: list[np.ndarray] = []
+
+    def broken(*_):
+        raise RuntimeError("a session's bug")
+
+    batch.submit(SileroVAD(vad_model), windows, broken)
+    batch.submit(SileroVAD(vad_model), windows, lambda _, probs: got.append(probs))
+    batch.run()
+    assert len(got) == 1 and np.array_equal(got[0], SileroVAD(vad_model)(windows))
+    assert "a stream failed on its VAD decisions" in caplog.text
+
+
 def test_vad_is_silero_v6_as_faster_whisper_ships_it(vad_model):
     """The batching file from silero-vad's wheel decides as the v6 file in faster-whisper does."""
     import onnxruntime
