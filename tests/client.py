@@ -94,7 +94,8 @@ class ServerProcess:
         than for the clock keeps the end of the speech from being cut off.
         """
         deadline = time.monotonic() + timeout
-        while self.audio_received_s() - since < seconds and time.monotonic() < deadline:
+        # The counter adds up fractions of a second: its sum may fall short of the exact total.
+        while self.audio_received_s() - since < seconds - 0.001 and time.monotonic() < deadline:
             time.sleep(0.2)
 
     async def wait_log(self, text: str, timeout: float = 10) -> str:

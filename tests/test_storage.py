@@ -171,7 +171,11 @@ async def test_transcript_in_every_format_is_what_the_client_got(stored):
         await client.connect()
         await client.send({"type": "start"})
         session_id = (await client.wait_type("session.started"))["session_id"]
+        before = await asyncio.to_thread(stored.server.audio_received_s)
         await client.speak(pcm16(sent), realtime=False)
+        # Sent faster than real time, much of it may still wait unread in the socket: the last final
+        # so far is the last one only once the server has read the trailing silence too.
+        await asyncio.to_thread(stored.server.hear_out, before, sent.size / RATE, timeout=60)
         await client.wait_last_final(timeout=20)
 
         # Live: listed with its status, its transcript read from finals.jsonl so far.
