@@ -156,6 +156,8 @@ class SpeechStream:
             self._emit({"type": "speech.started", "utterance": event.utterance, "start": event.start})
             return
         self.utterances += 1
+        if self._partial_task is not None and not self._partial_task.done():
+            self._partial_task.cancel()  # its text could only come after speech.stopped: not decoded
         self._emit({"type": "speech.stopped", "utterance": event.utterance, "end": event.end})
         self._finals_pending += 1
         try:

@@ -14,7 +14,8 @@ import numpy as np
 
 from .engine import Transcript, WhisperEngine
 
-# A partial that waited this long describes speech the speaker has moved past: drop it.
+# A partial that waited this long describes speech the speaker has moved past: drop it, unless it is
+# its utterance's first, the only text the speaker would see before the final.
 _STALE_PARTIAL_S = 1.0
 # Finals decoded together in a burst. Batched, 8 of the devset's utterances took 60% of their time one by
 # one and 4 took 66%, but each final of a batch waits for the whole batch's decode: with 16 WebRTC streams
@@ -36,6 +37,7 @@ class _Job:
     future: asyncio.Future = field(repr=False)
     queued: float = field(default_factory=time.monotonic)
     abandoned: bool = False  # set on the loop thread when nobody awaits the result any more
+    first: bool = False  # a partial for an utterance that shows no words yet
     # How the engine is to decode it, set when a thread takes it (see `_take`).
     greedy: bool = False
     short_window: bool = False
@@ -49,7 +51,8 @@ class DecodeWorker:
     stream holds at most one of each. Under load the worker sheds work in this order: a final
     with others running or waiting is decoded greedily and a partial over the engine's short
     window, partials never take the last idle thread (it stays free for the next final or
-    speculation), stale partials are dropped, streams stop asking for partials and speculation
+    speculation), stale partials are dropped (an utterance's first is not: it is the only text its
+    speaker would see before the final), streams stop asking for partials and speculation
     while finals wait (see `finals_waiting`), and a final or speculative final with as many of its
     kind queued behind it as there are threads also takes the short window, decoded in one batch
     with its thread's share of the burst.
@@ -129,14 +132,15 @@ class DecodeWorker:
         `first`: the utterance shows no words yet. Such a partial goes ahead of the streams that
         already show some, so that under load a speaker still sees their words begin soon.
         """
-        return self._keyed(self._partials, key, self._job(audio, language, final=False), first)
+        job = self._job(audio, language, final=False)
+        job.first = first
+        return self._keyed(self._partials, key, job)
 
-    def _keyed(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job,
-               urgent: bool = False) -> asyncio.Future:
+    def _keyed(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job) -> asyncio.Future:
         with self._cond:
             stale = queue.pop(key, None)
             queue[key] = job
-            if urgent:
+            if job.first:
                 queue.move_to_end(key, last=False)
             self._cond.notify()
         if stale is not None:
@@ -172,7 +176,7 @@ class DecodeWorker:
                                          lambda: self._speculative.popitem(last=False)[1])
             if self._partials_allowed():
                 job = self._partials.popitem(last=False)[1]
-                if time.monotonic() - job.queued > _STALE_PARTIAL_S:
+                if not job.first and time.monotonic() - job.queued > _STALE_PARTIAL_S:
                     self.shed_partials += 1
                     job.loop.call_soon_threadsafe(_resolve, job.future, None)
                     continue

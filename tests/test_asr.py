@@ -368,7 +368,8 @@ async def test_worker_runs_finals_first_then_first_partials_and_replaces_waiting
 
 
 async def test_worker_sheds_a_partial_that_waited_past_its_time(engine, monkeypatch):
-    """A partial that waited behind finals describes speech the speaker has moved past: never decoded."""
+    """A partial that waited behind finals describes speech the speaker has moved past: never decoded.
+    An utterance's first partial is, however long it waited: the speaker has seen no words yet."""
     monkeypatch.setattr("asr.worker._STALE_PARTIAL_S", 0.05)  # a final's beam search takes longer
     rec = next(r for r in load_devset() if r.id == "ls-61-70968-0002")
     worker = DecodeWorker(engine, max_finals=4)  # one thread: the partial waits for the final
@@ -378,6 +379,10 @@ async def test_worker_sheds_a_partial_that_waited_past_its_time(engine, monkeypa
         partial = worker.partial("a", rec.audio, "en")
         assert (await final) is not None and (await partial) is None
         assert (worker.decodes, worker.shed_partials) == (1, 1)
+        final = worker.final(rec.audio, "en")
+        first = worker.partial("a", rec.audio, "en", first=True)
+        assert (await final) is not None and (await first) is not None
+        assert (worker.decodes, worker.shed_partials) == (3, 1)
         monkeypatch.setattr("asr.worker._STALE_PARTIAL_S", 60.0)
         assert (await worker.partial("a", rec.audio, "en")) is not None  # an idle worker decodes it
     finally:
@@ -548,6 +553,26 @@ async def test_a_first_partial_that_says_nothing_is_asked_again_soon(engine, vad
     # on from a split at the length limit has its first try at once, with the speech carried over.
     late = {key: size - asked[key][0] for key, size in shown.items() if size - asked[key][0] > 8000}
     assert not late, late
+
+
+async def test_a_partial_still_waiting_when_its_utterance_ends_is_never_decoded(engine, vad_model):
+    """Its text could only come after speech.stopped, where the protocol has no place for it."""
+    worker = DecodeWorker(engine, max_finals=4)  # not started yet: every decode waits
+    events: list[dict] = []
+    stream = SpeechStream(worker, Segmenter(SileroVAD(vad_model), SegmenterConfig()),
+                          StreamOptions(language="en", early_final_ms=0), events.append)
+    audio = padded(recording("ls-61-70968-0002").audio)
+    try:
+        for i in range(0, audio.size, 320):
+            stream.feed(audio[i : i + 320])
+            await asyncio.sleep(0)
+        assert [e["type"] for e in events] == ["speech.started", "speech.stopped"], events
+        worker.start()
+        await stream.finish()
+    finally:
+        await worker.close()
+    assert [e["type"] for e in events][-1] == "transcript.final"
+    assert worker.decodes == 1  # the final alone
 
 
 @pytest.mark.parametrize("idle", [True, False])
