@@ -132,9 +132,7 @@ class DecodeWorker:
         `first`: the utterance shows no words yet. Such a partial goes ahead of the streams that
         already show some, so that under load a speaker still sees their words begin soon.
         """
-        job = self._job(audio, language, final=False)
-        job.first = first
-        return self._keyed(self._partials, key, job)
+        return self._keyed(self._partials, key, self._job(audio, language, final=False, first=first))
 
     def _keyed(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job) -> asyncio.Future:
         with self._cond:
@@ -145,11 +143,19 @@ class DecodeWorker:
             self._cond.notify()
         if stale is not None:
             _resolve(stale.future, None)
+        job.future.add_done_callback(lambda _: self._forget(queue, key, job))
         return job.future
 
-    def _job(self, audio: np.ndarray, language: str | None, final: bool) -> _Job:
+    def _forget(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job) -> None:
+        """A waiting job its stream gave up on (a partial at the utterance's end, a guess when speech
+        resumed) leaves its queue at once: it would count as work in `depth` and `idle`."""
+        with self._cond:
+            if queue.get(key) is job:
+                del queue[key]
+
+    def _job(self, audio: np.ndarray, language: str | None, final: bool, first: bool = False) -> _Job:
         loop = asyncio.get_running_loop()
-        job = _Job(audio, language, final, loop, loop.create_future())
+        job = _Job(audio, language, final, loop, loop.create_future(), first=first)
         job.future.add_done_callback(lambda _: setattr(job, "abandoned", True))
         return job
 

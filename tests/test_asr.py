@@ -567,6 +567,7 @@ async def test_a_partial_still_waiting_when_its_utterance_ends_is_never_decoded(
             stream.feed(audio[i : i + 320])
             await asyncio.sleep(0)
         assert [e["type"] for e in events] == ["speech.started", "speech.stopped"], events
+        assert worker.depth == 1  # the final: the partial left the queue when its utterance ended
         worker.start()
         await stream.finish()
     finally:
