@@ -17,9 +17,10 @@ from asr.audio import Resampler
 from asr.segmenter import SegmentEvent, Segmenter, SegmenterConfig
 from asr.vad import SileroModel, SileroVAD
 
-GAP_S = 1.5  # a speaker's pause between sentences: longer than the 500 ms endpoint
+GAP_S = 1.5  # a speaker's pause between sentences: longer than the 600 ms endpoint
 
 DEVSET = Path(os.environ.get("STT_DEVSET", Path(__file__).resolve().parents[2] / "shared/eval/devset"))
+DATA = Path(__file__).resolve().parent / "data"  # speech that travels with the tests (SOURCES.md there)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,15 @@ def recording(recording_id: str) -> Recording:
     return next(r for r in load_devset() if r.id == recording_id)
 
 
+def data_recording(recording_id: str) -> Recording:
+    """One of the recordings in tests/data."""
+    for line in (DATA / "manifest.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if entry["id"] == recording_id:
+            return Recording(entry["id"], entry["text"], read_audio(DATA / entry["wav"]))
+    raise KeyError(recording_id)
+
+
 def pcm16(audio: np.ndarray, rate: int = 16000) -> bytes:
     """16 kHz float speech as 16-bit little-endian mono PCM at `rate`, as a sound card at that rate gives it."""
     samples = (np.clip(audio, -1, 1) * 32767).astype("<i2")
@@ -166,6 +176,45 @@ def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
         for j in range(1, len(hyp) + 1):
             row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (ref[i - 1] != hyp[j - 1]))
     return row[len(hyp)], len(ref)
+
+
+def alignment(ref: list[str], hyp: list[str]) -> tuple[int, list[bool]]:
+    """Edit distance, and for each reference word whether the alignment matched it exactly."""
+    n, m = len(ref), len(hyp)
+    cost = np.zeros((n + 1, m + 1), np.int32)
+    cost[:, 0], cost[0, :] = np.arange(n + 1), np.arange(m + 1)
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            cost[i, j] = min(cost[i - 1, j] + 1, cost[i, j - 1] + 1, cost[i - 1, j - 1] + (ref[i - 1] != hyp[j - 1]))
+    matched = [False] * n
+    i, j = n, m
+    while i and j:
+        if cost[i, j] == cost[i - 1, j - 1] + (ref[i - 1] != hyp[j - 1]):
+            matched[i - 1] = ref[i - 1] == hyp[j - 1]
+            i, j = i - 1, j - 1
+        elif cost[i, j] == cost[i - 1, j] + 1:
+            i -= 1
+        else:
+            j -= 1
+    return int(cost[n, m]), matched
+
+
+def sentences(text: str) -> list[str]:
+    """A reference's sentences: ended by . ? ! ; or by a comma before a capitalised clause ("..., Whereas")."""
+    return [s for s in re.split(r"(?<=[.?!;。？！])\s*|,\s+(?=[A-Z])", text) if s.strip()]
+
+
+def lost_sentences(reference: str, hypothesis: str, words=normalize) -> list[str]:
+    """The reference's sentences of which less than half the words appear in the hypothesis, in order.
+    `words` splits a text into what is compared (the same for both sides)."""
+    _, matched = alignment(words(reference), words(hypothesis))
+    lost, at = [], 0
+    for sentence in sentences(reference):
+        n = len(words(sentence))
+        if n and sum(matched[at:at + n]) * 2 < n:
+            lost.append(sentence)
+        at += n
+    return lost
 
 
 def wer(pairs: list[tuple[str, str]]) -> float:
