@@ -5,6 +5,10 @@ import socket
 import sys
 from pathlib import Path
 
+# As server.py: one OpenBLAS thread, before anything imports numpy. The in-process engine tests
+# (decode niceness among them) measure the engine as the server runs it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
