@@ -51,9 +51,10 @@ $(BENCH_WL)/.installed: bench/requirements-whisperlive.txt
 bench: $(VENV)/.bench-installed $(BENCH_WL)/.installed
 	tests/netns.sh $(BIN)/python bench/run.py $(BENCH_ARGS)
 
-# Word errors of streamed finals against offline faster-whisper, per encoder window (2 to 5 minutes).
-bench-accuracy: $(VENV)/.test-installed
-	$(BIN)/python bench/accuracy.py $(BENCH_ARGS)
+# Streamed word error rate over WebRTC and the WebSocket against offline faster-whisper, per condition,
+# on ../shared/eval/devset-wide (about 12 minutes: every recording in real time, twice).
+bench-accuracy: $(VENV)/.bench-installed
+	tests/netns.sh $(BIN)/python bench/accuracy.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

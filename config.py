@@ -72,7 +72,13 @@ class Config:
                 "less accurate"})
     language: str = field(default="", metadata={
         "help": "default language code; empty: en for English-only models, detect otherwise"})
-    endpoint_ms: int = field(default=500, metadata={"help": "silence that ends an utterance"})
+    endpoint_ms: int = field(default=600, metadata={"help": "silence that ends an utterance"})
+    unfinished_endpoint_ms: int = field(default=1100, metadata={
+        "help": "silence that ends an utterance whose early final stops mid-clause (no . ? !, or a word such "
+                "as 'the' or 'and' last); at least endpoint_ms"})
+    context_chars: int = field(default=200, metadata={
+        "help": "characters of a session's last finals that the next decode continues (Whisper's previous-text "
+                "prompt), used when the last final stopped mid-clause; 0: every utterance alone"})
     partial_interval_ms: int = field(default=600, metadata={
         "help": "new audio between two partial hypotheses"})
     sentence_endpoint: float = field(default=0.8, metadata={
@@ -81,9 +87,12 @@ class Config:
     early_final_ms: int = field(default=160, metadata={
         "help": "pause after which the final is decoded ahead of the endpoint (0: off)"})
     vad_threshold: float = field(default=0.5, metadata={"help": "speech probability that starts speech"})
+    vad_refresh_ms: int = field(default=512, metadata={
+        "help": "non-speech after which Silero VAD's second state starts afresh, so that what it heard "
+                "before (a louder speaker) does not mute what follows (0: one state, never refreshed)"})
     min_speech_ms: int = field(default=250, metadata={"help": "shorter sounds are ignored"})
     preroll_ms: int = field(default=300, metadata={"help": "audio kept from before speech onset"})
-    max_utterance_s: float = field(default=12.0, metadata={"help": "longer speech is split (max 30)"})
+    max_utterance_s: float = field(default=20.0, metadata={"help": "longer speech is split (max 30)"})
     max_sessions: int = field(default=16, metadata={"help": "concurrent sessions; more get 503"})
     ice_timeout_s: float = field(default=15.0, metadata={"help": "time for ICE to connect"})
     idle_timeout_s: float = field(default=30.0, metadata={"help": "end a session with no audio for this long"})
@@ -130,6 +139,8 @@ class Config:
             raise ValueError("max_utterance_s must be in (0, 30]: Whisper sees at most 30 s")
         if self.endpoint_ms < 100:
             raise ValueError("endpoint_ms must be at least 100")
+        if self.context_chars < 0 or self.vad_refresh_ms < 0:
+            raise ValueError("context_chars and vad_refresh_ms must be 0 or more")
         if not (5 <= self.decode_window_s <= 30 and 5 <= self.busy_decode_window_s <= 30):
             raise ValueError("decode_window_s and busy_decode_window_s must be between 5 and 30")
         if self.decode_workers < 1 or self.cpu_threads < 1:

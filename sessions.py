@@ -15,7 +15,7 @@ from aiohttp import web
 
 from asr.segmenter import Segmenter, SegmenterConfig
 from asr.stream import Event, SpeechStream, StreamOptions
-from asr.vad import SileroModel, SileroVAD, VadBatch
+from asr.vad import SAMPLE_RATE, WINDOW, SileroModel, SileroVAD, VadBatch
 from asr.worker import DecodeWorker
 import metrics
 from config import Config
@@ -277,6 +277,7 @@ class SessionRegistry:
             endpoint_ms=config.endpoint_ms,
             max_utterance_s=config.max_utterance_s,
         )
+        self._vad_refresh_windows = round(config.vad_refresh_ms * SAMPLE_RATE / 1000 / WINDOW)
 
     # The model loads after the server starts listening (server.py): these follow it.
     @property
@@ -318,22 +319,31 @@ class SessionRegistry:
                            f"this API key has {limit} session(s) open, its limit; try again later",
                            {"Retry-After": "5"})
 
-    def create(self, transport: str, options: SessionOptions, hold_events: bool = False,
-               client: Client = Client()) -> Session:
-        self.check_capacity(client)
-        segmenter_config = replace(self._segmenter_config, endpoint_ms=options.endpoint_ms)
+    def stream_factory(self, options: SessionOptions) -> Callable[[Sink], SpeechStream]:
+        """How a session with these options builds its speech pipeline around its event sink."""
+        # A session's own endpoint moves the unfinished-clause endpoint by as much.
+        segmenter_config = replace(
+            self._segmenter_config, endpoint_ms=options.endpoint_ms,
+            unfinished_endpoint_ms=options.endpoint_ms
+            + max(0, self.config.unfinished_endpoint_ms - self.config.endpoint_ms))
         stream_options = StreamOptions(
             language=options.language, partials=options.partials,
             partial_interval_ms=self.config.partial_interval_ms,
             early_final_ms=self.config.early_final_ms,
             sentence_endpoint_ms=round(options.endpoint_ms * self.config.sentence_endpoint),
+            context_chars=self.config.context_chars,
         )
 
         def stream(emit: Sink) -> SpeechStream:
-            segmenter = Segmenter(SileroVAD(self.vad_model), segmenter_config)
+            segmenter = Segmenter(SileroVAD(self.vad_model, self._vad_refresh_windows), segmenter_config)
             return SpeechStream(self.worker, segmenter, stream_options, emit, self.vad_batch)
 
-        session = Session(self, transport, options, stream, hold_events, client)
+        return stream
+
+    def create(self, transport: str, options: SessionOptions, hold_events: bool = False,
+               client: Client = Client()) -> Session:
+        self.check_capacity(client)
+        session = Session(self, transport, options, self.stream_factory(options), hold_events, client)
         self._sessions[session.id] = session
         for observe in self.observers:
             observe(session)

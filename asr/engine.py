@@ -68,6 +68,10 @@ class DecodeOptions:
     # takes in every stream's audio, gets the CPU before decodes do. 0: the same priority (see
     # --decode-nice in the README for why that is the default).
     nice: int = 0
+    # Tokens of the session's previous finals the decoder is prompted with (Whisper's previous-text
+    # prompt, as offline transcription conditions each window on the last): a piece cut at a pause is
+    # then read as the continuation it is. 0: each utterance alone.
+    context_tokens: int = 64
 
 
 # The encoder hears at least _ENCODE_PAD_S of silence after the utterance, rounded up to whole
@@ -164,6 +168,12 @@ def _normalize(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9' ]", " ", text.lower()).split())
 
 
+def _repeats(tokenizer: Tokenizer, tokens: list[int], context: list[int]) -> bool:
+    """The decoded text is nothing but words of the context, in its order: Whisper said the prompt again."""
+    said = _normalize(tokenizer.decode(tokens))
+    return bool(said) and f" {said} " in f" {_normalize(tokenizer.decode(context))} "
+
+
 class WhisperEngine:
     """One faster-whisper model. Its methods block: only the decode worker calls them."""
 
@@ -198,21 +208,24 @@ class WhisperEngine:
         self.transcribe(0.1 * np.sin(2 * np.pi * 220 * t), self.default_language, final=True)
 
     def transcribe(self, audio: np.ndarray, language: str | None, final: bool,
-                   greedy: bool = False, short_window: bool = False) -> Transcript | None:
+                   greedy: bool = False, short_window: bool = False, context: str = "") -> Transcript | None:
         """Text of one utterance, or None when there is no credible speech in it.
 
         `greedy` (for a final: partials always are) and `short_window` (`busy_window_s` instead of
-        `window_s`) trade accuracy for time when other decodes run or wait.
+        `window_s`) trade accuracy for time when other decodes run or wait. `context`: the text said
+        just before, which the decoder continues.
         """
         encoded = self._encode(audio, self.options.busy_window_s if short_window else self.options.window_s)
         if language is None:
             token, _ = self._ct2.detect_language(get_ctranslate2_storage(encoded))[0][0]
             language = token[2:-2]
         tokenizer = self._tokenizer(language)
-        decoded = self._generate(encoded, tokenizer, audio.size / SAMPLE_RATE, final, greedy)
+        previous = self._previous(tokenizer, context)
+        decoded = self._generate(encoded, tokenizer, audio.size / SAMPLE_RATE, final, greedy, previous)
         return self._transcript(decoded, tokenizer, encoded, audio, final, quick_words=greedy)
 
-    def transcribe_burst(self, audios: list[np.ndarray], language: str) -> Iterator[tuple[int, Transcript | None]]:
+    def transcribe_burst(self, audios: list[np.ndarray], language: str,
+                         contexts: list[str] | None = None) -> Iterator[tuple[int, Transcript | None]]:
         """Finals of a burst, as `transcribe(final=True, greedy=True, short_window=True)` gives them,
         in one batched decode: on one core, 8 of the devset's utterances took 566 ms against 948 ms
         one by one, 4 took 403 against 615.
@@ -225,12 +238,17 @@ class WhisperEngine:
         frames = max(e.shape[1] for e in encoded)
         batch = get_ctranslate2_storage(np.concatenate([self._pad(e, frames) for e in encoded]))
         tokenizer = self._tokenizer(language)
-        caps = [self._max_length(tokenizer, audio.size / SAMPLE_RATE) for audio in audios]
-        results = self._decode(batch, tokenizer, len(audios), max(caps), beam_size=1)
+        # One batch puts its start-of-transcript token at one position: every context as long as the shortest.
+        previous = [self._previous(tokenizer, c) for c in contexts or [""] * len(audios)]
+        shortest = min(len(p) for p in previous)
+        previous = [p[len(p) - shortest:] for p in previous]
+        caps = [self._max_length(tokenizer, audio.size / SAMPLE_RATE, p) for audio, p in zip(audios, previous)]
+        results = self._decode(batch, tokenizer, [self._prompt(tokenizer, p) for p in previous], max(caps), beam_size=1)
         tried = [self._outcome(result, tokenizer, cap) for result, cap in zip(results, caps)]
         for i in sorted(range(len(audios)), key=lambda i: not self._settled(tried[i], tokenizer)):
             seconds = audios[i].size / SAMPLE_RATE
-            decoded = self._generate(encoded[i], tokenizer, seconds, final=True, greedy=True, tried=tried[i])
+            decoded = self._generate(encoded[i], tokenizer, seconds, final=True, greedy=True,
+                                     previous=previous[i], tried=tried[i])
             yield i, self._transcript(decoded, tokenizer, encoded[i], audios[i], True, quick_words=True)
 
     def _transcript(self, decoded: tuple[list[int], float, float], tokenizer: Tokenizer, encoded: np.ndarray,
@@ -275,53 +293,64 @@ class WhisperEngine:
         return self._tokenizers[language]
 
     def _generate(self, encoded: np.ndarray, tokenizer: Tokenizer, seconds: float, final: bool, greedy: bool,
-                  tried: tuple[list[int], float, float] | None = None) -> tuple[list[int], float, float]:
+                  previous: list[int] = (), tried: tuple[list[int], float, float] | None = None
+                  ) -> tuple[list[int], float, float]:
         """Greedy for partials; beam search with temperature fallback for finals, as offline.
 
+        `previous`: context tokens the decoder continues. A decode with context that is doubtful or only
+        says the context again is tried once more without it, and the fallback never has it, so that a
+        misheard context cannot carry over into the text.
         `tried`: the outcome of the first attempt, already decoded (in a batch). The fallback's five
-        sampled hypotheses attend over the short window: over Whisper's 1500 frames they took
-        77 to 99 MB more for as long as the decode ran, over 500 frames 13 to 24 MB (two threads
-        doing it at once showed as transient 80 MB peaks of RSS). It runs for 2 or 3 of
-        bench/accuracy.py's 89 utterances.
+        sampled hypotheses attend over the short window, which bounds their memory.
         """
-        max_length = self._max_length(tokenizer, seconds)
         beam_size = self.options.beam_size if final and not greedy else 1
-        attempts = [(get_ctranslate2_storage(encoded), {"beam_size": beam_size})]
+        storage = get_ctranslate2_storage(encoded)
+        attempts = [(storage, list(previous), {"beam_size": beam_size})]
+        if previous:
+            attempts.append((storage, [], {"beam_size": beam_size}))
         if final:
             short = get_ctranslate2_storage(self._short_window(encoded, seconds))
-            attempts += [(short, {"beam_size": 1, "sampling_temperature": t, "sampling_topk": 0,
-                                  "num_hypotheses": 5}) for t in _FALLBACK_TEMPERATURES]
-        best = tried
-        if tried is not None:
-            if self._settled(tried, tokenizer):
-                return tried
-            attempts = attempts[1:]
-        for storage, attempt in attempts:
-            result = self._decode(storage, tokenizer, 1, max_length, **attempt)[0]
-            candidate = self._outcome(result, tokenizer, max_length)
+            attempts += [(short, [], {"beam_size": 1, "sampling_temperature": t, "sampling_topk": 0,
+                                      "num_hypotheses": 5}) for t in _FALLBACK_TEMPERATURES]
+        best = None
+        for number, (storage, context, attempt) in enumerate(attempts):
+            if number == 0 and tried is not None:
+                candidate = tried
+            else:
+                max_length = self._max_length(tokenizer, seconds, context)
+                result = self._decode(storage, tokenizer, [self._prompt(tokenizer, context)], max_length, **attempt)[0]
+                candidate = self._outcome(result, tokenizer, max_length)
+            if context and _repeats(tokenizer, candidate[0], context):
+                continue  # the context said again, not the audio
             if best is None or candidate[1] > best[1]:
                 best = candidate
             if self._settled(candidate, tokenizer):
                 return candidate
-        assert best is not None
+        assert best is not None  # the last attempt has no context
         return best
 
-    def _decode(self, encoded, tokenizer: Tokenizer, count: int, max_length: int, **attempt) -> list:
-        """Whisper's decoder over `count` encodings, each with the plain transcription prompt."""
+    def _previous(self, tokenizer: Tokenizer, context: str) -> list[int]:
+        """The last `context_tokens` tokens of `context`, as faster-whisper keeps the previous text."""
+        if not (self.options.context_tokens and context.strip()):
+            return []
+        return tokenizer.encode(" " + context.strip())[-self.options.context_tokens:]
+
+    def _decode(self, encoded, tokenizer: Tokenizer, prompts: list[list[int]], max_length: int, **attempt) -> list:
+        """Whisper's decoder over a batch of encodings, each with its prompt."""
         return self._ct2.generate(
-            encoded, [self._prompt(tokenizer)] * count, max_length=max_length, return_scores=True,
-            return_no_speech_prob=True, suppress_blank=True,
-            suppress_tokens=get_suppressed_tokens(tokenizer, [-1]), **attempt,
+            encoded, prompts, max_length=max_length, return_scores=True, return_no_speech_prob=True,
+            suppress_blank=True, suppress_tokens=get_suppressed_tokens(tokenizer, [-1]), **attempt,
         )
 
     @staticmethod
-    def _prompt(tokenizer: Tokenizer) -> list[int]:
-        return list(tokenizer.sot_sequence) + [tokenizer.no_timestamps]
+    def _prompt(tokenizer: Tokenizer, previous: list[int] = ()) -> list[int]:
+        head = [tokenizer.sot_prev, *previous] if previous else []
+        return head + list(tokenizer.sot_sequence) + [tokenizer.no_timestamps]
 
     @classmethod
-    def _max_length(cls, tokenizer: Tokenizer, seconds: float) -> int:
-        # Speech runs under ~5 tokens a second: a longer output is a loop, cut short.
-        return min(224, len(cls._prompt(tokenizer)) + 16 + int(12 * seconds))
+    def _max_length(cls, tokenizer: Tokenizer, seconds: float, previous: list[int] = ()) -> int:
+        # Speech runs under ~5 tokens a second: a longer output is a loop, cut short. The prompt counts.
+        return min(448, len(cls._prompt(tokenizer, previous)) + min(224, 16 + int(12 * seconds)))
 
     @staticmethod
     def _outcome(result, tokenizer: Tokenizer, max_length: int) -> tuple[list[int], float, float]:

@@ -18,13 +18,14 @@ class SegmenterConfig:
     neg_threshold: float = 0.35  # speech goes on until the probability falls below this
     min_speech_ms: int = 250  # shorter bursts are noise
     preroll_ms: int = 300  # audio kept from before the onset: VAD fires after the first phoneme
-    endpoint_ms: int = 500  # silence that ends an utterance
+    endpoint_ms: int = 600  # silence that ends an utterance
+    # Silence that ends an utterance whose words so far stop mid-clause (the stream judges that from its
+    # early final): a speaker who pauses after "for our purpose," has not finished.
+    unfinished_endpoint_ms: int = 1100
     tail_ms: int = 200  # silence kept after the last speech: Whisper ends words better with it
-    # Never beyond Whisper's 30 s window. Shorter pieces make the final that ends a long sentence
-    # cheap: at 20 s, a 16 s sentence's final decoded all of it when the speaker stopped (0.98 s
-    # from end of speech to final at one stream); at 12 s it decodes the last 6 s (0.66 s), with
-    # no more word errors in bench/accuracy.py.
-    max_utterance_s: float = 12.0
+    # Never beyond Whisper's 30 s window. A shorter limit makes the final that ends a long sentence cheaper,
+    # but cuts more sentences where the reader only took a breath.
+    max_utterance_s: float = 20.0
     split_pause_ms: int = 160  # a pause long enough to split an utterance grown past half its limit
     # Silero's probability stays up for 100 to 300 ms after the voice stops (120 ms typically on the
     # devset). A pause is counted from where the audio itself fell this far below the utterance's
@@ -47,6 +48,7 @@ class SpeechEnded:
     end: float  # end of the last speech window
     audio: np.ndarray  # pre-roll + speech + tail
     audio_start: float  # timeline position of audio[0]
+    continued: bool = False  # cut for length while the speaker went on, not ended by a pause
 
 
 SegmentEvent = SpeechStarted | SpeechEnded
@@ -60,6 +62,8 @@ class Segmenter:
         self.config = config
         self._preroll_windows = max(1, round(config.preroll_ms / 1000 / _WINDOW_S))
         self._endpoint_windows = max(1, round(config.endpoint_ms / 1000 / _WINDOW_S))
+        self._unfinished_windows = max(self._endpoint_windows, round(config.unfinished_endpoint_ms / 1000 / _WINDOW_S))
+        self.unfinished = False  # set by the stream for the pause in progress; cleared when speech resumes
         self._min_speech_windows = max(1, round(config.min_speech_ms / 1000 / _WINDOW_S))
         self._tail_windows = min(self._endpoint_windows, round(config.tail_ms / 1000 / _WINDOW_S))
         self._split_pause_windows = max(1, round(config.split_pause_ms / 1000 / _WINDOW_S))
@@ -178,6 +182,7 @@ class Segmenter:
         else:
             if prob >= c.threshold:
                 self._silence = 0
+                self.unfinished = False
             if self._silence == 0:
                 self._speech += 1
         if not self._confirmed:
@@ -189,15 +194,16 @@ class Segmenter:
                 self._discard()
             return
         length = len(self._windows)
-        if self._pause >= self._endpoint_windows or (
+        endpoint = self._unfinished_windows if self.unfinished else self._endpoint_windows
+        if self._pause >= endpoint or (
             length > self._max_windows // 2 and self._silence >= self._split_pause_windows
         ):
             keep = self._kept()
-            events.append(self._end(keep))
+            events.append(self._end(keep, continued=self._pause < endpoint))
             self._carry_over(keep)
         elif length >= self._max_windows:
             cut = self._quietest_point()
-            events.append(self._end(cut))
+            events.append(self._end(cut, continued=True))
             self._carry_over(cut, still_speaking=True)
             events.append(SpeechStarted(self._utterance, round(self._onset * _WINDOW_S, 3)))
 
@@ -214,13 +220,14 @@ class Segmenter:
         """Windows an ending utterance keeps: through the VAD's end of speech, and the tail after it."""
         return len(self._windows) - self._silence + min(self._tail_windows, self._silence)
 
-    def _end(self, keep: int) -> SpeechEnded:
+    def _end(self, keep: int, continued: bool = False) -> SpeechEnded:
         return SpeechEnded(
             utterance=self._utterance,
             start=round(self._onset * _WINDOW_S, 3),
             end=round(min(self._speech_end, self._first + keep) * _WINDOW_S, 3),
             audio=np.concatenate(self._windows[:keep]),
             audio_start=round(self._first * _WINDOW_S, 3),
+            continued=continued,
         )
 
     def _quietest_point(self) -> int:
@@ -246,6 +253,7 @@ class Segmenter:
         self._reset()
 
     def _reset(self) -> None:
+        self.unfinished = False
         self._windows, self._probs = [], []
         self._speech = self._silence = self._quiet = 0
         self._loudest = -np.inf

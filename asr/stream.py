@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,6 +33,7 @@ class StreamOptions:
     early_final_ms: int = 160  # pause after which the final is decoded ahead of the endpoint; 0: off
     # A pause this long ends the utterance when its early final already ends a sentence.
     sentence_endpoint_ms: int = 400
+    context_chars: int = 200  # of the stream's last finals, which each decode continues; 0: none
 
 
 @dataclass
@@ -60,6 +62,7 @@ class SpeechStream:
         self._finals_pending = 0
         self._speculation: _Speculation | None = None
         self._final_done = asyncio.Event()
+        self._said: deque[tuple[str, str, bool]] = deque()  # (language, text, cut for length) of the last finals
         self._key = id(self)  # this stream's slot in the worker's keyed queues
 
     async def wait_capacity(self, max_pending: int) -> None:
@@ -119,18 +122,23 @@ class SpeechStream:
         if (spec is None and early and seg.in_speech and pause >= early
                 and not self._worker.finals_waiting):
             audio = seg.speech_audio()
-            result = self._worker.speculate(self._key, audio, self.options.language)
+            result = self._worker.speculate(self._key, audio, self.options.language, self._context())
             self._speculation = _Speculation(seg.utterance, seg.speech_end, result)
 
     def _maybe_end_sentence(self) -> None:
-        """A finished sentence needs less silence to be sure of: its early final says so."""
+        """The early final judges the pause: a finished sentence needs less silence to be sure of, an
+        unfinished clause more."""
         seg, spec = self._segmenter, self._speculation
         if (spec is None or not spec.result.done() or spec.result.cancelled()
-                or spec.result.exception() is not None or seg.pause_ms < self.options.sentence_endpoint_ms
+                or spec.result.exception() is not None
                 or spec.utterance != seg.utterance or spec.speech_end != seg.speech_end):
             return
         result = spec.result.result()
-        if result is not None and result.text.endswith((".", "?", "!")):
+        if result is None:
+            return
+        if not finished(result.text, result.language):
+            seg.unfinished = True
+        elif seg.pause_ms >= self.options.sentence_endpoint_ms:
             event = seg.end_in_pause()
             if event is not None:
                 self._on_segment(event)
@@ -147,7 +155,7 @@ class SpeechStream:
             return spec.result
         if spec is not None:
             spec.result.cancel()
-        return self._worker.final(event.audio, self.options.language)
+        return self._worker.final(event.audio, self.options.language, self._context())
 
     def _on_segment(self, event: SpeechStarted | SpeechEnded) -> None:
         if isinstance(event, SpeechStarted):
@@ -183,7 +191,25 @@ class SpeechStream:
             await asyncio.shield(previous)  # finals leave in utterance order
         self._finals_pending -= 1
         self._final_done.set()
+        if result is not None:
+            self._remember(result, event.continued)
         self._emit(_final_event(event, result, self.options.language))
+
+    def _remember(self, result: Transcript, continued: bool) -> None:
+        self._said.append((result.language, result.text, continued))
+        while len(self._said) > 1 and sum(len(t) for _, t, _ in self._said) > self.options.context_chars:
+            self._said.popleft()
+
+    def _context(self) -> str:
+        """What this stream said last, when its last final stopped mid-clause (cut for length, or a pause
+        after "including"): the next utterance is decoded as its continuation. After a whole sentence there
+        is none, for with tiny.en a prompt then tends to be said again ("You can call me Abigail Klaflin.")."""
+        if not self.options.context_chars or not self._said:
+            return ""
+        language, text, continued = self._said[-1]
+        if (finished(text, language) and not continued) or (self.options.language or language) != language:
+            return ""
+        return " ".join(t for lang, t, _ in self._said if lang == language)[-self.options.context_chars:]
 
     @property
     def _no_words_shown(self) -> bool:
@@ -212,7 +238,7 @@ class SpeechStream:
     async def _partial(self, utterance: int, audio: np.ndarray) -> None:
         try:
             result = await self._worker.partial(self._key, audio, self.options.language,
-                                                first=self._no_words_shown)
+                                                first=self._no_words_shown, context=self._context())
         except Exception:
             log.exception("partial decode failed")
             return
@@ -224,6 +250,24 @@ class SpeechStream:
         self._previous_words = words
         self._emit({"type": "transcript.partial", "utterance": utterance, "text": result.text,
                     "stable": " ".join(stable), "start": self._segmenter.onset})
+
+
+# English words a sentence does not end on: an early final that ends on one was cut mid-clause, whatever
+# punctuation Whisper gave it.
+_CONTINUING = frozenset("""a an the and or but nor of to for with from into onto as than which whose whereas
+because if although though whether my your his her its our their including""".split())
+
+
+def finished(text: str, language: str) -> bool:
+    """Whether `text` reads as a whole sentence: it ends with . ? ! (or their CJK forms), and in English
+    not on a word that must be followed by more."""
+    text = text.rstrip()
+    if not text.endswith((".", "?", "!", "。", "？", "！")) or text.endswith(("...", "…")):
+        return False
+    if language != "en":
+        return True
+    words = text.rstrip(".?!").split()
+    return not words or words[-1].strip(",;:\"'").lower() not in _CONTINUING
 
 
 def _common_prefix(a: list[str], b: list[str]) -> list[str]:

@@ -17,6 +17,13 @@ SAMPLE_RATE = 16000
 WINDOW = 512  # samples per VAD decision (32 ms), fixed by the model
 _CONTEXT = 64  # the model sees the tail of the previous window before each window
 _SR = np.array(SAMPLE_RATE, dtype=np.int64)
+# Silero's recurrent state remembers the level of what it heard: after loud speech, a quiet speaker's
+# words score low where a fresh state scores them high. Yet a fresh state warms up slowly, and scores a
+# soft onset low where the state carried on scores it high. So each stream runs two states over the same
+# audio, one carried on and one refreshed after every stretch of this much non-speech, and takes the
+# higher probability of the two.
+REFRESH_WINDOWS = 16  # 512 ms
+_NON_SPEECH = 0.35  # below this a window is non-speech (the segmenter's end-of-speech threshold)
 
 log = logging.getLogger(__name__)
 
@@ -56,28 +63,42 @@ class SileroModel:
 
 
 class SileroVAD:
-    """Per-stream VAD: whole 512-sample windows of 16 kHz float32 audio in, one probability each."""
+    """Per-stream VAD: whole 512-sample windows of 16 kHz float32 audio in, one probability each.
 
-    def __init__(self, model: SileroModel) -> None:
+    The model runs `rows` times over each window: with the state carried on, and (refresh_windows > 0)
+    with a state refreshed after non-speech."""
+
+    def __init__(self, model: SileroModel, refresh_windows: int = REFRESH_WINDOWS) -> None:
         self._model = model
-        self.state = np.zeros((2, 1, 128), dtype=np.float32)  # the recurrent state, (2, 1, 128)
+        self._refresh = refresh_windows  # 0: never, one state only
+        self.rows = 2 if refresh_windows else 1
+        self.state = np.zeros((2, self.rows, 128), dtype=np.float32)  # the recurrent states, (2, rows, 128)
         self._context = np.zeros(_CONTEXT, dtype=np.float32)
+        self._quiet = 0  # windows of non-speech since the last speech or refresh
 
     def input(self, window: np.ndarray) -> np.ndarray:
-        """The model's input for this stream's next window: the tail of the one before, then it."""
-        return np.concatenate([self._context, window])
+        """The model's input for this stream's next window, once per state: the tail of the window
+        before, then it. (rows, 576)."""
+        return np.tile(np.concatenate([self._context, window]), (self.rows, 1))
 
-    def carry(self, window: np.ndarray, state: np.ndarray) -> None:
-        """`window` was decided, and left the model in `state`."""
+    def carry(self, window: np.ndarray, state: np.ndarray, probs: np.ndarray) -> float:
+        """`window` left the model in `state` with probabilities `probs`, one per state; returns the
+        stream's probability for it."""
+        prob = float(probs.max())
+        self._quiet = self._quiet + 1 if prob < _NON_SPEECH else 0
+        if self._refresh and self._quiet >= self._refresh:
+            state, self._quiet = state.copy(), 0
+            state[:, 1] = 0.0
         self.state = state
         self._context = window[-_CONTEXT:].copy()
+        return prob
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
         """`windows`: shape (n, 512), in stream order; decided here and now, one call per window."""
         probs = np.empty(windows.shape[0], np.float32)
         for i, window in enumerate(windows):
-            probs[i:i + 1], state = self._model.run(self.input(window)[None], self.state)
-            self.carry(window, state)
+            out, state = self._model.run(self.input(window), self.state)
+            probs[i] = self.carry(window, state, out)
         return probs
 
 
@@ -150,12 +171,14 @@ class VadBatch:
         probs = [np.empty(w.shape[0], np.float32) for w in windows]
         for k in range(max(w.shape[0] for w in windows)):
             rows = [i for i, w in enumerate(windows) if w.shape[0] > k]
-            inputs = np.stack([vads[i].input(windows[i][k]) for i in rows])
+            inputs = np.concatenate([vads[i].input(windows[i][k]) for i in rows])
             state = np.concatenate([vads[i].state for i in rows], axis=1)
             out, state = self.model.run(inputs, state)
-            for j, i in enumerate(rows):
-                probs[i][k] = out[j]
-                vads[i].carry(windows[i][k], state[:, j:j + 1])
+            at = 0
+            for i in rows:
+                n = vads[i].rows
+                probs[i][k] = vads[i].carry(windows[i][k], state[:, at:at + n], out[at:at + n])
+                at += n
             self.calls += 1
             self.windows += len(rows)
         for vad, w, p in zip(vads, windows, probs):

@@ -38,6 +38,7 @@ class _Job:
     queued: float = field(default_factory=time.monotonic)
     abandoned: bool = False  # set on the loop thread when nobody awaits the result any more
     first: bool = False  # a partial for an utterance that shows no words yet
+    context: str = ""  # the text said just before, which the decoder continues
     # How the engine is to decode it, set when a thread takes it (see `_take`).
     greedy: bool = False
     short_window: bool = False
@@ -67,6 +68,7 @@ class DecodeWorker:
         self._partials: OrderedDict[Hashable, _Job] = OrderedDict()
         self._closed = False
         self._busy = 0  # threads decoding now
+        self._busy_finals = 0  # of which on finals or speculative finals
         # With one thread there is nothing to keep free; with more, a final or speculation never
         # waits behind a partial that started just before it (partials take 100-200 ms each).
         self._partial_threads = max(1, threads - 1)
@@ -105,8 +107,8 @@ class DecodeWorker:
         """Finals not yet started: while any wait, extra work would only delay them."""
         return len(self._finals)
 
-    def final(self, audio: np.ndarray, language: str | None) -> asyncio.Future:
-        job = self._job(audio, language, final=True)
+    def final(self, audio: np.ndarray, language: str | None, context: str = "") -> asyncio.Future:
+        job = self._job(audio, language, final=True, context=context)
         with self._cond:
             if len(self._finals) >= self._max_finals:
                 raise Overloaded("too many utterances waiting for transcription")
@@ -114,9 +116,9 @@ class DecodeWorker:
             self._cond.notify()
         return job.future
 
-    def speculate(self, key: Hashable, audio: np.ndarray, language: str | None) -> asyncio.Future:
+    def speculate(self, key: Hashable, audio: np.ndarray, language: str | None, context: str = "") -> asyncio.Future:
         """A final decoded ahead of the endpoint; resolves to None if a newer one replaced it."""
-        return self._keyed(self._speculative, key, self._job(audio, language, final=True))
+        return self._keyed(self._speculative, key, self._job(audio, language, final=True, context=context))
 
     def promote(self, key: Hashable) -> None:
         """The endpoint came: the stream's waiting speculative final becomes a real one."""
@@ -126,13 +128,13 @@ class DecodeWorker:
                 self._finals.append(job)
 
     def partial(self, key: Hashable, audio: np.ndarray, language: str | None,
-                first: bool = False) -> asyncio.Future:
+                first: bool = False, context: str = "") -> asyncio.Future:
         """Resolves to None when there was no speech, or the partial was replaced or shed.
 
         `first`: the utterance shows no words yet. Such a partial goes ahead of the streams that
         already show some, so that under load a speaker still sees their words begin soon.
         """
-        return self._keyed(self._partials, key, self._job(audio, language, final=False, first=first))
+        return self._keyed(self._partials, key, self._job(audio, language, final=False, first=first, context=context))
 
     def _keyed(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job) -> asyncio.Future:
         with self._cond:
@@ -153,9 +155,10 @@ class DecodeWorker:
             if queue.get(key) is job:
                 del queue[key]
 
-    def _job(self, audio: np.ndarray, language: str | None, final: bool, first: bool = False) -> _Job:
+    def _job(self, audio: np.ndarray, language: str | None, final: bool, first: bool = False,
+             context: str = "") -> _Job:
         loop = asyncio.get_running_loop()
-        job = _Job(audio, language, final, loop, loop.create_future(), first=first)
+        job = _Job(audio, language, final, loop, loop.create_future(), first=first, context=context)
         job.future.add_done_callback(lambda _: setattr(job, "abandoned", True))
         return job
 
@@ -166,6 +169,7 @@ class DecodeWorker:
             jobs = self._pick()
             if jobs:
                 self._busy += 1
+                self._busy_finals += jobs[0].final
             return jobs
 
     def _pick(self) -> list[_Job]:
@@ -203,34 +207,35 @@ class DecodeWorker:
         return [self._take(j, burst=True) for j in batch]
 
     def _take(self, job: _Job, burst: bool) -> _Job:
-        """A final with other decodes running or waiting is greedy; one in a burst (as many of its kind
-        waiting behind it as there are threads) also takes the short window; partials take it whenever
-        others run or wait. On bench/accuracy.py's 978 words, finals had 49 errors with beam search
-        over 30 s (247 ms a decode on one core), 56 greedy over 30 s (165 ms), 66 with beam search over
-        10 s (191 ms) and 69 greedy over 10 s (127 ms). Taking beam search over 30 s for every final
-        not in a burst made 16 streams' p95 worse (1.43 and 1.46 s against 1.08 and 1.20).
+        """A final with other finals running or waiting is greedy (partials do not count: they give way,
+        and a lone speaker's own partial would otherwise cost every final its beam search); one in a burst
+        (as many of its kind waiting behind it as there are threads) also takes the short window; partials
+        take it whenever others run or wait. Beam search over the full window is the most accurate and
+        the dearest; see docs for what each costs.
         """
-        others = bool(self._busy or self._finals or self._speculative or self._partials)
-        job.greedy = job.final and (burst or others)
-        job.short_window = burst or (others and not job.final)
+        if job.final:
+            job.greedy = burst or bool(self._busy_finals or self._finals or self._speculative)
+            job.short_window = burst
+        else:
+            job.short_window = bool(self._busy or self._finals or self._speculative or self._partials)
         return job
 
     def _partials_allowed(self) -> bool:
         return bool(self._partials) and self._busy < self._partial_threads
 
     def _run(self) -> None:
-        while jobs := self._next():
-            jobs = [job for job in jobs if not job.abandoned]  # nobody awaits them: no decode
+        while taken := self._next():
+            jobs = [job for job in taken if not job.abandoned]  # nobody awaits them: no decode
             started = time.monotonic()
             # Each as soon as it is ready, not when the whole batch is.
             for delivered, (job, outcome) in enumerate(self._outcomes(jobs), 1):
                 if delivered == len(jobs):
                     # Idle before the last result is seen, so that a decode asked for on seeing it finds
                     # this thread free (and, alone, gets beam search).
-                    self._done(time.monotonic() - started)
+                    self._done(time.monotonic() - started, job.final)
                 self._deliver(job, outcome, batched=len(jobs) > 1)
             if not jobs:
-                self._done(0.0)
+                self._done(0.0, taken[0].final)
 
     def _outcomes(self, jobs: list[_Job]) -> Iterator[tuple[_Job, Transcript | None | BaseException]]:
         """One outcome per job."""
@@ -247,9 +252,10 @@ class DecodeWorker:
         if len(jobs) == 1:
             job = jobs[0]
             yield job, self.engine.transcribe(job.audio, job.language, job.final, greedy=job.greedy,
-                                              short_window=job.short_window)
+                                              short_window=job.short_window, context=job.context)
         elif jobs:
-            for i, result in self.engine.transcribe_burst([job.audio for job in jobs], jobs[0].language):
+            for i, result in self.engine.transcribe_burst([job.audio for job in jobs], jobs[0].language,
+                                                          [job.context for job in jobs]):
                 yield jobs[i], result
 
     def _deliver(self, job: _Job, result: Transcript | None | BaseException, batched: bool) -> None:
@@ -263,9 +269,10 @@ class DecodeWorker:
         except RuntimeError:  # that loop is closed: nobody is waiting
             pass
 
-    def _done(self, seconds: float) -> None:
+    def _done(self, seconds: float, final: bool) -> None:
         with self._cond:
             self._busy -= 1
+            self._busy_finals -= final
             self.busy_seconds += seconds
             self._cond.notify()  # a partial held back for a free thread may start now
 

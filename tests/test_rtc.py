@@ -12,7 +12,8 @@ from aiortc import RTCPeerConnection
 from aiortc.rtp import RtpPacket
 
 from client import RTCClient, SpeechTrack, check_transcript, wait_sessions
-from speech import load_devset, recording, split_by_duration, stereo_frame, wer, with_pauses
+from speech import (GAP_S, data_recording, load_devset, lost_sentences, recording, split_by_duration,
+                    stereo_frame, wer, with_pauses, word_errors)
 
 
 async def stream_session(server, recordings, form: str) -> tuple[RTCClient, float]:
@@ -39,6 +40,22 @@ async def test_devset_over_webrtc(server):
     print(f"devset WER over WebRTC: {error_rate:.3f}")
     assert error_rate <= 0.12
     await wait_sessions(server.url, 0, timeout=5)
+
+
+async def test_quiet_and_noisy_speakers_keep_every_sentence_over_webrtc(server):
+    """One session: a loud speaker, then one recorded 40 dB quieter, one at -40 dBFS, and one in kitchen
+    noise at 10 dB SNR. Silero's state must not carry the loud speaker's level over to mute the quiet one."""
+    ids = ["arctic-aew-a0003", "fleurs-en-002", "quiet40-arctic-aew-a0003", "noisy10-fleurs-en-005"]
+    recordings = [data_recording(i) for i in ids]
+    client, offset = await stream_session(server, recordings, "sdp")
+    finals = client.of_type("transcript.final")
+    at = offset
+    for rec in recordings:  # each recording's finals: those that end within it or its pause
+        heard = " ".join(f["text"] for f in finals if at <= f["end"] < at + rec.seconds + GAP_S)
+        assert not lost_sentences(rec.text, heard), (rec.id, heard)
+        assert word_errors(rec.text, heard)[0] <= len(rec.text.split()) // 3, (rec.id, heard)
+        at += rec.seconds + GAP_S
+    assert all(f["text"] for f in finals), finals  # no empty final: every utterance had words
 
 
 async def test_the_server_hands_on_each_audio_packet_when_the_next_arrives():
