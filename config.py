@@ -74,8 +74,8 @@ class Config:
         "help": "default language code; empty: en for English-only models, detect otherwise"})
     endpoint_ms: int = field(default=600, metadata={"help": "silence that ends an utterance"})
     unfinished_endpoint_ms: int = field(default=1100, metadata={
-        "help": "silence that ends an utterance whose early final stops mid-clause (no . ? !, or a word such "
-                "as 'the' or 'and' last); at least endpoint_ms"})
+        "help": "silence that ends an utterance whose early final stops mid-clause (on a comma or dash, or a "
+                "word such as 'the' or 'and'); at least endpoint_ms"})
     context_chars: int = field(default=200, metadata={
         "help": "characters of a session's last finals that the next decode continues (Whisper's previous-text "
                 "prompt), used when the last final stopped mid-clause; 0: every utterance alone"})

@@ -33,7 +33,7 @@ class StreamOptions:
     early_final_ms: int = 160  # pause after which the final is decoded ahead of the endpoint; 0: off
     # A pause this long ends the utterance when its early final already ends a sentence.
     sentence_endpoint_ms: int = 400
-    context_chars: int = 200  # of the stream's last finals, which each decode continues; 0: none
+    context_chars: int = 200  # of the last finals, continued after one that stopped mid-clause; 0: never
 
 
 @dataclass
@@ -136,9 +136,9 @@ class SpeechStream:
         result = spec.result.result()
         if result is None:
             return
-        if not finished(result.text, result.language):
+        if unfinished(result.text, result.language):
             seg.unfinished = True
-        elif seg.pause_ms >= self.options.sentence_endpoint_ms:
+        elif finished(result.text, result.language) and seg.pause_ms >= self.options.sentence_endpoint_ms:
             event = seg.end_in_pause()
             if event is not None:
                 self._on_segment(event)
@@ -207,7 +207,7 @@ class SpeechStream:
         if not self.options.context_chars or not self._said:
             return ""
         language, text, continued = self._said[-1]
-        if (finished(text, language) and not continued) or (self.options.language or language) != language:
+        if not (continued or unfinished(text, language)) or (self.options.language or language) != language:
             return ""
         return " ".join(t for lang, t, _ in self._said if lang == language)[-self.options.context_chars:]
 
@@ -256,18 +256,30 @@ class SpeechStream:
 # punctuation Whisper gave it.
 _CONTINUING = frozenset("""a an the and or but nor of to for with from into onto as than which whose whereas
 because if although though whether my your his her its our their including""".split())
+_SENTENCE_END = (".", "?", "!", "。", "？", "！")
+_CLAUSE_END = (",", ";", ":", "-", "–", "—", "...", "…", "，", "、", "；", "：")
+
+
+def _last_word(text: str) -> str:
+    words = text.rstrip(".?!,;:-–—…").split()
+    return words[-1].strip("\"'").lower() if words else ""
 
 
 def finished(text: str, language: str) -> bool:
-    """Whether `text` reads as a whole sentence: it ends with . ? ! (or their CJK forms), and in English
-    not on a word that must be followed by more."""
+    """`text` reads as a whole sentence: it ends with . ? ! (or their CJK forms), and in English not on a
+    word that must be followed by more."""
     text = text.rstrip()
-    if not text.endswith((".", "?", "!", "。", "？", "！")) or text.endswith(("...", "…")):
+    if not text.endswith(_SENTENCE_END) or text.endswith(("...", "…")):
         return False
-    if language != "en":
-        return True
-    words = text.rstrip(".?!").split()
-    return not words or words[-1].strip(",;:\"'").lower() not in _CONTINUING
+    return language != "en" or _last_word(text) not in _CONTINUING
+
+
+def unfinished(text: str, language: str) -> bool:
+    """`text` stops mid-clause: on a comma, colon or dash, or in English on a word such as "the" or
+    "including". Text that ends on neither kind of mark (Whisper leaves some endings bare) is neither
+    finished nor unfinished."""
+    text = text.rstrip()
+    return text.endswith(_CLAUSE_END) or (language == "en" and _last_word(text) in _CONTINUING)
 
 
 def _common_prefix(a: list[str], b: list[str]) -> list[str]:
