@@ -155,7 +155,7 @@ class SpeechStream:
             return spec.result
         if spec is not None:
             spec.result.cancel()
-        return self._worker.final(event.audio, self.options.language, self._context())
+        return self._worker.final(event.audio, self.options.language, self._context(), key=self._key)
 
     def _on_segment(self, event: SpeechStarted | SpeechEnded) -> None:
         if isinstance(event, SpeechStarted):

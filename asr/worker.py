@@ -39,6 +39,7 @@ class _Job:
     abandoned: bool = False  # set on the loop thread when nobody awaits the result any more
     first: bool = False  # a partial for an utterance that shows no words yet
     context: str = ""  # the text said just before, which the decoder continues
+    key: Hashable = None  # the stream that asked
     # How the engine is to decode it, set when a thread takes it (see `_take`).
     greedy: bool = False
     short_window: bool = False
@@ -68,7 +69,7 @@ class DecodeWorker:
         self._partials: OrderedDict[Hashable, _Job] = OrderedDict()
         self._closed = False
         self._busy = 0  # threads decoding now
-        self._busy_finals = 0  # of which on finals or speculative finals
+        self._busy_partials: list[Hashable] = []  # the streams whose partials are being decoded
         # With one thread there is nothing to keep free; with more, a final or speculation never
         # waits behind a partial that started just before it (partials take 100-200 ms each).
         self._partial_threads = max(1, threads - 1)
@@ -107,8 +108,10 @@ class DecodeWorker:
         """Finals not yet started: while any wait, extra work would only delay them."""
         return len(self._finals)
 
-    def final(self, audio: np.ndarray, language: str | None, context: str = "") -> asyncio.Future:
-        job = self._job(audio, language, final=True, context=context)
+    def final(self, audio: np.ndarray, language: str | None, context: str = "",
+              key: Hashable = None) -> asyncio.Future:
+        """`key`: the stream that asks, whose own partials are no company for its final."""
+        job = self._job(audio, language, final=True, context=context, key=key)
         with self._cond:
             if len(self._finals) >= self._max_finals:
                 raise Overloaded("too many utterances waiting for transcription")
@@ -118,7 +121,7 @@ class DecodeWorker:
 
     def speculate(self, key: Hashable, audio: np.ndarray, language: str | None, context: str = "") -> asyncio.Future:
         """A final decoded ahead of the endpoint; resolves to None if a newer one replaced it."""
-        return self._keyed(self._speculative, key, self._job(audio, language, final=True, context=context))
+        return self._keyed(self._speculative, key, self._job(audio, language, final=True, context=context, key=key))
 
     def promote(self, key: Hashable) -> None:
         """The endpoint came: the stream's waiting speculative final becomes a real one."""
@@ -134,7 +137,8 @@ class DecodeWorker:
         `first`: the utterance shows no words yet. Such a partial goes ahead of the streams that
         already show some, so that under load a speaker still sees their words begin soon.
         """
-        return self._keyed(self._partials, key, self._job(audio, language, final=False, first=first, context=context))
+        return self._keyed(self._partials, key,
+                           self._job(audio, language, final=False, first=first, context=context, key=key))
 
     def _keyed(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job) -> asyncio.Future:
         with self._cond:
@@ -156,9 +160,9 @@ class DecodeWorker:
                 del queue[key]
 
     def _job(self, audio: np.ndarray, language: str | None, final: bool, first: bool = False,
-             context: str = "") -> _Job:
+             context: str = "", key: Hashable = None) -> _Job:
         loop = asyncio.get_running_loop()
-        job = _Job(audio, language, final, loop, loop.create_future(), first=first, context=context)
+        job = _Job(audio, language, final, loop, loop.create_future(), first=first, context=context, key=key)
         job.future.add_done_callback(lambda _: setattr(job, "abandoned", True))
         return job
 
@@ -169,7 +173,8 @@ class DecodeWorker:
             jobs = self._pick()
             if jobs:
                 self._busy += 1
-                self._busy_finals += jobs[0].final
+                if not jobs[0].final:
+                    self._busy_partials.append(jobs[0].key)
             return jobs
 
     def _pick(self) -> list[_Job]:
@@ -207,17 +212,17 @@ class DecodeWorker:
         return [self._take(j, burst=True) for j in batch]
 
     def _take(self, job: _Job, burst: bool) -> _Job:
-        """A final with other finals running or waiting is greedy (partials do not count: they give way,
-        and a lone speaker's own partial would otherwise cost every final its beam search); one in a burst
-        (as many of its kind waiting behind it as there are threads) also takes the short window; partials
-        take it whenever others run or wait. Beam search over the full window is the most accurate and
-        the dearest; see docs for what each costs.
-        """
-        if job.final:
-            job.greedy = burst or bool(self._busy_finals or self._finals or self._speculative)
-            job.short_window = burst
-        else:
-            job.short_window = bool(self._busy or self._finals or self._speculative or self._partials)
+        """A final with company (another decode running or waiting, but for its own stream's partials,
+        which it makes obsolete) is greedy; one in a burst (as many of its kind waiting behind it as there
+        are threads) also takes the short window; partials take it whenever others run or wait. Beam search
+        over the full window is the most accurate and the dearest."""
+        others = bool(self._busy or self._finals or self._speculative or self._partials)
+        if job.final and others and job.key is not None:
+            own = self._busy_partials.count(job.key)
+            others = bool(self._busy - own or self._finals or self._speculative
+                          or any(key != job.key for key in self._partials))
+        job.greedy = job.final and (burst or others)
+        job.short_window = burst or (others and not job.final)
         return job
 
     def _partials_allowed(self) -> bool:
@@ -232,10 +237,10 @@ class DecodeWorker:
                 if delivered == len(jobs):
                     # Idle before the last result is seen, so that a decode asked for on seeing it finds
                     # this thread free (and, alone, gets beam search).
-                    self._done(time.monotonic() - started, job.final)
+                    self._done(time.monotonic() - started, job)
                 self._deliver(job, outcome, batched=len(jobs) > 1)
             if not jobs:
-                self._done(0.0, taken[0].final)
+                self._done(0.0, taken[0])
 
     def _outcomes(self, jobs: list[_Job]) -> Iterator[tuple[_Job, Transcript | None | BaseException]]:
         """One outcome per job."""
@@ -269,10 +274,11 @@ class DecodeWorker:
         except RuntimeError:  # that loop is closed: nobody is waiting
             pass
 
-    def _done(self, seconds: float, final: bool) -> None:
+    def _done(self, seconds: float, job: _Job) -> None:
         with self._cond:
             self._busy -= 1
-            self._busy_finals -= final
+            if not job.final:
+                self._busy_partials.remove(job.key)
             self.busy_seconds += seconds
             self._cond.notify()  # a partial held back for a free thread may start now
 

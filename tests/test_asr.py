@@ -464,8 +464,8 @@ async def test_worker_shares_a_burst_among_its_free_threads(engine):
     assert all(job.greedy and job.short_window for job in first)
     assert second[0].greedy and not second[0].short_window  # company, no burst
     assert [job.future for job in first + second] == futures[:4]
-    worker._done(0.1, True)
-    worker._done(0.1, True)
+    worker._done(0.1, first[-1])
+    worker._done(0.1, second[-1])
     detect = [worker.final(audio, None) for _ in range(3)]
     assert [len(worker._next()) for _ in range(3)] == [1, 1, 1]  # the remaining "en" final's turn comes first
     assert worker.depth == 1 and len(detect) == 3
@@ -475,9 +475,8 @@ async def test_worker_keeps_a_thread_free_of_partials_for_finals_and_the_full_wi
         engine, monkeypatch):
     """With two threads, partials run one at a time: a final never waits for a partial to finish.
 
-    A final beside a running partial takes beam search, as one alone does: partials give way, so they
-    cost a final nothing. Both take the full window, which a partial takes only when no other decode runs
-    or waits.
+    A final beside another stream's running partial is greedy; one alone takes beam search. Both take
+    the full window, which a partial takes only when no other decode runs or waits.
     """
     monkeypatch.setattr("asr.worker._STALE_PARTIAL_S", 60.0)  # none shed, however slow the machine
     rec = next(r for r in load_devset() if r.id == "ls-61-70968-0000")
@@ -510,7 +509,7 @@ async def test_worker_keeps_a_thread_free_of_partials_for_finals_and_the_full_wi
     assert all(a[2] <= b[1] for a, b in zip(partial_spans, partial_spans[1:])), "partials overlapped"
     final_spans = [s for s in spans if s[0] == "final"]
     assert final_spans[0][1] - submitted < 0.05, "the final waited for a partial"
-    assert [s[3:] for s in final_spans] == [(False, False), (False, False)]  # beside a partial; alone
+    assert [s[3:] for s in final_spans] == [(True, False), (False, False)]  # beside a partial; alone
     assert partial_spans[0][4]  # others waited behind it: the short window
 
 
@@ -719,3 +718,24 @@ async def test_a_pause_mid_clause_does_not_end_the_utterance(engine, vad_model):
     finals = [e for e in events if e["type"] == "transcript.final"]
     assert len(finals) == 1, finals
     assert word_errors(reference, finals[0]["text"])[0] <= 3, finals[0]["text"]
+
+
+async def test_a_streams_own_partial_is_no_company_for_its_final(engine):
+    """A final is greedy beside other streams' decodes, but not beside its own stream's partial, which it
+    makes obsolete: a lone speaker's partial was nearly always running when the final came."""
+    audio = np.zeros(16000, np.float32)
+    worker = DecodeWorker(engine, max_finals=8, threads=3)  # not started: this test takes the jobs itself
+    worker.partial("a", audio, "en")
+    (own,) = worker._next()
+    worker.final(audio, "en", key="a")
+    (alone,) = worker._next()
+    assert not alone.greedy and not alone.short_window
+    worker._done(0.1, alone)
+    worker.partial("b", audio, "en")
+    (other,) = worker._next()
+    worker.final(audio, "en", key="a")
+    (beside,) = worker._next()
+    assert beside.greedy and not beside.short_window
+    for job in (beside, other, own):
+        worker._done(0.1, job)
+    assert worker.idle
