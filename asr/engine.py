@@ -51,6 +51,14 @@ class Transcript:
 
 
 @dataclass(frozen=True)
+class Before:
+    """What a stream said before an utterance."""
+
+    text: str = ""  # continued as Whisper's previous-text prompt; "" for none
+    language: str | None = None  # kept where detection on this utterance alone is unsure
+
+
+@dataclass(frozen=True)
 class DecodeOptions:
     beam_size: int = 5  # finals; partials are always greedy
     cpu_threads: int = 1  # per decode: parallel single-threaded decodes beat one wide decode on CPU
@@ -85,6 +93,9 @@ _NO_SPEECH = 0.6  # faster-whisper's thresholds: no speech when both hold
 _LOW_LOGPROB = -1.0
 _REPETITIVE = 2.4  # compression ratio of a repetition loop
 _FALLBACK_TEMPERATURES = (0.2, 0.4)
+# A stream's language changes only where Whisper is sure of the new one: on a short piece it often
+# hears a neighbouring language, unsure ("zum Stillstand" as Portuguese).
+_SURE_OF_LANGUAGE = 0.5
 _PREPEND, _APPEND = "\"'“¿([{-", "\"'.。,，!！?？:：”)]}、"
 _LONE_DIGIT = re.compile(r"(\d)([.!?]?)")
 _DIGIT_NAMES = ("Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine")
@@ -208,24 +219,27 @@ class WhisperEngine:
         self.transcribe(0.1 * np.sin(2 * np.pi * 220 * t), self.default_language, final=True)
 
     def transcribe(self, audio: np.ndarray, language: str | None, final: bool,
-                   greedy: bool = False, short_window: bool = False, context: str = "") -> Transcript | None:
+                   greedy: bool = False, short_window: bool = False,
+                   before: Before = Before()) -> Transcript | None:
         """Text of one utterance, or None when there is no credible speech in it.
 
         `greedy` (for a final: partials always are) and `short_window` (`busy_window_s` instead of
-        `window_s`) trade accuracy for time when other decodes run or wait. `context`: the text said
-        just before, which the decoder continues.
+        `window_s`) trade accuracy for time when other decodes run or wait. `before`: what the stream said
+        just before: its text is continued, its language kept where this utterance's is unsure.
         """
         encoded = self._encode(audio, self.options.busy_window_s if short_window else self.options.window_s)
         if language is None:
-            token, _ = self._ct2.detect_language(get_ctranslate2_storage(encoded))[0][0]
+            token, probability = self._ct2.detect_language(get_ctranslate2_storage(encoded))[0][0]
             language = token[2:-2]
+            if before.language and probability < _SURE_OF_LANGUAGE:
+                language = before.language
         tokenizer = self._tokenizer(language)
-        previous = self._previous(tokenizer, context)
+        previous = self._previous(tokenizer, before.text)
         decoded = self._generate(encoded, tokenizer, audio.size / SAMPLE_RATE, final, greedy, previous)
         return self._transcript(decoded, tokenizer, encoded, audio, final, quick_words=greedy)
 
     def transcribe_burst(self, audios: list[np.ndarray], language: str,
-                         contexts: list[str] | None = None) -> Iterator[tuple[int, Transcript | None]]:
+                         befores: list[Before] | None = None) -> Iterator[tuple[int, Transcript | None]]:
         """Finals of a burst, as `transcribe(final=True, greedy=True, short_window=True)` gives them,
         in one batched decode: on one core, 8 of the devset's utterances took 566 ms against 948 ms
         one by one, 4 took 403 against 615.
@@ -239,7 +253,7 @@ class WhisperEngine:
         batch = get_ctranslate2_storage(np.concatenate([self._pad(e, frames) for e in encoded]))
         tokenizer = self._tokenizer(language)
         # One batch puts its start-of-transcript token at one position: every context as long as the shortest.
-        previous = [self._previous(tokenizer, c) for c in contexts or [""] * len(audios)]
+        previous = [self._previous(tokenizer, b.text) for b in befores or [Before()] * len(audios)]
         shortest = min(len(p) for p in previous)
         previous = [p[len(p) - shortest:] for p in previous]
         caps = [self._max_length(tokenizer, audio.size / SAMPLE_RATE, p) for audio, p in zip(audios, previous)]

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .engine import Transcript
+from .engine import Before, Transcript
 from .segmenter import Segmenter, SpeechEnded, SpeechStarted
 from .vad import SAMPLE_RATE, VadBatch
 from .worker import DecodeWorker, Overloaded
@@ -122,7 +122,7 @@ class SpeechStream:
         if (spec is None and early and seg.in_speech and pause >= early
                 and not self._worker.finals_waiting):
             audio = seg.speech_audio()
-            result = self._worker.speculate(self._key, audio, self.options.language, self._context())
+            result = self._worker.speculate(self._key, audio, self.options.language, self._before())
             self._speculation = _Speculation(seg.utterance, seg.speech_end, result)
 
     def _maybe_end_sentence(self) -> None:
@@ -155,7 +155,7 @@ class SpeechStream:
             return spec.result
         if spec is not None:
             spec.result.cancel()
-        return self._worker.final(event.audio, self.options.language, self._context(), key=self._key)
+        return self._worker.final(event.audio, self.options.language, self._before(), key=self._key)
 
     def _on_segment(self, event: SpeechStarted | SpeechEnded) -> None:
         if isinstance(event, SpeechStarted):
@@ -200,16 +200,19 @@ class SpeechStream:
         while len(self._said) > 1 and sum(len(t) for _, t, _ in self._said) > self.options.context_chars:
             self._said.popleft()
 
-    def _context(self) -> str:
-        """What this stream said last, when its last final stopped mid-clause (cut for length, or a pause
-        after "including"): the next utterance is decoded as its continuation. After a whole sentence there
-        is none, for with tiny.en a prompt then tends to be said again ("You can call me Abigail Klaflin.")."""
-        if not self.options.context_chars or not self._said:
-            return ""
+    def _before(self) -> Before:
+        """What this stream said last. Its text is continued only where its last final stopped mid-clause
+        (cut for length, or a pause after "including"): after a whole sentence, tiny.en tends to say a
+        prompt again ("You can call me Abigail Klaflin."). Its language stands where detection is unsure."""
+        if not self._said:
+            return Before()
         language, text, continued = self._said[-1]
-        if not (continued or unfinished(text, language)) or (self.options.language or language) != language:
-            return ""
-        return " ".join(t for lang, t, _ in self._said if lang == language)[-self.options.context_chars:]
+        prior = language if self.options.language is None else None
+        if (not self.options.context_chars or not (continued or unfinished(text, language))
+                or (self.options.language or language) != language):
+            return Before(language=prior)
+        text = " ".join(t for lang, t, _ in self._said if lang == language)[-self.options.context_chars:]
+        return Before(text, prior)
 
     @property
     def _no_words_shown(self) -> bool:
@@ -238,7 +241,7 @@ class SpeechStream:
     async def _partial(self, utterance: int, audio: np.ndarray) -> None:
         try:
             result = await self._worker.partial(self._key, audio, self.options.language,
-                                                first=self._no_words_shown, context=self._context())
+                                                first=self._no_words_shown, before=self._before())
         except Exception:
             log.exception("partial decode failed")
             return

@@ -12,7 +12,7 @@ from typing import Callable, Hashable, Iterator
 
 import numpy as np
 
-from .engine import Transcript, WhisperEngine
+from .engine import Before, Transcript, WhisperEngine
 
 # A partial that waited this long describes speech the speaker has moved past: drop it, unless it is
 # its utterance's first, the only text the speaker would see before the final.
@@ -38,7 +38,7 @@ class _Job:
     queued: float = field(default_factory=time.monotonic)
     abandoned: bool = False  # set on the loop thread when nobody awaits the result any more
     first: bool = False  # a partial for an utterance that shows no words yet
-    context: str = ""  # the text said just before, which the decoder continues
+    before: Before = Before()  # what the stream said before
     key: Hashable = None  # the stream that asked
     # How the engine is to decode it, set when a thread takes it (see `_take`).
     greedy: bool = False
@@ -108,10 +108,10 @@ class DecodeWorker:
         """Finals not yet started: while any wait, extra work would only delay them."""
         return len(self._finals)
 
-    def final(self, audio: np.ndarray, language: str | None, context: str = "",
+    def final(self, audio: np.ndarray, language: str | None, before: Before = Before(),
               key: Hashable = None) -> asyncio.Future:
         """`key`: the stream that asks, whose own partials are no company for its final."""
-        job = self._job(audio, language, final=True, context=context, key=key)
+        job = self._job(audio, language, final=True, before=before, key=key)
         with self._cond:
             if len(self._finals) >= self._max_finals:
                 raise Overloaded("too many utterances waiting for transcription")
@@ -119,9 +119,10 @@ class DecodeWorker:
             self._cond.notify()
         return job.future
 
-    def speculate(self, key: Hashable, audio: np.ndarray, language: str | None, context: str = "") -> asyncio.Future:
+    def speculate(self, key: Hashable, audio: np.ndarray, language: str | None,
+                  before: Before = Before()) -> asyncio.Future:
         """A final decoded ahead of the endpoint; resolves to None if a newer one replaced it."""
-        return self._keyed(self._speculative, key, self._job(audio, language, final=True, context=context, key=key))
+        return self._keyed(self._speculative, key, self._job(audio, language, final=True, before=before, key=key))
 
     def promote(self, key: Hashable) -> None:
         """The endpoint came: the stream's waiting speculative final becomes a real one."""
@@ -131,14 +132,14 @@ class DecodeWorker:
                 self._finals.append(job)
 
     def partial(self, key: Hashable, audio: np.ndarray, language: str | None,
-                first: bool = False, context: str = "") -> asyncio.Future:
+                first: bool = False, before: Before = Before()) -> asyncio.Future:
         """Resolves to None when there was no speech, or the partial was replaced or shed.
 
         `first`: the utterance shows no words yet. Such a partial goes ahead of the streams that
         already show some, so that under load a speaker still sees their words begin soon.
         """
         return self._keyed(self._partials, key,
-                           self._job(audio, language, final=False, first=first, context=context, key=key))
+                           self._job(audio, language, final=False, first=first, before=before, key=key))
 
     def _keyed(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job) -> asyncio.Future:
         with self._cond:
@@ -160,9 +161,9 @@ class DecodeWorker:
                 del queue[key]
 
     def _job(self, audio: np.ndarray, language: str | None, final: bool, first: bool = False,
-             context: str = "", key: Hashable = None) -> _Job:
+             before: Before = Before(), key: Hashable = None) -> _Job:
         loop = asyncio.get_running_loop()
-        job = _Job(audio, language, final, loop, loop.create_future(), first=first, context=context, key=key)
+        job = _Job(audio, language, final, loop, loop.create_future(), first=first, before=before, key=key)
         job.future.add_done_callback(lambda _: setattr(job, "abandoned", True))
         return job
 
@@ -257,10 +258,10 @@ class DecodeWorker:
         if len(jobs) == 1:
             job = jobs[0]
             yield job, self.engine.transcribe(job.audio, job.language, job.final, greedy=job.greedy,
-                                              short_window=job.short_window, context=job.context)
+                                              short_window=job.short_window, before=job.before)
         elif jobs:
             for i, result in self.engine.transcribe_burst([job.audio for job in jobs], jobs[0].language,
-                                                          [job.context for job in jobs]):
+                                                          [job.before for job in jobs]):
                 yield jobs[i], result
 
     def _deliver(self, job: _Job, result: Transcript | None | BaseException, batched: bool) -> None:

@@ -739,3 +739,20 @@ async def test_a_streams_own_partial_is_no_company_for_its_final(engine):
     for job in (beside, other, own):
         worker._done(0.1, job)
     assert worker.idle
+
+
+def test_a_stream_keeps_its_language_where_a_short_piece_is_unsure(vad_model):
+    """German cut at its pauses: Whisper base hears "zum Stillstand" alone as Portuguese, unsure. With
+    the stream's language so far, every piece is German; a sure detection would still switch."""
+    from asr.engine import Before
+
+    engine = WhisperEngine("base")
+    rec = data_recording("fleurs-de-007")
+    pieces = [e.audio for e in segment(vad_model, padded(rec.audio)) if isinstance(e, SpeechEnded)]
+    assert len(pieces) >= 3
+    alone = [engine.transcribe(a, None, final=False).language for a in pieces]
+    kept = [engine.transcribe(a, None, final=False, before=Before(language="de")).language for a in pieces]
+    assert set(alone) != {"de"}, alone  # the case this guards against
+    assert set(kept) == {"de"}, kept
+    english = data_recording("arctic-aew-a0003").audio
+    assert engine.transcribe(english, None, final=False, before=Before(language="de")).language == "en"
