@@ -28,7 +28,7 @@ import jwt
 from aiohttp import hdrs, web
 
 from config import Config
-from errors import ApiError
+from errors import ApiError, client_json
 from sessions import REGISTRY, Client, Session, SessionOptions
 
 AUDIENCE = "livestt"  # a token of this server, not some other service's JWT signed with the same secret
@@ -339,9 +339,7 @@ async def mint_token(request: web.Request) -> web.Response:
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
-    import json
-
-    data = json.loads(body)
+    data = client_json(body)
     if not isinstance(data, dict):
         raise ValueError
     return data

@@ -25,6 +25,15 @@ def error_response(status: int, code: str, message: str,
     return web.Response(status=status, text=body, content_type="application/json", headers=headers)
 
 
+def client_json(data: str | bytes):
+    """JSON a client sent. Any malformed input raises ValueError, nesting too deep for the parser too
+    (its RecursionError would otherwise escape every handler as a 500 or a torn-down session)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 

@@ -14,7 +14,7 @@ from aiohttp import WSMessage, WSMsgType, web
 from asr.audio import MAX_RATE, MIN_RATE, SAMPLE_RATE, Resampler, WebmDecoder
 import auth
 import metrics
-from errors import ApiError
+from errors import ApiError, client_json
 from sessions import REGISTRY, Client, EventQueue, Session, SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class WebSocketSession:
             return
         try:
             if first.type == WSMsgType.TEXT and _is_start(first.data):
-                self._start(json.loads(first.data))
+                self._start(client_json(first.data))
                 first = None
             elif first.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                 self._start({})
@@ -167,7 +167,7 @@ class WebSocketSession:
         if message.type != WSMsgType.TEXT:
             return False
         try:
-            data = json.loads(message.data)
+            data = client_json(message.data)
         except ValueError:
             self._error("bad_message", "message is not valid JSON")
             return False
@@ -255,7 +255,7 @@ class WebSocketSession:
 
 def _is_start(text: str) -> bool:
     try:
-        data = json.loads(text)
+        data = client_json(text)
     except ValueError:
         return False
     return isinstance(data, dict) and data.get("type") == "start"

@@ -15,6 +15,7 @@ from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
+from errors import client_json
 import metrics
 from asr.audio import Resampler
 from sessions import Session
@@ -167,8 +168,8 @@ class PeerSession:
 
     def _on_message(self, message: str | bytes) -> None:
         try:
-            data = json.loads(message)
-        except (ValueError, UnicodeDecodeError):
+            data = client_json(message)
+        except ValueError:  # UnicodeDecodeError is one
             metrics.error("event", "bad_message")
             self._send({"type": "error", "code": "bad_message", "message": "message is not valid JSON"})
             return

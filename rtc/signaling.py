@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from aiohttp import web
 from aiortc.sdp import SessionDescription
 
 import auth
-from errors import ApiError
+from errors import ApiError, client_json
 from sessions import REGISTRY
 
 from .peer import PeerSession
@@ -82,7 +81,7 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
 
 def _parse_json_offer(body: bytes) -> tuple[str, dict]:
     try:
-        data = json.loads(body)
+        data = client_json(body)
     except ValueError:
         raise ApiError(400, "bad_json", "the body is not valid JSON") from None
     if not isinstance(data, dict) or data.get("type") != "offer" or not isinstance(data.get("sdp"), str):

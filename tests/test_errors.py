@@ -177,6 +177,10 @@ async def test_malformed_json_is_400(server, streaming):
     status, _, body = await post(server.url, '{"type": "offer", "sdp": ', "application/json")
     assert status == 400
     assert_error(body, "bad_json")
+    # Nested past the parser's recursion limit: a client error too, not a 500.
+    status, _, body = await post(server.url, "[" * 60000, "application/json")
+    assert status == 400
+    assert_error(body, "bad_json")
     await check_still_streaming(streaming, server.url)
 
 
@@ -244,6 +248,10 @@ async def test_bad_data_channel_messages_get_error_events(server, streaming):
         client.send("not json{")
         bad_json = await client.wait_type("error", timeout=5)
         assert bad_json["code"] == "bad_message" and bad_json["message"]
+        errors_seen = len(client.events)
+        client.send("[" * 60000)  # nested past the parser's recursion limit: the peer stays up
+        nested = await client.wait_type("error", timeout=5, after=errors_seen)
+        assert nested["code"] == "bad_message"
         errors_seen = len(client.events)
         client.send({"type": "dance"})
         unknown = await client.wait_type("error", timeout=5, after=errors_seen)
