@@ -6,7 +6,7 @@
 # WebRTC needs UDP: the media goes straight to this container on ephemeral UDP ports, which aiortc
 # cannot restrict to a range, so `-p` cannot publish them. Run it with host networking
 # (`--network host`, as above and in compose.yaml), or give it a TURN server through
-# STT_ICE_SERVERS (compose.yaml has coturn behind the `turn` profile). README: Deployment.
+# STT_ICE_SERVERS (compose.yaml has coturn behind the `turn` profile). docs/deployment.md.
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONUNBUFFERED=1 \

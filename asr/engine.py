@@ -74,7 +74,7 @@ class DecodeOptions:
     busy_window_s: float = 10.0
     # Niceness added to CTranslate2's compute threads (Linux), so that under load the event loop, which
     # takes in every stream's audio, gets the CPU before decodes do. 0: the same priority (see
-    # --decode-nice in the README for why that is the default).
+    # --decode-nice in docs/architecture.md for why that is the default).
     nice: int = 0
     # Tokens of the session's previous finals the decoder is prompted with (Whisper's previous-text
     # prompt, as offline transcription conditions each window on the last): a piece cut at a pause is

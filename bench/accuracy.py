@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from run import replace_readme_block  # noqa: E402
+from run import machine, replace_doc_block  # noqa: E402
 from speech import alignment, lost_sentences, read_audio, split_by_duration  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -221,7 +221,7 @@ async def run(args: argparse.Namespace) -> dict:
                 await registry.worker.close()
             else:
                 server.stop()
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": _machine(),
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine()["cpu"],
               "model": args.model, "devset": str(args.devset), "server_args": args.server_args,
               "one_session": args.one_session, "streams": args.streams,
               "paths": list(args.paths), "elapsed_s": round(time.time() - started),
@@ -263,13 +263,6 @@ def _outcome(finals: list[dict]) -> dict:
     return {"text": " ".join(f["text"] for f in finals if f["text"]),
             "finals": len(finals), "empty_finals": sum(not f["text"] for f in finals),
             "languages": [f.get("language") for f in finals if f["text"]]}
-
-
-def _machine() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 # --- The report ----------------------------------------------------------------------------------
@@ -353,12 +346,12 @@ def main() -> None:
     (RESULTS / f"{args.out}.md").write_text(markdown(report))
     print(markdown(report))
     if quoted(args):
-        replace_readme_block("accuracy", table(report) + [
+        replace_doc_block("accuracy", table(report) + [
             "", f"Full report: [bench/results/{args.out}.md](bench/results/{args.out}.md)."])
 
 
 def quoted(args: argparse.Namespace) -> bool:
-    """The run the README quotes: both transports, one stream, devset-wide, default model and settings."""
+    """The run docs/performance.md quotes: both transports, one stream, devset-wide, default model and settings."""
     return (Path(args.devset) == WIDE and args.model == "tiny.en" and not (args.server_args or args.only)
             and not args.one_session and args.streams == 1 and {"webrtc", "websocket"} <= set(args.paths))
 

@@ -402,7 +402,7 @@ def use_devset(folder: str | None) -> None:
 
 
 def complete(args: argparse.Namespace) -> bool:
-    """The run the README quotes: every level and transport, on the owners' devset, with default settings."""
+    """The run docs/performance.md quotes: every level and transport, on the owners' devset, with default settings."""
     return (not (args.quick or args.devset or args.server_args) and args.unison is None and args.compare
             and tuple(args.levels) == LEVELS and tuple(args.transports) == TRANSPORTS)
 
@@ -452,7 +452,7 @@ async def main(args: argparse.Namespace) -> None:
     write(report)
 
 
-README = ROOT / "README.md"
+PERFORMANCE = ROOT / "docs" / "performance.md"  # where the latest runs' figures are written
 
 
 def write(report: dict) -> None:
@@ -462,11 +462,11 @@ def write(report: dict) -> None:
     (RESULTS / "report.md").write_text(markdown(report))
     print((RESULTS / "report.md").read_text())
     if report["complete"]:
-        update_readme(report)
+        update_performance(report)
 
 
-def update_readme(report: dict) -> None:
-    """The README quotes the latest full run, written here so that no figure is typed in."""
+def update_performance(report: dict) -> None:
+    """docs/performance.md quotes the latest full run, written here so that no figure is typed in."""
     m = report["machine"]
     fmt = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
     lines = [f"Latest `make bench`: {report['date']}, {m['cpu']}, {m['cores']} cores; tiny.en int8, "
@@ -484,15 +484,15 @@ def update_readme(report: dict) -> None:
                      f"{fmt(comparison['final_p50_s'])} s, p95 {fmt(comparison['final_p95_s'])} s, "
                      f"WER {fmt(comparison['wer'], 3)}" + "".join(f"; {e}" for e in comparison["errors"]) + ".")
     lines.append("Full report: [bench/results/report.md](bench/results/report.md).")
-    replace_readme_block("bench", lines)
+    replace_doc_block("bench", lines)
 
 
-def replace_readme_block(name: str, lines: list[str]) -> None:
-    """Rewrites the README between <!-- name:start --> and <!-- name:end -->."""
+def replace_doc_block(name: str, lines: list[str]) -> None:
+    """Rewrites docs/performance.md between <!-- name:start --> and <!-- name:end -->."""
     first, last = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = README.read_text()
+    text = PERFORMANCE.read_text()
     start, end = text.index(first), text.index(last) + len(last)
-    README.write_text(text[:start] + "\n".join([first, "", *lines, "", last]) + text[end:])
+    PERFORMANCE.write_text(text[:start] + "\n".join([first, "", *lines, "", last]) + text[end:])
 
 
 def _streams(level: dict) -> str:

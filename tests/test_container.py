@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "compose.yaml"
 HADOLINT_CONFIG = ROOT / ".hadolint.yaml"
-README = ROOT / "README.md"
+DEPLOYMENT = ROOT / "docs" / "deployment.md"
 
 
 # --- reading the Dockerfile -------------------------------------------------------------------
@@ -509,7 +509,7 @@ def test_turn_server_is_optional_and_matches_the_documented_ice_servers():
     port, low, high = int(args["--listening-port"]), int(args["--min-port"]), int(args["--max-port"])
     assert 1024 < low < high <= 65535
     user = re.fullmatch(r"\$\{TURN_USER:-(\w+)\}", coturn["environment"]["TURN_USER"]).group(1)
-    # The STT_ICE_SERVERS examples (compose.yaml's comment, the README's Deployment) name that server.
+    # The STT_ICE_SERVERS examples (compose.yaml's comment, docs/deployment.md) name that server.
     examples = re.findall(r"STT_ICE_SERVERS='(\[.*?\])'", COMPOSE.read_text() + deployment_section())
     turn = [s for e in examples for s in _ice_servers(e) if str(s["urls"]).startswith("turn:")]
     assert turn, "no STT_ICE_SERVERS example names the TURN server"
@@ -537,12 +537,12 @@ def test_turn_server_refuses_to_start_without_a_password(tmp_path):
 
 
 def deployment_section() -> str:
-    text = README.read_text()
-    assert "\n## Deployment\n" in text, "the README has no Deployment section"
+    text = DEPLOYMENT.read_text()
+    assert "\n## Deployment\n" in text, "docs/deployment.md has no Deployment section"
     return text.split("\n## Deployment\n", 1)[1].split("\n## ", 1)[0]
 
 
-def test_readme_documents_the_deployment():
+def test_the_docs_document_the_deployment():
     deployment = deployment_section()
     for needle in ("--network host", "docker compose", "--profile turn", "STT_ICE_SERVERS",
                    "proxy_set_header Upgrade", "X-Forwarded-For", "/v1/ws", "DELETE /v1/rtc/",

@@ -1,6 +1,6 @@
 // Live transcription from the browser's microphone with a livestt server.
 // The audio goes over WebRTC, or over a WebSocket when WebRTC is missing or cannot connect;
-// transcripts come back as the events the README describes. An ES module: no build step.
+// transcripts come back as the events docs/protocol.md describes. An ES module: no build step.
 
 const CONNECT_TIMEOUT_MS = 5000;
 // The server waits up to 15 s for the last final before it ends a session.
@@ -8,7 +8,7 @@ const STOP_TIMEOUT_MS = 20000;
 // Chrome reports "disconnected" on short network hiccups; only a lasting one means the link is gone.
 const DISCONNECTED_GRACE_MS = 5000;
 
-/** A failure a page can explain to its user; `code` says which (see the README, "Browser client"). */
+/** A failure a page can explain to its user; `code` says which (see docs/browser.md). */
 export class TranscriptionError extends Error {
   constructor(code, message) {
     super(message);
