@@ -193,13 +193,14 @@ class Session:
                 await finisher()
             except Exception:
                 log.exception("session %s: finishing hook failed", self.id)
+        # The slot is free before the client hears session.ended: it may reconnect at once.
+        self._registry.remove(self)
         self.emit({"type": "session.ended", "reason": reason})
         for closer in self._closers:
             try:
                 await closer()
             except Exception:
                 log.exception("session %s: closing transport failed", self.id)
-        self._registry.remove(self)
         self._ended.set()
         duration = time.monotonic() - self.started
         self.meter.ended(reason, duration)

@@ -110,6 +110,7 @@ class PeerSession:
         self.session = session
         self.pc = RTCPeerConnection(rtc_configuration(ice_servers))
         self.channel: RTCDataChannel | None = None
+        self._track: MediaStreamTrack | None = None  # the one audio track transcribed
         self._reader: asyncio.Task | None = None
         self._ice_timer = asyncio.create_task(self._ice_deadline(ice_timeout_s))
         session.on_close(self.close)
@@ -121,9 +122,17 @@ class PeerSession:
         from aiortc import RTCSessionDescription
 
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        self._refuse_unread_tracks()
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         # aiortc gathers every candidate inside setLocalDescription: the answer is complete.
         return self.pc.localDescription.sdp
+
+    def _refuse_unread_tracks(self) -> None:
+        """The answer refuses (a=inactive) every media track but the audio that is read, so their
+        packets are never decoded or queued: an offer of many tracks costs what one costs."""
+        for transceiver in self.pc.getTransceivers():
+            if self._track is None or transceiver.receiver.track is not self._track:
+                transceiver.direction = "inactive"
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         if self.channel is not None:
@@ -136,8 +145,9 @@ class PeerSession:
         self.session.add_sink(self._send, replay=True)
 
     def _on_track(self, track: MediaStreamTrack) -> None:
-        if track.kind == "audio" and self._reader is None:
+        if track.kind == "audio" and self._track is None:
             # aiortc fires "track" inside setRemoteDescription, before any RTP can arrive.
+            self._track = track
             for transceiver in self.pc.getTransceivers():
                 if transceiver.receiver.track is track:
                     release_audio_promptly(transceiver.receiver)

@@ -89,6 +89,10 @@ def _parse_json_offer(body: bytes) -> tuple[str, dict]:
     return data["sdp"], {k: v for k, v in data.items() if k not in ("type", "sdp")}
 
 
+_MAX_MEDIA = 16  # m-lines an offer may carry: one audio track is read; the rest are refused in the answer
+_FINGERPRINT_BYTES = {"sha-256": 32, "sha-384": 48, "sha-512": 64}  # what DTLS 1.2 peers offer (RFC 8122)
+
+
 def _check_offer(sdp: str) -> None:
     """Refuse what can never become a transcription before any peer is built."""
     if not sdp.lstrip().startswith("v=0"):
@@ -97,6 +101,9 @@ def _check_offer(sdp: str) -> None:
         description = SessionDescription.parse(sdp)
     except Exception:
         raise ApiError(400, "bad_sdp", "the SDP offer could not be parsed") from None
+    if len(description.media) > _MAX_MEDIA:
+        raise ApiError(400, "too_many_tracks", f"the offer has {len(description.media)} media sections; "
+                       f"at most {_MAX_MEDIA} are accepted (one audio track is transcribed)")
     audio = [m for m in description.media if m.kind == "audio"]
     if not audio:
         raise ApiError(400, "no_audio", "the offer has no audio track")
@@ -104,3 +111,28 @@ def _check_offer(sdp: str) -> None:
         raise ApiError(400, "no_opus", "the offer's audio does not offer Opus")
     if not any(m.direction in ("sendonly", "sendrecv", None) for m in audio):
         raise ApiError(400, "no_audio", "the offer sends no audio")
+    for media in description.media:
+        _check_transport(media)
+
+
+def _check_transport(media) -> None:
+    """What aiortc would otherwise fail on later, in a task of its own, while the session holds a slot."""
+    fingerprints = [f for f in media.dtls.fingerprints if _fingerprint_ok(f.algorithm, f.value)]
+    if not fingerprints:
+        raise ApiError(400, "bad_sdp", f"the offer's {media.kind} section has no DTLS fingerprint "
+                       f"({', '.join(_FINGERPRINT_BYTES)})")
+    if not media.ice.usernameFragment or not media.ice.password:
+        raise ApiError(400, "bad_sdp", f"the offer's {media.kind} section has no ice-ufrag and ice-pwd")
+    ports = [media.port, media.rtcp_port, media.sctp_port, *(c.port for c in media.ice_candidates),
+             *(c.relatedPort for c in media.ice_candidates)]
+    if any(p is not None and not 0 <= p <= 65535 for p in ports):
+        raise ApiError(400, "bad_sdp", f"the offer's {media.kind} section has a port outside 0 to 65535")
+    if any(not 0 <= s.ssrc <= 0xFFFFFFFF for s in media.ssrc):
+        raise ApiError(400, "bad_sdp", f"the offer's {media.kind} section has an SSRC outside 32 bits")
+
+
+def _fingerprint_ok(algorithm: str, value: str) -> bool:
+    size = _FINGERPRINT_BYTES.get(algorithm.lower())
+    octets = value.split(":")
+    return size is not None and len(octets) == size and all(
+        len(o) == 2 and all(c in "0123456789abcdefABCDEF" for c in o) for o in octets)
