@@ -34,6 +34,12 @@ def client_json(data: str | bytes):
         raise ValueError("JSON nested too deeply") from None
 
 
+def quoted(value) -> str:
+    """A client's value quoted in an error message, at most a line: an error must not amplify its input."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 

@@ -27,6 +27,7 @@ Sink = Callable[[Event], None]
 
 _FINISH_TIMEOUT_S = 15.0  # longest wait for the last final when a session ends
 _BACKLOG = 256  # events kept for a sink that is not attached yet
+WRITE_TIMEOUT_S = 10.0  # longest a client may leave one event unread before its connection is cut
 
 
 @dataclass(frozen=True)
@@ -234,20 +235,29 @@ class Session:
 class EventQueue:
     """An ordered, bounded outbox for a sink that writes asynchronously (WebSocket, SSE).
 
-    A reader slower than the session sheds partials first; finals and the rest are kept.
+    A reader slower than the session sheds partials first. When only events that must not be lost
+    remain and the queue is still full, the reader is not reading: `on_overflow` is called (the
+    transport cuts the connection). session.ended is always taken, so a writer can always end.
     """
 
-    def __init__(self, limit: int = 512) -> None:
+    def __init__(self, limit: int = 512, on_overflow: Callable[[], None] | None = None) -> None:
         self._events: deque[Event] = deque()
         self._limit = limit
         self._ready = asyncio.Event()
+        self._on_overflow = on_overflow
+        self.overflowed = False
 
     def put(self, event: Event) -> None:
-        if len(self._events) >= self._limit:
+        if len(self._events) >= self._limit and event["type"] != "session.ended":
             partial = next((e for e in self._events if e["type"] == "transcript.partial"), None)
             if partial is not None:
                 self._events.remove(partial)
-            if event["type"] == "transcript.partial" or len(self._events) >= self._limit:
+            if event["type"] == "transcript.partial":
+                return
+            if len(self._events) >= self._limit:
+                if not self.overflowed and self._on_overflow is not None:
+                    self._on_overflow()
+                self.overflowed = True
                 return
         self._events.append(event)
         self._ready.set()
@@ -257,6 +267,18 @@ class EventQueue:
             self._ready.clear()
             await self._ready.wait()
         return self._events.popleft()
+
+
+async def write_or_drop(write: Awaitable[Any], transport: asyncio.BaseTransport | None) -> bool:
+    """One write to a client, or its connection cut: a client that takes nothing for WRITE_TIMEOUT_S
+    is not reading, and must not hold its session, its buffers or a shutdown for ever."""
+    try:
+        await asyncio.wait_for(write, WRITE_TIMEOUT_S)
+        return True
+    except asyncio.TimeoutError:
+        if transport is not None:
+            transport.abort()
+        return False
 
 
 class SessionRegistry:

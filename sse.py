@@ -10,7 +10,7 @@ from aiohttp import web
 
 import auth
 from errors import ApiError
-from sessions import REGISTRY, EventQueue
+from sessions import REGISTRY, EventQueue, write_or_drop
 
 _KEEPALIVE_S = 15.0  # a comment line now and then keeps proxies from closing a quiet stream
 
@@ -26,7 +26,12 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await response.prepare(request)
-    outbox = EventQueue()
+
+    def not_reading() -> None:  # the subscriber is cut off; the session goes on
+        if request.transport is not None:
+            request.transport.abort()
+
+    outbox = EventQueue(on_overflow=not_reading)
     session.add_sink(outbox.put)
     try:
         while True:
@@ -35,10 +40,13 @@ async def session_events(request: web.Request) -> web.StreamResponse:
             except asyncio.TimeoutError:
                 if session.ended:
                     break
-                await response.write(b": keep-alive\n\n")
+                if not await write_or_drop(response.write(b": keep-alive\n\n"), request.transport):
+                    break
                 continue
             data = json.dumps(event, separators=(",", ":"))
-            await response.write(f"event: {event['type']}\ndata: {data}\n\n".encode())
+            if outbox.overflowed or not await write_or_drop(
+                    response.write(f"event: {event['type']}\ndata: {data}\n\n".encode()), request.transport):
+                break
             if event["type"] == "session.ended":
                 break
     except ConnectionResetError:

@@ -9,13 +9,14 @@ import json
 import logging
 from typing import Any
 
-from aiohttp import WSMessage, WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
+from aiohttp.http_websocket import WebSocketError
 
 from asr.audio import MAX_RATE, MIN_RATE, SAMPLE_RATE, Resampler, WebmDecoder
 import auth
 import metrics
-from errors import ApiError, client_json
-from sessions import REGISTRY, Client, EventQueue, Session, SessionRegistry
+from errors import ApiError, client_json, quoted
+from sessions import REGISTRY, Client, EventQueue, Session, SessionRegistry, write_or_drop
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ _START_FIELDS = {"type", "language", "sample_rate", "encoding", "partials", "end
 # 1008 policy violation, 1013 try again later.
 _CLOSE_FOR_REASON = {"shutdown": 1001}
 _TRY_LATER = {"session_limit", "key_session_limit"}  # closed with 1013
+_TOO_LARGE = f"audio messages must be at most {MAX_MESSAGE} bytes"
 
 
 class Refused(Exception):
@@ -48,20 +50,51 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
     registry = request.app[REGISTRY]
     query = dict(request.query)
     auth.session_options(request, query)  # a bad (or, for a token, another) option: no upgrade
-    ws = web.WebSocketResponse(
+    ws = _Socket(
         protocols=auth.ws_protocols(request),  # echoes "livestt" when a browser sent a token with it
         heartbeat=max(1.0, registry.config.idle_timeout_s / 3),  # pings; no pong closes the socket
-        max_msg_size=4 * MAX_MESSAGE,  # aiohttp closes with 1009 past this; below, we answer
+        max_msg_size=4 * MAX_MESSAGE,  # aiohttp stops reading a message past this; below, we answer
+        timeout=_CLOSE_FLUSH_S,  # for the client's answer to our close frame
     )
     await ws.prepare(request)
     client = auth.client(request)
     try:
-        registry.check_capacity(client)
-    except ApiError as e:
-        await ws.close(code=1013 if e.code in _TRY_LATER else 1001, message=e.message.encode())
-        return ws
-    await WebSocketSession(ws, registry, query, request, client).run()
+        try:
+            registry.check_capacity(client)
+        except ApiError as e:
+            await ws.close(code=1013 if e.code in _TRY_LATER else 1001, message=e.message.encode())
+            return ws
+        await WebSocketSession(ws, registry, query, request, client).run()
+    finally:
+        ws.stop_heartbeat()
+        # Whatever the client left unread by now it will never read; closing would wait for it for ever.
+        if request.transport is not None and request.transport.get_write_buffer_size():
+            request.transport.abort()
     return ws
+
+
+class _Socket(web.WebSocketResponse):
+    """aiohttp's socket, with two of its habits changed.
+
+    - A message over max_msg_size: aiohttp would close with 1009 at once. The session ends first, as for
+      any message too large: an error event, the finals of what came before, session.ended, then the close.
+    - Its heartbeat timer is re-armed when the client's close frame arrives after ours, and that timer
+      holds the whole connection until it fires: once the socket is done, it is stopped for good.
+    """
+
+    too_large = False
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not self.too_large and not self.closed:
+            self.too_large = True  # receive() returns the error; the session closes the socket after its end
+            return False
+        return await super().close(code=code, message=message, drain=drain)
+
+    def stop_heartbeat(self) -> None:
+        self._heartbeat = None  # what aiohttp checks before it re-arms the timer
+        cancel = getattr(self, "_cancel_heartbeat", None)
+        if cancel is not None:
+            cancel()
 
 
 class WebSocketSession:
@@ -75,12 +108,13 @@ class WebSocketSession:
         self.request = request  # its credential decides the options a token allows
         self.client = client
         self.session: Session | None = None
-        self.outbox = EventQueue()
+        self.outbox = EventQueue(on_overflow=self._not_reading)
         self.rate = SAMPLE_RATE
         self.resampler = Resampler()
         self.decoder: WebmDecoder | None = None
         self._close_code = 1000
         self._decoder_error = False
+        self._dropped = False  # the client stopped reading and its connection was cut
         self._writer: asyncio.Task | None = None
 
     async def run(self) -> None:
@@ -147,8 +181,11 @@ class WebSocketSession:
 
     async def _dispatch(self, message: WSMessage) -> bool:
         """Acts on one message; True when the session is over and reading must stop."""
-        if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-            await self._end("peer_closed")
+        if message.type == WSMsgType.ERROR and isinstance(message.data, WebSocketError) \
+                and message.data.code == WSCloseCode.MESSAGE_TOO_BIG:
+            message = WSMessage(WSMsgType.BINARY, bytes(MAX_MESSAGE + 1), None)  # refused below, as any too large
+        elif message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            await self._end("not_reading" if self._dropped else "peer_closed")
             return True
         try:
             return await self._handle(message)
@@ -189,13 +226,13 @@ class WebSocketSession:
             self._error("already_started", "the session has already started")
         else:
             self._error("unknown_message",
-                        f"unknown message type {kind!r}; the client may send: audio, stop")
+                        f"unknown message type {quoted(kind)}; the client may send: audio, stop")
         return False
 
     async def _audio(self, data: bytes) -> None:
         assert self.session is not None
         if len(data) > MAX_MESSAGE:
-            raise Refused("too_large", f"audio messages must be at most {MAX_MESSAGE} bytes", 1008)
+            raise Refused("too_large", _TOO_LARGE, 1008)
         if self.decoder is not None:
             await self.decoder.write(data)
             return
@@ -228,13 +265,28 @@ class WebSocketSession:
     async def _write(self) -> None:
         while True:
             event = await self.outbox.get()
-            if not self.ws.closed:
+            if not self.ws.closed and not self._dropped:
                 try:
-                    await self.ws.send_str(json.dumps(event, separators=(",", ":")))
+                    if not await write_or_drop(self.ws.send_str(json.dumps(event, separators=(",", ":"))),
+                                               self.request.transport):
+                        self._not_reading()
                 except ConnectionError:
                     pass
             if event["type"] == "session.ended":
                 return
+
+    def _not_reading(self) -> None:
+        """The client has left events unread past the outbox or WRITE_TIMEOUT_S: its connection is cut
+        (no close frame could reach it) and its session ends."""
+        if self._dropped:
+            return
+        self._dropped = True
+        log.info("websocket client %s does not read its events: connection cut", self.client.address or "-")
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
+        if self.session is not None:
+            self.session.end_soon("not_reading")
 
     async def _close(self) -> None:
         assert self.session is not None
@@ -244,13 +296,17 @@ class WebSocketSession:
             await asyncio.wait_for(asyncio.shield(self._writer), _CLOSE_FLUSH_S)
         except asyncio.TimeoutError:
             pass
-        await self.ws.close(code=code, message=(self.session.reason or "").encode())
+        if not await write_or_drop(self.ws.close(code=code, message=(self.session.reason or "").encode()),
+                                   self.request.transport):
+            self._dropped = True
 
     async def _refuse(self, e: Refused) -> None:
         metrics.error("event", e.code)
-        if not self.ws.closed:
-            await self.ws.send_str(json.dumps({"type": "error", "code": e.code, "message": e.message}))
-            await self.ws.close(code=e.close_code, message=e.message.encode()[:120])
+        if not self.ws.closed and await write_or_drop(
+                self.ws.send_str(json.dumps({"type": "error", "code": e.code, "message": e.message})),
+                self.request.transport):
+            await write_or_drop(self.ws.close(code=e.close_code, message=e.message.encode()[:120]),
+                                self.request.transport)
 
 
 def _is_start(text: str) -> bool:

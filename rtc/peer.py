@@ -15,7 +15,7 @@ from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
-from errors import client_json
+from errors import client_json, quoted
 import metrics
 from asr.audio import Resampler
 from sessions import Session
@@ -189,7 +189,7 @@ class PeerSession:
         else:
             metrics.error("event", "unknown_message")
             self._send({"type": "error", "code": "unknown_message",
-                        "message": f"unknown message type {kind!r}; the client may send: stop"})
+                        "message": f"unknown message type {quoted(kind)}; the client may send: stop"})
 
     def _send(self, event: dict[str, Any]) -> None:
         if self.channel is not None and self.channel.readyState == "open":

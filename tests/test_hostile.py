@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import gc
 import json
+import logging
+import os
+import pathlib
 import re
+import signal
+import socket
+import time
+import tracemalloc
 
 import aiohttp
+import aiohttp.web
 import numpy as np
 import pytest
 from aiortc import RTCSessionDescription
 
-from client import RTCClient, ServerProcess, SpeechTrack, health, wait_sessions
+from client import HOST, RTCClient, ServerProcess, SpeechTrack, free_port, health, wait_sessions
 from speech import data_recording, word_errors
 
 
@@ -134,3 +144,142 @@ async def test_lenient_offers_are_refused_before_a_session_is_made(one_slot, cas
     assert json.loads(body)["error"]["code"] == code, body
     assert (await health(one_slot.url))["sessions"] == 0
     assert "Task exception was never retrieved" not in one_slot.log()
+
+
+class RawWebSocket:
+    """A WebSocket client on a bare socket with a small receive buffer, which can stop reading."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.split("//", 1)[1].split(":")
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect((host, int(port)))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(f"GET /v1/ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                          "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    @staticmethod
+    def frame(text: str) -> bytes:
+        payload, mask = text.encode(), os.urandom(4)
+        size = len(payload)
+        header = bytes([0x81, 0x80 | size]) if size < 126 else bytes([0x81, 0x80 | 126]) + size.to_bytes(2, "big")
+        return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+    def send(self, *texts: str) -> None:
+        try:
+            self.sock.sendall(b"".join(self.frame(t) for t in texts))
+        except ConnectionError:  # the server has cut this client off
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def wait_count(url: str, count: int, timeout: float) -> float:
+    """Seconds until /health counts `count` sessions; fails past `timeout`."""
+    started = time.monotonic()
+    await wait_sessions(url, count, timeout)
+    return time.monotonic() - started
+
+
+def descriptors(proc: ServerProcess) -> int:
+    return len(os.listdir(f"/proc/{proc.proc.pid}/fd"))
+
+
+async def wait_descriptors(proc: ServerProcess, most: int, timeout: float) -> float:
+    started = time.monotonic()
+    while (n := descriptors(proc)) > most:
+        assert time.monotonic() - started < timeout, f"{n} descriptors open, {most} before the clients came"
+        await asyncio.sleep(0.5)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("messages", [200, 20000])
+async def test_a_websocket_client_that_never_reads_still_ends_and_shutdown_is_prompt(private_network, messages):
+    """Clients with a small receive buffer send start, many messages that each bring an error event,
+    then stop, and never read: their sessions end and their connections close (the bounded outbox or
+    the write timeout cuts them). Then two such clients stay mid-session, and SIGTERM still stops the
+    server within its grace."""
+    # Pings come a third of the idle timeout apart, and a client that never reads never answers them:
+    # with a long timeout, only the server's own write limits can end these sessions.
+    proc = ServerProcess("--max-sessions", "2", "--idle-timeout-s", "600")
+    clients = []
+    try:
+        baseline = descriptors(proc)
+        for _ in range(2):
+            client = RawWebSocket(proc.url)
+            clients.append(client)
+            client.send(json.dumps({"type": "start"}), *[json.dumps({"type": "x" * 1000})] * messages,
+                        json.dumps({"type": "stop"}))
+        ended = await wait_count(proc.url, 0, timeout=45)
+        closed = await wait_descriptors(proc, baseline, timeout=45)
+        for _ in range(2):
+            client = RawWebSocket(proc.url)
+            clients.append(client)
+            client.send(json.dumps({"type": "start"}), *[json.dumps({"type": "x" * 60})] * 200)
+        await wait_count(proc.url, 2, timeout=10)
+        stopping = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.proc.wait, 40)
+        stopped = time.monotonic() - stopping
+        print(f"{messages} messages: sessions ended in {ended:.1f}s, connections closed {closed:.1f}s later; "
+              f"SIGTERM mid-session took {stopped:.1f}s")
+        assert proc.proc.returncode == 0
+        assert stopped < 20
+    finally:
+        for client in clients:
+            client.close()
+        proc.stop()
+
+
+async def test_websocket_sessions_leave_nothing_behind(tmp_path):
+    """What a WebSocket session allocates is freed when it ends: measured in the server's own process
+    over 300 sessions after 50 of warm-up (aiohttp's heartbeat timer kept each whole connection alive)."""
+    import server
+    from config import Config
+
+    port = free_port()
+    config = Config.from_args(["--host", HOST, "--port", str(port), "--data-dir", str(tmp_path)])
+    app = server.build_app(config)
+    runner = aiohttp.web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await aiohttp.web.TCPSite(runner, HOST, port).start()
+        await server.load_model(app, config)
+        url = f"http://{HOST}:{port}"
+
+        async def session(http: aiohttp.ClientSession) -> None:
+            async with http.ws_connect(url + "/v1/ws") as ws:
+                await ws.send_str(json.dumps({"type": "start"}))
+                await ws.send_str(json.dumps({"type": "stop"}))
+                async for _ in ws:
+                    pass
+
+        logging.disable(logging.INFO)  # pytest keeps every record it captures: not the server's memory
+        async with aiohttp.ClientSession() as http:
+            for _ in range(50):
+                await session(http)
+            await asyncio.sleep(1)
+            gc.collect()
+            tracemalloc.start()
+            before = tracemalloc.take_snapshot()
+            for _ in range(300):
+                await session(http)
+            await asyncio.sleep(1)
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+            tracemalloc.stop()
+        # pathlib interns each folder name: the interpreter's table of them grows once to its size.
+        interned = [tracemalloc.Filter(False, pathlib.__file__)]
+        stats = after.filter_traces(interned).compare_to(before.filter_traces(interned), "filename")
+        grown = sum(s.size_diff for s in stats)
+        print(f"{grown / 300:.0f} bytes kept per WebSocket session")
+        assert grown / 300 < 1500, f"{grown / 300:.0f} bytes kept per WebSocket session"
+    finally:
+        logging.disable(logging.NOTSET)
+        await runner.cleanup()
