@@ -392,7 +392,7 @@ def machine() -> dict:
 
 def add_devset_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devset", help="a folder of recordings (WAV, FLAC, ...) and their manifest.jsonl, as "
-                        "../shared/eval/devset (the default, or $STT_DEVSET): e.g. held-out speech")
+                        "tests/data/devset (the default, or $STT_DEVSET): e.g. held-out speech")
 
 
 def use_devset(folder: str | None) -> None:
