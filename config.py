@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+from pathlib import Path
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
@@ -50,46 +52,46 @@ class Config:
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=8000, metadata={"help": "TCP port for HTTP and signaling"})
     model: str = field(default="tiny.en", metadata={
-        "help": "tiny.en (embedded), base (packaged multilingual), a CTranslate2 model folder, "
-                "or a faster-whisper hub name (needs network once)"})
+        "help": "tiny.en (embedded), base (packaged multilingual), a CTranslate2 model folder, or a faster-whisper "
+                "hub name (needs network once)"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or auto"})
     compute_type: str = field(default="int8", metadata={"help": "CTranslate2 compute type"})
     decode_workers: int = field(default=os.cpu_count() or 1, metadata={
-        "help": "Whisper decodes that run at once (default: the number of cores)"})
+        "shown": "cores", "help": "Whisper decodes that run at once (default: the number of cores)"})
     cpu_threads: int = field(default=1, metadata={"help": "threads per Whisper decode"})
     decode_nice: int = field(default=0, metadata={
-        "help": "niceness added to the Whisper compute threads (Linux), so that under load the event loop "
-                "that takes in the audio comes first; every other process on the machine does too "
-                "(0: the same priority; 0 to 19)"})
+        "help": "niceness added to the Whisper compute threads (Linux), so that under load the event loop that takes "
+                "in the audio comes first; every other process on the machine does too (0: the same priority; 0 to "
+                "19; see [Architecture](architecture.md#architecture))"})
     beam_size: int = field(default=5, metadata={
-        "help": "beam size for a final that runs alone (partials, and finals while other decodes run or wait, "
-                "are greedy)"})
+        "help": "beam size for a final that runs alone (partials, and finals while other decodes run or wait, are "
+                "greedy)"})
     decode_window_s: float = field(default=30.0, metadata={
-        "help": "seconds of encoder output the decoder attends over: the encoder runs over the utterance "
-                "plus 1 to 3 s, the rest is a precomputed encoding of silence (Whisper's own: 30)"})
+        "help": "seconds of encoder output the decoder attends over: the encoder runs over the utterance plus 1 to 3 "
+                "s, the rest is a precomputed encoding of silence (Whisper's own: 30)"})
     busy_decode_window_s: float = field(default=10.0, metadata={
-        "help": "the same for partials while other decodes run or wait, and for finals in a burst: cheaper, "
-                "less accurate"})
+        "help": "the same for partials while other decodes run or wait, and for finals in a burst: cheaper, less "
+                "accurate"})
     language: str = field(default="", metadata={
         "help": "default language code; empty: en for English-only models, detect otherwise"})
     endpoint_ms: int = field(default=600, metadata={"help": "silence that ends an utterance"})
     unfinished_endpoint_ms: int = field(default=1100, metadata={
-        "help": "silence that ends an utterance whose early final stops mid-clause (on a comma or dash, or a "
-                "word such as 'the' or 'and'); at least endpoint_ms"})
+        "help": "silence that ends an utterance whose early final stops mid-clause (on a comma or dash, or a word "
+                "such as \"the\" or \"and\"); at least `--endpoint-ms`"})
     context_chars: int = field(default=200, metadata={
         "help": "characters of a session's last finals that the next decode continues (Whisper's previous-text "
                 "prompt), used when the last final stopped mid-clause; 0: every utterance alone"})
     partial_interval_ms: int = field(default=600, metadata={
         "help": "new audio between two partial hypotheses"})
     sentence_endpoint: float = field(default=0.8, metadata={
-        "help": "share of the endpoint silence that ends an utterance whose early final already "
-                "ends a sentence (. ? !); 1: off"})
+        "help": "share of the endpoint silence that ends an utterance whose early final already ends a sentence (. ? "
+                "!); 1: off"})
     early_final_ms: int = field(default=160, metadata={
         "help": "pause after which the final is decoded ahead of the endpoint (0: off)"})
     vad_threshold: float = field(default=0.5, metadata={"help": "speech probability that starts speech"})
     vad_refresh_ms: int = field(default=512, metadata={
-        "help": "non-speech after which Silero VAD's second state starts afresh, so that what it heard "
-                "before (a louder speaker) does not mute what follows (0: one state, never refreshed)"})
+        "help": "non-speech after which Silero VAD's second state starts afresh, so that what it heard before (a "
+                "louder speaker) does not mute what follows (0: one state, never refreshed)"})
     min_speech_ms: int = field(default=250, metadata={"help": "shorter sounds are ignored"})
     preroll_ms: int = field(default=300, metadata={"help": "audio kept from before speech onset"})
     max_utterance_s: float = field(default=20.0, metadata={"help": "longer speech is split (max 30)"})
@@ -99,36 +101,40 @@ class Config:
     max_session_s: float = field(default=3600.0, metadata={"help": "longest session"})
     max_offer_bytes: int = field(default=65536, metadata={"help": "largest accepted SDP offer"})
     ice_servers: list = field(default_factory=list, metadata={
-        "help": "STUN/TURN servers: JSON list of RTCIceServer objects, or comma-separated URLs; "
-                "empty by default (no public STUN server is ever contacted)",
+        "help": "STUN/TURN servers: JSON list of RTCIceServer objects, or comma-separated URLs; empty by default (no "
+                "public STUN server is ever contacted)",
         "parse": _ice_servers})
     api_key: list = field(default_factory=list, metadata={
-        "help": "API keys that open sessions and mint tokens: comma-separated, or the flag repeated; "
-                "none (and no --api-key-file): access is open",
+        "help": "[API keys](operations.md#access-control) that open sessions and mint tokens: comma-separated, or the"
+                " flag repeated; none (and no `--api-key-file`): access is open",
         "parse": _list, "repeat": True})
     api_key_file: str = field(default="", metadata={
-        "help": "file of API keys, one per line (blank lines and # comments skipped)"})
+        "help": "file of API keys, one per line (blank lines and `#` comments skipped)"})
     token_secret: str = field(default="", metadata={
-        "help": "secret that signs session tokens, at least 16 characters; empty: random at each "
-                "start (replicas behind one load balancer need one shared secret)"})
+        "shown": "(random)",
+        "help": "secret that signs session tokens, at least 16 characters; empty: random at each start (replicas "
+                "behind one load balancer need one shared secret)"})
     token_max_ttl_s: float = field(default=3600.0, metadata={"help": "longest lifetime of a session token"})
     allowed_origins: list = field(default_factory=list, metadata={
-        "help": "browser origins allowed to use the API (CORS, WebSocket Origin), comma-separated, "
-                "* for any; empty: the server's own origin only", "parse": _list})
+        "help": "browser origins allowed to use the API (CORS, WebSocket `Origin`), comma-separated, `*` for any; "
+                "empty: the server's own origin only", "parse": _list})
     max_sessions_per_key: int = field(default=0, metadata={
         "help": "concurrent sessions per API key and the tokens it minted; more get 429 (0: no limit)"})
     trusted_proxies: int = field(default=0, metadata={
-        "help": "reverse proxies in front whose X-Forwarded-For names the client in logs (0: the peer address)"})
+        "help": "reverse proxies in front whose `X-Forwarded-For` names the client in logs (0: the peer address)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
-    log_format: str = field(default="text", metadata={"help": "text, or json: one JSON object per line"})
+    log_format: str = field(default="text", metadata={"help": "`text`, or `json`: one JSON object per line "
+                                                                           "([Monitoring](operations.md#monitoring))"})
     certfile: str = field(default="", metadata={
         "help": "PEM certificate (chain) to serve HTTPS; phones open the microphone only over HTTPS"})
     keyfile: str = field(default="", metadata={
-        "help": "PEM private key of --certfile (empty: the key is in the certificate file)"})
+        "help": "PEM private key of `--certfile` (empty: the key is in the certificate file)"})
     self_signed: bool = field(default=False, metadata={
-        "help": "serve HTTPS with a development certificate made for this machine (browsers warn)"})
+        "help": "serve HTTPS with a development certificate made for this machine (browsers warn: see [Phones and "
+                "HTTPS](browser.md#phones-and-https))"})
     data_dir: str = field(default="./data", metadata={
-        "help": "folder of saved sessions (transcripts as they happen, audio if recorded); empty: save nothing"})
+        "help": "folder of [saved sessions](operations.md#saved-transcripts): transcripts as they happen, audio if "
+                "recorded; empty: save nothing"})
     record_audio: bool = field(default=False, metadata={
         "help": "also save the audio each session received (16 kHz mono, Ogg/Opus) in its folder"})
     retention_days: float = field(default=0.0, metadata={
@@ -183,7 +189,7 @@ class Config:
                 switch = {"action": _Repeated}
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=parse,
                                 default=environ.get(env, default),
-                                help=f"{f.metadata['help']} [env {env}]", **switch)
+                                help=f"{_plain(f.metadata['help'])} [env {env}]", **switch)
         ns = parser.parse_args(argv)
         try:
             return cls(**vars(ns))
@@ -192,3 +198,39 @@ class Config:
 
 
 _PARSERS = {"str": str, "int": int, "float": float, "bool": _bool}
+REFERENCE = Path(__file__).resolve().parent / "docs" / "configuration.md"
+_TABLE = ("<!-- settings:start -->", "<!-- settings:end -->")
+
+
+def _plain(markdown: str) -> str:
+    """A help text as the command line shows it: without the page's links and code marks."""
+    return re.sub(r"\[([^\]]+)\]\([^)]+\)", r"\1", markdown).replace("`", "")
+
+
+def _shown(f) -> str:
+    if "shown" in f.metadata:
+        return f.metadata["shown"]
+    default = f.default_factory() if f.default is MISSING else f.default
+    if default in ("", []):
+        return "(empty)"
+    return f"`{str(default).lower() if isinstance(default, bool) else default}`"
+
+
+def reference_table() -> str:
+    """The settings table of docs/configuration.md, made from Config so that the page cannot drift from it."""
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for f in fields(Config):
+        rows.append(f"| `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | {_shown(f)} | "
+                    f"{f.metadata['help']} |")
+    return "\n".join([_TABLE[0], "", *rows, "", _TABLE[1]])
+
+
+def write_reference() -> None:
+    """`python config.py`: rewrites the table in docs/configuration.md after a setting changes."""
+    text = REFERENCE.read_text()
+    start, end = text.index(_TABLE[0]), text.index(_TABLE[1]) + len(_TABLE[1])
+    REFERENCE.write_text(text[:start] + reference_table() + text[end:])
+
+
+if __name__ == "__main__":
+    write_reference()

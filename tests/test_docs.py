@@ -3,7 +3,7 @@
 from dataclasses import fields
 from pathlib import Path
 
-from config import ENV_PREFIX, Config
+from config import ENV_PREFIX, Config, reference_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -14,6 +14,10 @@ def test_every_setting_is_in_the_configuration_table():
     for f in fields(Config):
         flag, env = "--" + f.name.replace("_", "-"), ENV_PREFIX + f.name.upper()
         assert f"| `{flag}` | `{env}` |" in CONFIGURATION, flag
+
+
+def test_the_configuration_table_is_the_one_config_makes():
+    assert reference_table() in CONFIGURATION, "docs/configuration.md is stale: run `python config.py`"
 
 
 def test_readme_gives_the_two_commands_and_stays_short():
