@@ -6,8 +6,9 @@ One folder per session under --data-dir, named by start time and id
 - `finals.jsonl`: one line per transcript.final, the event as sent plus `at` (wall-clock time). The line
   reaches the kernel (os.write) before any transport sees the event, so a killed server never loses a
   final its client got; an fsync follows on the writer thread.
-- `session.json`: id, transport, started, ended, reason, model, language, utterances, audio.
-  Written at the start and again at the end.
+- `session.json`: id, transport, key_id, started, ended, reason, model, language, utterances, audio.
+  Written at the start and again at the end. `key_id` names the API key that opened the session (its id,
+  never the key): with access control on, each key sees only its own sessions.
 - `transcript.txt`, `transcript.srt`, `transcript.vtt`: written when the session ends.
 - `audio.opus` (--record-audio): the 16 kHz mono audio received, Ogg/Opus, streamed as it arrives.
   Ogg pages carry checksums: a file cut short by a crash decodes up to its last whole page.
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from aiohttp import web
 
+import auth
 from errors import ApiError
 
 if TYPE_CHECKING:
@@ -231,7 +233,8 @@ class SessionRecord:
         self.finals = 0
         info = session.info()
         self.meta: dict[str, Any] = {
-            "session_id": session.id, "transport": session.transport, "started": iso(self.started),
+            "session_id": session.id, "transport": session.transport, "key_id": session.client.key or None,
+            "started": iso(self.started),
             "ended": None, "reason": None, "model": info.get("model"), "language": info.get("language"),
             "utterances": 0, "audio": AUDIO if storage.record_audio else None,
         }
@@ -356,6 +359,7 @@ class Storage:
         self.record_audio = record_audio
         self.retention_days = retention_days
         self._live: dict[str, SessionRecord] = {}
+        self._owners: dict[str, str | None] = {}  # folder name -> key id; a session's owner never changes
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="storage")
         self._background: asyncio.Task | None = None
 
@@ -469,23 +473,41 @@ class Storage:
             when = ended.timestamp() if ended is not None else _last_write(folder).timestamp()
             if when < cutoff:
                 shutil.rmtree(folder, ignore_errors=True)
+                self._owners.pop(name, None)
                 deleted += 1
         return deleted
 
     # Reading (worker threads) -----------------------------------------------------------------
 
-    async def folder(self, session_id: str) -> Path:
-        """The folder of a stored session, found by listing: never a path made from the request."""
+    async def folder(self, session_id: str, viewer: str | None) -> Path:
+        """The folder of a stored session the viewer may see, found by listing: never a path made
+        from the request. Another key's session is a 404, as an unknown one: its id reveals nothing."""
         record = self._live.get(session_id)
         if record is not None:
+            if not visible(viewer, record.meta["key_id"]):
+                raise _unknown()
             return record.folder
-        return await asyncio.to_thread(self._find, session_id)
+        return await asyncio.to_thread(self._find, session_id, viewer)
 
-    def _find(self, session_id: str) -> Path:
+    def _find(self, session_id: str, viewer: str | None) -> Path:
         for name, found in self._folders():
-            if found == session_id:
+            if found == session_id and visible(viewer, self.owner(name, found, {})):
                 return self.root / name
-        raise ApiError(404, "unknown_session", "no such stored session")
+        raise _unknown()
+
+    def owner(self, name: str, session_id: str, live: dict[str, dict[str, Any]]) -> str | None:
+        """The id of the key that opened a stored session; None when access was open, or for a
+        session saved before owners were recorded."""
+        if session_id in live:
+            return live[session_id].get("key_id")
+        if name in self._owners:
+            return self._owners[name]
+        meta = read_meta(self.root / name)
+        owner = meta.get("key_id") if meta is not None else None
+        owner = owner if isinstance(owner, str) and owner else None
+        if meta is not None:  # written once, at the start: what it says stays true
+            self._owners[name] = owner
+        return owner
 
     def entry(self, folder: Path, live: dict[str, dict[str, Any]]) -> dict[str, Any]:
         m = FOLDER.fullmatch(folder.name)
@@ -497,7 +519,8 @@ class Storage:
         started = datetime.strptime(m.group(1), _FOLDER_TIME).replace(tzinfo=timezone.utc)
         entry = {
             "session_id": session_id, "status": status,
-            "transport": meta.get("transport"), "started": meta.get("started") or iso(started),
+            "transport": meta.get("transport"), "key_id": meta.get("key_id"),
+            "started": meta.get("started") or iso(started),
             "ended": meta.get("ended"), "reason": meta.get("reason"),
             "model": meta.get("model"), "language": meta.get("language"),
             "utterances": meta.get("utterances"),
@@ -513,8 +536,9 @@ class Storage:
         return {sid: {**r.meta, "utterances": r.finals} for sid, r in self._live.items()}
 
     def page(self, limit: int, before: str | None, page: int | None,
-             live: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        folders = self._folders()
+             live: dict[str, dict[str, Any]], viewer: str | None) -> dict[str, Any]:
+        folders = [(name, sid) for name, sid in self._folders()
+                   if viewer is None or visible(viewer, self.owner(name, sid, live))]
         if before is not None:
             index = next((i for i, (_, sid) in enumerate(folders) if sid == before), None)
             if index is None:
@@ -542,6 +566,16 @@ class Storage:
             except FileNotFoundError:
                 pass  # interrupted, not yet completed: the log says the same
         return RENDER[fmt](read_finals(folder / FINALS))
+
+
+def visible(viewer: str | None, owner: str | None) -> bool:
+    """viewer: the request's key id, None while access is open (every session is then visible).
+    A session with no owner (opened while access was open) is visible only while it is open."""
+    return viewer is None or owner == viewer
+
+
+def _unknown() -> ApiError:
+    return ApiError(404, "unknown_session", "no such stored session")
 
 
 def _last_write(folder: Path) -> datetime:
@@ -594,8 +628,14 @@ def _storage(request: web.Request) -> Storage:
 
 def _session_id(value: str) -> str:
     if not SESSION_ID.fullmatch(value):
-        raise ApiError(404, "unknown_session", "no such stored session")
+        raise _unknown()
     return value
+
+
+def _viewer(request: web.Request) -> str | None:
+    """Whose sessions the request sees: its key's id; None (everyone's) while access is open.
+    Saved sessions need the key itself (auth.TOKEN_ROUTES), so the id is never a token's."""
+    return auth.grant(request).key_id or None
 
 
 def _query(request: web.Request, allowed: set[str]) -> dict[str, str]:
@@ -625,7 +665,7 @@ async def list_sessions(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_option", "give before or page, not both")
     if before is not None and not SESSION_ID.fullmatch(before):
         raise ApiError(400, "bad_option", "before must be a session id")
-    body = await asyncio.to_thread(storage.page, limit, before, page, storage.live_view())
+    body = await asyncio.to_thread(storage.page, limit, before, page, storage.live_view(), _viewer(request))
     return web.json_response(body)
 
 
@@ -633,7 +673,7 @@ async def get_session(request: web.Request) -> web.Response:
     storage = _storage(request)
     session_id = _session_id(request.match_info["session_id"])
     _query(request, set())
-    folder = await storage.folder(session_id)
+    folder = await storage.folder(session_id, _viewer(request))
     return web.json_response(await asyncio.to_thread(_or_gone, storage.entry, folder, storage.live_view()))
 
 
@@ -643,7 +683,7 @@ async def get_transcript(request: web.Request) -> web.Response:
     fmt = _query(request, {"format"}).get("format", "json")
     if fmt != "json" and fmt not in TEXT_FORMATS:
         raise ApiError(400, "bad_option", "format must be json, txt, srt or vtt")
-    folder = await storage.folder(session_id)
+    folder = await storage.folder(session_id, _viewer(request))
     body = await asyncio.to_thread(_or_gone, storage.transcript, folder, fmt, storage.live_view())
     if fmt == "json":
         return web.json_response(body)
@@ -654,7 +694,7 @@ async def get_audio(request: web.Request) -> web.StreamResponse:
     storage = _storage(request)
     session_id = _session_id(request.match_info["session_id"])
     _query(request, set())
-    path = (await storage.folder(session_id)) / AUDIO
+    path = (await storage.folder(session_id, _viewer(request))) / AUDIO
     if not await asyncio.to_thread(path.is_file):
         raise ApiError(404, "no_audio", "this session's audio was not recorded")
     return web.FileResponse(path, headers={"Content-Type": "audio/ogg"})
@@ -665,4 +705,4 @@ def _or_gone(fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return fn(*args)
     except FileNotFoundError:
-        raise ApiError(404, "unknown_session", "no such stored session") from None
+        raise _unknown() from None

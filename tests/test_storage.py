@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import html
 import json
 import os
@@ -21,7 +22,7 @@ import pytest_asyncio
 from yarl import URL
 
 from client import ServerProcess, SpeechTrack, WSClient, check_protocol, rtc_session_watched
-from speech import pcm16, recording, with_pauses
+from speech import data_recording, pcm16, recording, with_pauses
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -31,16 +32,19 @@ ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 # Helpers -----------------------------------------------------------------------------------------
 
-async def fetch(base_url: str, path: str, raw: bool = False, **params: str) -> tuple[int, str, bytes]:
-    """(status, content type, body) of a GET; `raw`: the path goes exactly as written, unnormalized."""
+async def fetch(base_url: str, path: str, raw: bool = False, key: str | None = None,
+                **params: str) -> tuple[int, str, bytes]:
+    """(status, content type, body) of a GET; `raw`: the path goes exactly as written, unnormalized;
+    `key`: an API key to send."""
     url = URL(base_url + path, encoded=True) if raw else base_url + path
-    async with aiohttp.ClientSession() as http:
-        async with http.get(url, params=params or None) as r:
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async with http.get(url, params=params or None, headers=headers) as r:
             return r.status, r.content_type, await r.read()
 
 
-async def fetch_json(base_url: str, path: str, **params: str) -> Any:
-    status, content_type, body = await fetch(base_url, path, **params)
+async def fetch_json(base_url: str, path: str, key: str | None = None, **params: str) -> Any:
+    status, content_type, body = await fetch(base_url, path, key=key, **params)
     assert status == 200 and content_type == "application/json", (status, body)
     return json.loads(body)
 
@@ -473,3 +477,106 @@ async def test_empty_data_dir_stores_nothing(private_network, tmp_path):
         await stopped(server)
     assert not client.of_type("session.saved")
     assert status == 404 and json.loads(body)["error"]["code"] == "storage_off"
+
+
+# Saved sessions and API keys -----------------------------------------------------------------------
+
+KEY_1 = "one-3f9c0a7e5b1d2c84"
+KEY_2 = "two-8e2d4b6a0c9f1735"
+
+
+def key_id(key: str) -> str:
+    """As auth.key_id names a key in logs and saved sessions."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+async def listed_ids(base_url: str, key: str | None = None, **params: str) -> list[str]:
+    return [s["session_id"] for s in (await fetch_json(base_url, "/v1/sessions", key=key, **params))["sessions"]]
+
+
+async def test_each_key_sees_only_its_own_saved_sessions(private_network, tmp_path):
+    """Live and saved, listed or asked for by id: another key's session is a 404, as an unknown one."""
+    data_dir = tmp_path / "data"
+    legacy = hex_id(77)  # saved before owners were recorded: no key_id
+    session_folder(data_dir, datetime.now(timezone.utc) - timedelta(days=1), legacy,
+                   ended=datetime.now(timezone.utc) - timedelta(hours=23), finals=["from before"])
+    server = await started_server("--data-dir", str(data_dir), "--record-audio",
+                                  "--api-key", f"{KEY_1},{KEY_2}")
+    speech = data_recording("arctic-aew-a0003").audio
+    one = WSClient(server.url, headers={"Authorization": f"Bearer {KEY_1}"})
+    try:
+        await one.connect()
+        await one.send({"type": "start"})
+        live_id = (await one.wait_type("session.started"))["session_id"]
+        await one.speak(pcm16(np.concatenate([speech, np.zeros(RATE, np.float32)])), realtime=False)
+        await one.wait_type("transcript.final", timeout=30)
+
+        # Live: K1 sees it, K2 gets what an unknown id gets.
+        assert await listed_ids(server.url, KEY_1) == [live_id]
+        assert await listed_ids(server.url, KEY_2) == []
+        unknown = await fetch(server.url, f"/v1/sessions/{hex_id(1234)}", key=KEY_2)
+        assert unknown[0] == 404 and json.loads(unknown[2])["error"]["code"] == "unknown_session"
+        for path in (f"/v1/sessions/{live_id}", f"/v1/sessions/{live_id}/transcript",
+                     f"/v1/sessions/{live_id}/audio"):
+            assert (await fetch(server.url, path, key=KEY_1))[0] == 200, path
+            assert await fetch(server.url, path, key=KEY_2) == unknown, path
+        await one.stop()
+    finally:
+        await one.close()
+
+    try:
+        # A token minted with K1 opens a session that is K1's.
+        async with aiohttp.ClientSession() as http:
+            async with http.post(server.url + "/v1/tokens", json={},
+                                 headers={"Authorization": f"Bearer {KEY_1}"}) as r:
+                assert r.status == 200, await r.text()
+                token = (await r.json())["token"]
+        by_token = WSClient(server.url, query={"token": token})
+        try:
+            await by_token.connect()
+            await by_token.send({"type": "start"})
+            token_id = (await by_token.wait_type("session.started"))["session_id"]
+            await by_token.stop()
+        finally:
+            await by_token.close()
+        two = WSClient(server.url, headers={"Authorization": f"Bearer {KEY_2}"})
+        try:
+            await two.connect()
+            await two.send({"type": "start"})
+            two_id = (await two.wait_type("session.started"))["session_id"]
+            await two.stop()
+        finally:
+            await two.close()
+
+        assert sorted(await listed_ids(server.url, KEY_1)) == sorted([live_id, token_id])
+        assert await listed_ids(server.url, KEY_2) == [two_id]
+        assert (await fetch_json(server.url, "/v1/sessions", key=KEY_1))["total"] == 2
+        for path, params in [(f"/v1/sessions/{live_id}", {}), (f"/v1/sessions/{live_id}/transcript", {}),
+                             (f"/v1/sessions/{live_id}/transcript", {"format": "txt"}),
+                             (f"/v1/sessions/{live_id}/audio", {}), (f"/v1/sessions/{legacy}", {}),
+                             (f"/v1/sessions/{legacy}/transcript", {"format": "txt"})]:
+            assert await fetch(server.url, path, key=KEY_2, **params) == unknown, (path, params)
+        assert (await fetch(server.url, f"/v1/sessions/{live_id}/transcript", key=KEY_1, format="txt"))[0] == 200
+        assert (await fetch(server.url, f"/v1/sessions/{two_id}", key=KEY_1)) == unknown
+        assert (await fetch(server.url, f"/v1/sessions/{legacy}", key=KEY_1)) == unknown
+        # A cursor naming another key's session is unknown too.
+        assert (await fetch(server.url, "/v1/sessions", key=KEY_2, before=live_id))[0] == 404
+        entry = await fetch_json(server.url, f"/v1/sessions/{token_id}", key=KEY_1)
+        assert entry["key_id"] == key_id(KEY_1) and entry["status"] == "ended"
+    finally:
+        await stopped(server)
+
+    # On disk: the owner's id, never the key itself.
+    for session_id, owner in [(live_id, KEY_1), (token_id, KEY_1), (two_id, KEY_2)]:
+        folder = folder_of(data_dir, session_id)
+        assert json.loads((folder / "session.json").read_text())["key_id"] == key_id(owner)
+        for path in folder.iterdir():
+            assert KEY_1.encode() not in path.read_bytes() and KEY_2.encode() not in path.read_bytes()
+
+    # Access open again: every session is visible, as before keys.
+    server = await started_server("--data-dir", str(data_dir))
+    try:
+        assert sorted(await listed_ids(server.url)) == sorted([live_id, token_id, two_id, legacy])
+        assert (await fetch(server.url, f"/v1/sessions/{live_id}/audio"))[0] == 200
+    finally:
+        await stopped(server)
