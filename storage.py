@@ -15,6 +15,10 @@ One folder per session under --data-dir, named by start time and id
 
 Every whole-file write goes to a temporary file, is fsynced, then renamed over the old one: no reader
 ever sees half a file. Disk work runs on one writer thread per server, in order, off the event loop.
+
+What cannot be read (a folder name that is no time, a session.json that is no JSON object, a file that
+is a folder, a link or a FIFO) is skipped and logged once: one broken entry never stops the listing,
+the recovery or the retention sweep of the others.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -88,6 +93,17 @@ def folder_name(started: datetime, session_id: str) -> str:
     return f"{started.astimezone(timezone.utc).strftime(_FOLDER_TIME)}_{session_id}"
 
 
+def folder_time(name: str) -> datetime | None:
+    """The start time a session folder's name holds; None when the name is no real time."""
+    m = FOLDER.fullmatch(name)
+    if m is None:
+        return None
+    try:
+        return datetime.strptime(m.group(1), _FOLDER_TIME).replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
+
 # Files -------------------------------------------------------------------------------------------
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -109,27 +125,85 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_finals(path: Path) -> list[dict[str, Any]]:
-    """The finals of a finals.jsonl; a last line cut short by a crash is left out."""
+class Unreadable(Exception):
+    """A stored file that is there but cannot be read or parsed: its session is skipped."""
+
+
+_reported: set[str] = set()
+
+
+def once(key: str, message: str, *args: Any) -> None:
+    """One warning line per broken entry per process: listings come again and again."""
+    if key not in _reported:
+        _reported.add(key)
+        log.warning(message, *args)
+
+
+def read_file(path: Path) -> bytes | None:
+    """A regular file's bytes; None when there is none. A link is not followed and a FIFO does not
+    block the thread: the server makes neither, so either is unreadable."""
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise Unreadable(f"{path.name}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Unreadable(f"{path.name}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        raise Unreadable(f"{path.name}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _is_final(value: Any) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("text"), str)
+            and all(isinstance(value.get(k), (int, float)) for k in ("start", "end")))
+
+
+def read_finals(path: Path) -> list[dict[str, Any]]:
+    """The finals of a finals.jsonl; a last line cut short by a crash is left out, and so is any line
+    that is not a final. Unreadable when the file is there but cannot be read."""
+    data = read_file(path)
+    if data is None:
         return []
-    finals = []
+    finals, bad = [], 0
     for line in data.split(b"\n")[:-1]:  # what follows the last newline is not a whole line
         try:
-            finals.append(json.loads(line))
+            final = json.loads(line)
         except ValueError:
-            log.warning("%s: skipped a line that is not JSON", path)
+            final = None
+        if _is_final(final):
+            finals.append(final)
+        else:
+            bad += 1
+    if bad:
+        once(f"{path}:{bad}", "%s: skipped %d line(s) that are not finals", path, bad)
     return finals
 
 
 def read_meta(folder: Path) -> dict[str, Any] | None:
-    try:
-        meta = json.loads((folder / META).read_bytes())
-    except (OSError, ValueError):
+    """A folder's session.json; None when there is none yet. Unreadable when it is not a JSON object."""
+    data = read_file(folder / META)
+    if data is None:
         return None
-    return meta if isinstance(meta, dict) else None
+    try:
+        meta = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise Unreadable(f"{META}: not a JSON object")
+    return meta
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -327,7 +401,7 @@ class SessionRecord:
 
     def _save(self, fd: int | None, meta: dict[str, Any]) -> bool:  # writer thread
         self._close_files(fd)
-        meta["audio"] = AUDIO if (self.folder / AUDIO).is_file() else None
+        meta["audio"] = AUDIO if is_regular(self.folder / AUDIO) else None
         write_transcripts(self.folder, read_finals(self.folder / FINALS))
         write_atomic(self.folder / META, _json_bytes(meta))
         return True
@@ -422,40 +496,52 @@ class Storage:
             await asyncio.sleep(RETENTION_INTERVAL_S)
 
     def _folders(self) -> list[tuple[str, str]]:
-        """(folder name, session id) of every stored session, newest first. Real folders only."""
+        """(folder name, session id) of every stored session, newest first: real folders (not links)
+        named by a real time and an id. Anything else in the data folder is not storage's."""
         found = []
         with os.scandir(self.root) as entries:
             for entry in entries:
                 m = FOLDER.fullmatch(entry.name)
-                if m and entry.is_dir(follow_symlinks=False):
-                    found.append((entry.name, m.group(2)))
+                try:
+                    if m is None or not entry.is_dir(follow_symlinks=False):
+                        continue
+                except OSError:
+                    continue
+                if folder_time(entry.name) is None:
+                    once(entry.name, "storage: skipped %s: its name holds no valid time", entry.name)
+                    continue
+                found.append((entry.name, m.group(2)))
         found.sort(reverse=True)
         return found
 
     def recover(self, folders: list[tuple[str, str]]) -> int:
         """At startup: sessions a crash left open get their files, and `interrupted` as the reason."""
         count = 0
-        for name, session_id in folders:
+        for name, session_id in folders:  # whatever one folder does, the others are still completed
             try:
                 count += self._recover(self.root / name, name, session_id)
-            except OSError as e:  # the others are still completed
-                log.error("storage: cannot complete %s: %s", name, e)
+            except Unreadable as e:  # left as it is: a person may want to look at it
+                once(name, "storage: skipped %s: %s", name, e)
+            except OSError as e:
+                once(name, "storage: cannot complete %s: %s", name, e)
+            except Exception:
+                log.exception("storage: completing %s failed", name)
         return count
 
     def _recover(self, folder: Path, name: str, session_id: str) -> int:
         if not folder.is_dir():
             return 0  # deleted since
-        for tmp in folder.glob(".*.tmp"):  # a whole-file write cut short: its old file is intact
-            tmp.unlink(missing_ok=True)
         meta = read_meta(folder)
+        for tmp in folder.glob(".*.tmp"):  # a whole-file write cut short: its old file is intact
+            if is_regular(tmp):
+                tmp.unlink(missing_ok=True)
         if meta is not None and meta.get("ended"):
             return 0
         finals = read_finals(folder / FINALS)
-        started = datetime.strptime(FOLDER.fullmatch(name).group(1), _FOLDER_TIME).replace(tzinfo=timezone.utc)
-        meta = {"session_id": session_id, "transport": None, "started": iso(started), "model": None,
+        meta = {"session_id": session_id, "transport": None, "started": iso(folder_time(name)), "model": None,
                 "language": None, **(meta or {})}
         meta.update(ended=iso(_last_write(folder)), reason="interrupted", utterances=len(finals),
-                    audio=AUDIO if (folder / AUDIO).is_file() else None)
+                    audio=AUDIO if is_regular(folder / AUDIO) else None)
         write_transcripts(folder, finals)
         write_atomic(folder / META, _json_bytes(meta))
         return 1
@@ -468,12 +554,23 @@ class Storage:
             if session_id in live:
                 continue
             folder = self.root / name
-            ended = parse_iso((read_meta(folder) or {}).get("ended"))
-            # No end time (a crash, another server's live session): the last write is the age.
-            when = ended.timestamp() if ended is not None else _last_write(folder).timestamp()
+            try:
+                try:
+                    ended = parse_iso((read_meta(folder) or {}).get("ended"))
+                except Unreadable:
+                    ended = None
+                # No end time (a crash, another server's live session, an unreadable session.json):
+                # the last write is the age.
+                when = ended.timestamp() if ended is not None else _last_write(folder).timestamp()
+            except OSError as e:
+                once(name, "retention: skipped %s: %s", name, e)
+                continue
             if when < cutoff:
                 shutil.rmtree(folder, ignore_errors=True)
                 self._owners.pop(name, None)
+                if os.path.lexists(folder):
+                    once(name, "retention: could not delete all of %s", name)
+                    continue
                 deleted += 1
         return deleted
 
@@ -491,32 +588,36 @@ class Storage:
 
     def _find(self, session_id: str, viewer: str | None) -> Path:
         for name, found in self._folders():
-            if found == session_id and visible(viewer, self.owner(name, found, {})):
-                return self.root / name
+            if found == session_id:
+                try:
+                    if visible(viewer, self.owner(name, found, {})):
+                        return self.root / name
+                except Unreadable as e:  # not listed, so not found either
+                    once(name, "storage: skipped %s: %s", name, e)
         raise _unknown()
 
     def owner(self, name: str, session_id: str, live: dict[str, dict[str, Any]]) -> str | None:
         """The id of the key that opened a stored session; None when access was open, or for a
-        session saved before owners were recorded."""
+        session saved before owners were recorded. Unreadable for a session that cannot be listed."""
         if session_id in live:
             return live[session_id].get("key_id")
         if name in self._owners:
             return self._owners[name]
-        meta = read_meta(self.root / name)
+        folder = self.root / name
+        meta = read_meta(folder)
         owner = meta.get("key_id") if meta is not None else None
         owner = owner if isinstance(owner, str) and owner else None
-        if meta is not None:  # written once, at the start: what it says stays true
-            self._owners[name] = owner
+        if meta is not None and meta.get("ended"):
+            self._owners[name] = owner  # complete: its owner and its readability stay as they are
+        else:
+            read_finals(folder / FINALS)  # an unfinished session is listed from its finals
         return owner
 
     def entry(self, folder: Path, live: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        m = FOLDER.fullmatch(folder.name)
-        session_id = m.group(2)
-        meta = read_meta(folder) or {}
-        if session_id in live:
-            meta = {**meta, **live[session_id]}
+        session_id = FOLDER.fullmatch(folder.name).group(2)
+        meta = live[session_id] if session_id in live else read_meta(folder) or {}
         status = "live" if session_id in live else "ended" if meta.get("ended") else "interrupted"
-        started = datetime.strptime(m.group(1), _FOLDER_TIME).replace(tzinfo=timezone.utc)
+        started = folder_time(folder.name)
         entry = {
             "session_id": session_id, "status": status,
             "transport": meta.get("transport"), "key_id": meta.get("key_id"),
@@ -525,7 +626,7 @@ class Storage:
             "model": meta.get("model"), "language": meta.get("language"),
             "utterances": meta.get("utterances"),
             "transcript": f"/v1/sessions/{session_id}/transcript",
-            "audio": f"/v1/sessions/{session_id}/audio" if (folder / AUDIO).is_file() else None,
+            "audio": f"/v1/sessions/{session_id}/audio" if is_regular(folder / AUDIO) else None,
         }
         if status == "interrupted":
             entry["utterances"] = len(read_finals(folder / FINALS))
@@ -537,8 +638,13 @@ class Storage:
 
     def page(self, limit: int, before: str | None, page: int | None,
              live: dict[str, dict[str, Any]], viewer: str | None) -> dict[str, Any]:
-        folders = [(name, sid) for name, sid in self._folders()
-                   if viewer is None or visible(viewer, self.owner(name, sid, live))]
+        folders = []
+        for name, sid in self._folders():
+            try:
+                if visible(viewer, self.owner(name, sid, live)):
+                    folders.append((name, sid))
+            except Unreadable as e:
+                once(name, "storage: skipped %s: %s", name, e)
         if before is not None:
             index = next((i for i, (_, sid) in enumerate(folders) if sid == before), None)
             if index is None:
@@ -547,9 +653,13 @@ class Storage:
         else:
             first = ((page or 1) - 1) * limit
         chosen = folders[first : first + limit]
-        body: dict[str, Any] = {
-            "sessions": [self.entry(self.root / name, live) for name, _ in chosen],
-            "total": len(folders), "limit": limit, "next": None}
+        sessions = []
+        for name, _ in chosen:
+            try:
+                sessions.append(self.entry(self.root / name, live))
+            except Unreadable as e:  # broken since it was found readable: left out of this page
+                once(name, "storage: skipped %s: %s", name, e)
+        body: dict[str, Any] = {"sessions": sessions, "total": len(folders), "limit": limit, "next": None}
         if first + limit < len(folders):
             body["next"] = (f"/v1/sessions?limit={limit}&page={page + 1}" if page is not None
                             else f"/v1/sessions?limit={limit}&before={chosen[-1][1]}")
@@ -561,10 +671,15 @@ class Storage:
         if fmt == "json":
             return {**self.entry(folder, live), "finals": read_finals(folder / FINALS)}
         if FOLDER.fullmatch(folder.name).group(2) not in live:
+            path = folder / TEXT_FORMATS[fmt][0]
             try:
-                return (folder / TEXT_FORMATS[fmt][0]).read_text()
-            except FileNotFoundError:
-                pass  # interrupted, not yet completed: the log says the same
+                data = read_file(path)
+            except Unreadable as e:
+                once(str(path), "storage: %s: %s; served from %s", folder.name, e, FINALS)
+                data = None
+            if data is not None:
+                return data.decode("utf-8", "replace")
+            # Interrupted, not yet completed: the log says the same.
         return RENDER[fmt](read_finals(folder / FINALS))
 
 
@@ -579,12 +694,15 @@ def _unknown() -> ApiError:
 
 
 def _last_write(folder: Path) -> datetime:
-    newest = folder.stat().st_mtime
-    for path in folder.iterdir():
-        try:
-            newest = max(newest, path.stat().st_mtime)
-        except FileNotFoundError:
-            pass
+    """The newest modification time in a folder. Links are not followed (one may loop), and what
+    cannot be looked at does not count."""
+    newest = os.lstat(folder).st_mtime
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            try:
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+            except OSError:
+                pass
     return datetime.fromtimestamp(newest, timezone.utc)
 
 
@@ -695,14 +813,17 @@ async def get_audio(request: web.Request) -> web.StreamResponse:
     session_id = _session_id(request.match_info["session_id"])
     _query(request, set())
     path = (await storage.folder(session_id, _viewer(request))) / AUDIO
-    if not await asyncio.to_thread(path.is_file):
+    if not await asyncio.to_thread(is_regular, path):
         raise ApiError(404, "no_audio", "this session's audio was not recorded")
     return web.FileResponse(path, headers={"Content-Type": "audio/ogg"})
 
 
 def _or_gone(fn: Callable[..., Any], *args: Any) -> Any:
-    """Retention may delete a folder between finding and reading it."""
+    """Retention may delete a folder between finding and reading it; what cannot be read is not listed."""
     try:
         return fn(*args)
     except FileNotFoundError:
+        raise _unknown() from None
+    except Unreadable as e:
+        once(args[0].name, "storage: skipped %s: %s", args[0].name, e)
         raise _unknown() from None

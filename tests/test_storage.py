@@ -580,3 +580,91 @@ async def test_each_key_sees_only_its_own_saved_sessions(private_network, tmp_pa
         assert (await fetch(server.url, f"/v1/sessions/{live_id}/audio"))[0] == 200
     finally:
         await stopped(server)
+
+
+# What a data folder may hold besides sessions ------------------------------------------------------
+
+def tree(folder: Path) -> dict[str, Any]:
+    """What a folder holds, links and FIFOs as such, never followed or opened."""
+    out: dict[str, Any] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_symlink():
+            out[p.name] = ("link", os.readlink(p))
+        elif p.is_dir():
+            out[p.name] = tree(p)
+        elif p.is_file():
+            out[p.name] = p.read_bytes()
+        else:
+            out[p.name] = "special"
+    return out
+
+
+async def test_broken_entries_stop_neither_listing_nor_recovery_nor_retention(private_network, tmp_path):
+    """Odd folders beside real sessions: each is skipped and logged once, and the others are listed,
+    completed after a crash and deleted when old, as if they were not there."""
+    data_dir = tmp_path / "data"
+    now = datetime.now(timezone.utc)
+    days = lambda n: now - timedelta(days=n)  # noqa: E731
+    # Real sessions: one a crash left open, one kept, two too old.
+    crashed = session_folder(data_dir, days(0.5), hex_id(31), ended=None, finals=["still here"])
+    recent = session_folder(data_dir, days(0.2), hex_id(32), ended=days(0.19), finals=["recent"])
+    old_ended = session_folder(data_dir, days(12), hex_id(33), ended=days(11), finals=["old"])
+    old_looped = session_folder(data_dir, days(10), hex_id(34), ended=None, finals=["looped"])
+    (old_looped / "loop").symlink_to(old_looped / "loop")  # a symlink loop in an old crashed session
+    age(old_looped, days(9))
+
+    # Broken ones, each named as a session would be.
+    def broken(started: datetime, n: int) -> Path:
+        return session_folder(data_dir, started, hex_id(n), ended=None, finals=["broken"])
+
+    bad_dates = [data_dir / f"2000-13-45T99-99-99Z_{hex_id(40)}", data_dir / f"2100-02-30T00-00-00Z_{hex_id(41)}"]
+    for folder in bad_dates:
+        folder.mkdir(parents=True)
+        (folder / "session.json").write_text(json.dumps({"session_id": folder.name[-32:], "ended": None}))
+        (folder / "finals.jsonl").write_text("")
+    garbage = broken(days(0.3), 42)
+    (garbage / "session.json").write_text('{"session_id": "0000')
+    not_object = broken(days(0.31), 43)
+    (not_object / "session.json").write_text("[1, 2, 3]")
+    meta_folder = broken(days(0.32), 44)
+    (meta_folder / "session.json").unlink()
+    (meta_folder / "session.json").mkdir()  # a folder where a file is expected
+    meta_loop = broken(days(0.33), 45)
+    (meta_loop / "session.json").unlink()
+    (meta_loop / "session.json").symlink_to(meta_loop / "session.json")
+    meta_fifo = broken(days(0.34), 46)
+    (meta_fifo / "session.json").unlink()
+    os.mkfifo(meta_fifo / "session.json")  # opening it for reading would wait for a writer forever
+    finals_folder = broken(days(0.35), 47)
+    (finals_folder / "finals.jsonl").unlink()
+    (finals_folder / "finals.jsonl").mkdir()
+    (data_dir / f"{days(0.36).strftime('%Y-%m-%dT%H-%M-%SZ')}_{hex_id(48)}").write_text("a file, not a folder")
+    oddities = [*bad_dates, garbage, not_object, meta_folder, meta_loop, meta_fifo, finals_folder]
+    before = {p.name: tree(p) for p in oddities}
+
+    server = await started_server("--data-dir", str(data_dir), "--retention-days", "1")
+    try:
+        assert "deleted 2 session(s)" in await server.wait_log("retention: deleted")
+        for _ in range(2):  # asked twice: still one log line per broken entry
+            listed = await fetch_json(server.url, "/v1/sessions")
+            assert [s["session_id"] for s in listed["sessions"]] == [hex_id(32), hex_id(31)], listed
+            assert listed["total"] == 2
+            for folder in oddities:
+                status, _, body = await fetch(server.url, f"/v1/sessions/{folder.name[-32:]}/transcript")
+                assert status == 404 and json.loads(body)["error"]["code"] == "unknown_session", folder.name
+        entry = listed["sessions"][1]
+        assert entry["status"] == "ended" and entry["reason"] == "interrupted" and entry["utterances"] == 1
+        status, _, text = await fetch(server.url, f"/v1/sessions/{hex_id(31)}/transcript", format="txt")
+        assert (status, text) == (200, b"still here\n")
+        log = server.log()
+    finally:
+        await stopped(server)
+    print("\n" + "\n".join(line for line in log.splitlines() if "skipped" in line))
+
+    assert (crashed / "transcript.txt").read_text() == "still here\n"
+    assert json.loads((crashed / "session.json").read_text())["reason"] == "interrupted"
+    assert recent.is_dir() and not old_ended.exists() and not os.path.lexists(old_looped)
+    assert {p.name: tree(p) for p in oddities} == before, "a broken entry was changed"
+    for folder in oddities:
+        assert len([line for line in log.splitlines() if folder.name in line]) == 1, (folder.name, log)
+    assert "Traceback" not in log, log
