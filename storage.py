@@ -19,6 +19,11 @@ ever sees half a file. Disk work runs on one writer thread per server, in order,
 What cannot be read (a folder name that is no time, a session.json that is no JSON object, a file that
 is a folder, a link or a FIFO) is skipped and logged once: one broken entry never stops the listing,
 the recovery or the retention sweep of the others.
+
+What cannot be written (a full or read-only disk) stops that session's saving at its first failure: its
+client gets one `storage_failed` error and transcription goes on; session.json says why once the disk
+takes writes again. Until a small probe write succeeds, GET /ready answers 503 (stt_storage_errors_total
+counts the failures).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import numpy as np
 from aiohttp import web
 
 import auth
+import metrics
 from errors import ApiError
 
 if TYPE_CHECKING:
@@ -66,6 +72,9 @@ _AUDIO_CHUNK = 8000  # samples (0.5 s) gathered on the loop before they go to th
 _AUDIO_FSYNC_S = 5.0  # audio seconds between two fsyncs of the recording
 _AUDIO_BITRATE = 32000  # Opus at 32 kbit/s: transparent for speech, about 14 MB an hour
 _DEFAULT_LIMIT, _MAX_LIMIT = 20, 100
+PROBE = ".probe"  # the small file written now and then to tell whether writes work
+_PROBE_S = 30.0  # between two probe writes while writes work
+_PROBE_FAILING_S = 2.0  # while they fail: GET /ready turns 200 soon after the disk recovers
 
 
 # Times -------------------------------------------------------------------------------------------
@@ -109,12 +118,26 @@ def folder_time(name: str) -> datetime | None:
 def write_atomic(path: Path, data: bytes) -> None:
     """The whole file or the old one, never half: temp file, fsync, rename, fsync the folder."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:  # a full disk gets its space back
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
     _fsync_dir(path.parent)
+
+
+def _probe_write(root: Path) -> None:
+    """Writes and removes a small file: raises when the data folder takes no writes."""
+    path = root / PROBE
+    write_atomic(path, b"probe\n")
+    path.unlink()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -293,11 +316,29 @@ class AudioRecorder:
         finally:
             self._file.close()
 
+    def abandon(self) -> None:
+        """After a failed write: the file is closed as it is; the disk would refuse the rest."""
+        try:
+            self._container.close()
+        except Exception:
+            pass  # the muxer's trailer, refused as the page before it was
+        self._file.close()
+
 
 # One session -------------------------------------------------------------------------------------
 
+_OPS = {  # what each failing write was, for the log
+    "create": "create its files", "append": f"append a final to {FINALS}", "fsync": f"fsync {FINALS}",
+    "audio": "write its audio", "save": "write its transcript files",
+}
+
+
 class SessionRecord:
-    """Writes one live session's folder. Runs on the event loop; disk work goes to the writer thread."""
+    """Writes one live session's folder. Runs on the event loop; disk work goes to the writer thread.
+
+    The first write that fails stops the session's saving (what is on disk stays readable), tells its
+    client once, and is logged once per kind: a full disk would otherwise fail every write after it.
+    """
 
     def __init__(self, storage: "Storage", session: "Session") -> None:
         self.storage = storage
@@ -310,21 +351,66 @@ class SessionRecord:
             "session_id": session.id, "transport": session.transport, "key_id": session.client.key or None,
             "started": iso(self.started),
             "ended": None, "reason": None, "model": info.get("model"), "language": info.get("language"),
-            "utterances": 0, "audio": AUDIO if storage.record_audio else None,
+            "utterances": 0, "audio": AUDIO if storage.record_audio else None, "error": None,
         }
+        self.error: str | None = None  # why the session is not being saved: set by the first failure
+        self.written = False  # its transcript files and final session.json are on disk
+        self.discarded = False
+        self.retried = False  # its files were tried again once writes worked again
+        self._stopped = False  # no more writes: read by the writer thread too
+        self._logged: set[str] = set()
+        self._told = False
+        self._finished = False
+        self._loop = asyncio.get_running_loop()
         # Inline, two small syscalls: the folder and the log must exist before the first final.
         self.folder.mkdir()
         self._fd: int | None = os.open(self.folder / FINALS,
                                        os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        self._failed = False
         self._audio: list[np.ndarray] = []
         self._audio_samples = 0
         self._recorder: AudioRecorder | None = None  # writer thread only
         self._audio_failed = False
-        storage.submit(write_atomic, self.folder / META, _json_bytes(self.meta))
+        storage.submit(self._write_start)
+
+    # Failures ---------------------------------------------------------------------------------
+
+    def fail(self, op: str, reason: str) -> None:
+        """Event loop: a write of this session failed."""
+        self.storage.failed(op, reason)
+        self._stopped = True
+        if self.error is None:
+            self.error = f"storage_failed: {reason}"
+        self.meta["error"] = self.error
+        if op not in self._logged:
+            self._logged.add(op)
+            log.error("session %s: cannot %s (%s): its transcript is not being saved", self.session.id,
+                      _OPS[op], reason)
+        # Soon, not now: a failed append runs inside the final's own emit, which must reach clients first.
+        self._loop.call_soon(self._tell)
+
+    def _report(self, op: str, reason: str) -> None:  # writer thread
+        self._stopped = True
+        if self.error is None:
+            self.error = f"storage_failed: {reason}"
+        _call_soon(self._loop, self.fail, op, reason)
+
+    def _tell(self) -> None:
+        """The client's one storage_failed error, while the session still has clients (before session.ended)."""
+        if self._told or self._finished or self.error is None:
+            return
+        self._told = True
+        self.session.emit(storage_failed_event(self.error.removeprefix("storage_failed: ")))
+
+    # Writing ----------------------------------------------------------------------------------
+
+    def _write_start(self) -> None:  # writer thread
+        try:
+            write_atomic(self.folder / META, _json_bytes(self.meta))
+        except OSError as e:
+            self._report("create", _why(e))
 
     def on_event(self, event: dict[str, Any]) -> None:
-        if event.get("type") != "transcript.final" or self._fd is None or self._failed:
+        if event.get("type") != "transcript.final" or self._fd is None or self._stopped:
             return
         line = json.dumps({**event, "at": iso(_now())}, ensure_ascii=False, separators=(",", ":"))
         data = (line + "\n").encode()
@@ -335,13 +421,22 @@ class SessionRecord:
             while written < len(data):
                 written += os.write(self._fd, data[written:])
         except OSError as e:
-            self._failed = True  # the session goes on; what is on disk stays readable
-            log.error("session %s: cannot append to %s: %s", self.session.id, self.folder / FINALS, e)
+            self.fail("append", _why(e))
             return
         self.finals += 1
-        self.storage.submit(os.fsync, self._fd)  # against power loss too, without stalling the loop
+        self.storage.submit(self._fsync, self._fd)  # against power loss too, without stalling the loop
+
+    def _fsync(self, fd: int) -> None:  # writer thread
+        if self._stopped:
+            return
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            self._report("fsync", _why(e))
 
     def on_audio(self, pcm: np.ndarray) -> None:
+        if self._stopped:
+            return
         self._audio.append((np.clip(pcm, -1, 1) * 32767).astype(np.int16))
         self._audio_samples += pcm.size
         if self._audio_samples >= _AUDIO_CHUNK:
@@ -355,55 +450,64 @@ class SessionRecord:
         self.storage.submit(self._record, chunk)
 
     def _record(self, chunk: np.ndarray) -> None:  # writer thread
-        if self._audio_failed:
+        if self._audio_failed or self._stopped:
             return
         try:
             if self._recorder is None:
                 self._recorder = AudioRecorder(self.folder / AUDIO)
             self._recorder.write(chunk)
-        except Exception:  # once: the transcript goes on being saved without the audio
+        except OSError as e:
+            self._audio_failed = True  # _close_files abandons the recording
+            self._report("audio", _why(e))
+        except Exception:  # not the disk: the transcript goes on being saved without the audio
             self._audio_failed = True
             log.exception("session %s: recording the audio failed; it stops here", self.session.id)
 
     async def finish(self) -> None:
-        """After the session's last final, before session.ended: the files, then session.saved."""
+        """After the session's last final, before session.ended: the files, then session.saved, or
+        the client's storage_failed error if it has not had it yet."""
         session = self.session
         if self.storage.record_audio:
             self._flush_audio()
         fd, self._fd = self._fd, None
         if session.reason == "bad_offer":
             # The offer was refused with a 400: no client ever knew this session.
+            self.discarded = True
             future = self.storage.submit(self._discard, fd)
         else:
             self.meta.update(ended=iso(_now()), reason=session.reason, utterances=self.finals)
             future = self.storage.submit(self._save, fd, dict(self.meta))
-        loop = asyncio.get_running_loop()
-
-        def written(_: concurrent.futures.Future) -> None:
-            try:
-                loop.call_soon_threadsafe(self.storage.done, self)
-            except RuntimeError:
-                pass  # the loop is gone: so is the server
-
         # Live until the files are there: until then the transcript is read from finals.jsonl.
-        future.add_done_callback(written)
+        future.add_done_callback(lambda _: _call_soon(self._loop, self.storage.done, self))
+        saved = False
         try:
             saved = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), _SAVE_TIMEOUT_S)
         except asyncio.TimeoutError:
             log.warning("session %s: transcript not written within %ss", session.id, _SAVE_TIMEOUT_S)
-            return
         except Exception:
             log.exception("session %s: saving the transcript failed", session.id)
-            return
-        if saved:
+        if self.error is not None:
+            self._tell()
+        elif saved:
             session.emit({"type": "session.saved", "session_id": session.id,
                           "transcript": f"/v1/sessions/{session.id}/transcript"})
+        self._finished = True
 
     def _save(self, fd: int | None, meta: dict[str, Any]) -> bool:  # writer thread
         self._close_files(fd)
-        meta["audio"] = AUDIO if is_regular(self.folder / AUDIO) else None
-        write_transcripts(self.folder, read_finals(self.folder / FINALS))
-        write_atomic(self.folder / META, _json_bytes(meta))
+        return self.write_files(meta)
+
+    def write_files(self, meta: dict[str, Any]) -> bool:  # writer thread
+        """The transcript files, then session.json, saying why when saving failed; False when the disk
+        refused them."""
+        meta = {**meta, "error": self.error, "audio": AUDIO if is_regular(self.folder / AUDIO) else None}
+        try:
+            write_transcripts(self.folder, read_finals(self.folder / FINALS))
+            write_atomic(self.folder / META, _json_bytes(meta))
+        except (OSError, Unreadable) as e:
+            self._report("save", _why(e))
+            return False
+        self.written = True
         return True
 
     def _discard(self, fd: int | None) -> bool:  # writer thread
@@ -412,16 +516,43 @@ class SessionRecord:
         return False
 
     def _close_files(self, fd: int | None) -> None:  # writer thread
-        if self._recorder is not None:
+        recorder, self._recorder = self._recorder, None
+        if recorder is not None and self._audio_failed:
+            recorder.abandon()
+        elif recorder is not None:
             try:
-                self._recorder.close()
+                recorder.close()
+            except OSError as e:
+                self._report("audio", _why(e))
             except Exception:
                 log.exception("session %s: closing the audio recording failed", self.session.id)
         if fd is not None:
             try:
                 os.fsync(fd)
+            except OSError as e:
+                if not self._stopped:  # else already told: the disk refuses, as it did
+                    self._report("fsync", _why(e))
             finally:
                 os.close(fd)
+
+
+def storage_failed_event(reason: str) -> dict[str, Any]:
+    return {"type": "error", "code": "storage_failed",
+            "message": f"this session's transcript is not being saved: the server cannot write to its "
+                       f"data folder ({reason}); transcription goes on"}
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """From the writer thread, onto the event loop."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass  # the loop is gone: so is the server
+
+
+def _why(error: OSError | Unreadable) -> str:
+    """What a failed write says, without the path: `No space left on device`."""
+    return (error.strerror if isinstance(error, OSError) else None) or str(error)
 
 
 # The store ---------------------------------------------------------------------------------------
@@ -432,10 +563,15 @@ class Storage:
         self.root.mkdir(parents=True, exist_ok=True)  # fails at startup, loudly, if it cannot
         self.record_audio = record_audio
         self.retention_days = retention_days
+        self.failing: str | None = None  # why writes fail (`No space left on device`), until a probe succeeds
         self._live: dict[str, SessionRecord] = {}
+        # Ended sessions whose files the disk refused: listed from memory, written once it takes them.
+        self._unsaved: dict[str, SessionRecord] = {}
+        self._unrecovered: list[tuple[str, str]] = []  # sessions a crash left open and the disk refused
+        self._failed_now = asyncio.Event()  # cuts the wait for the next probe short
         self._owners: dict[str, str | None] = {}  # folder name -> key id; a session's owner never changes
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="storage")
-        self._background: asyncio.Task | None = None
+        self._background: list[asyncio.Task] = []
 
     # Sessions (event loop) --------------------------------------------------------------------
 
@@ -443,6 +579,13 @@ class Storage:
         """A registry observer: called once per new session, before it emits anything."""
         try:
             record = SessionRecord(self, session)
+        except OSError as e:  # the session goes on, unsaved, and its client is told after session.started
+            reason = _why(e)
+            self.failed("create", reason)
+            log.error("session %s: cannot %s (%s): its transcript is not being saved", session.id,
+                      _OPS["create"], reason)
+            asyncio.get_running_loop().call_soon(session.emit, storage_failed_event(reason))
+            return
         except Exception:  # the session goes on, unsaved
             log.exception("session %s: not stored", session.id)
             return
@@ -453,8 +596,64 @@ class Storage:
         session.on_finish(record.finish)
 
     def done(self, record: SessionRecord) -> None:
-        if self._live.get(record.session.id) is record:
-            del self._live[record.session.id]
+        session_id = record.session.id
+        if self._live.get(session_id) is record:
+            del self._live[session_id]
+            if not record.written and not record.discarded:
+                self._unsaved[session_id] = record
+
+    def record(self, session_id: str) -> SessionRecord | None:
+        """A session this server has in memory: live, or ended and not yet written."""
+        return self._live.get(session_id) or self._unsaved.get(session_id)
+
+    # The data folder's health (event loop) ----------------------------------------------------
+
+    def failed(self, op: str, reason: str) -> None:
+        """A write failed: GET /ready answers 503 until a probe write succeeds."""
+        metrics.storage_error(op)
+        if self.failing is None:
+            log.error("storage: writing to %s failed (%s); GET /ready answers 503 until a write succeeds",
+                      self.root, reason)
+            self._failed_now.set()
+        self.failing = reason
+
+    async def _probe(self) -> None:
+        """A small write now and then, more often while writes fail: what tells that they work again."""
+        while True:
+            try:
+                await asyncio.wrap_future(self._writer.submit(_probe_write, self.root))
+            except OSError as e:
+                self.failed("probe", _why(e))
+            else:
+                if self.failing is not None:
+                    self.failing = None
+                    log.info("storage: writing to %s works again", self.root)
+                    for record in list(self._unsaved.values()):
+                        self._save_late(record)
+                    if self._unrecovered:
+                        unrecovered, self._unrecovered = self._unrecovered, []
+                        await self._complete(unrecovered)
+            while True:  # until the next probe; a failure meanwhile makes it a failing one's, sooner
+                self._failed_now.clear()
+                try:
+                    await asyncio.wait_for(self._failed_now.wait(), _PROBE_FAILING_S if self.failing else _PROBE_S)
+                except asyncio.TimeoutError:
+                    break
+
+    def _save_late(self, record: SessionRecord) -> None:
+        """Writes the files of a session the disk refused when it ended; tried once, when writes work again."""
+        if record.retried:
+            return
+        record.retried = True
+        future = self._writer.submit(record.write_files, dict(record.meta))
+        loop = asyncio.get_running_loop()
+
+        def saved() -> None:
+            if record.written and self._unsaved.get(record.session.id) is record:
+                del self._unsaved[record.session.id]
+                log.info("session %s: its files are written now", record.session.id)
+
+        future.add_done_callback(lambda _: _call_soon(loop, saved))
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         """Runs on the writer thread, after everything submitted before it; failures are logged."""
@@ -471,29 +670,32 @@ class Storage:
     async def start(self) -> None:
         # Listed now, before the server takes sessions: only these can have been left open by a crash.
         before = self._folders()
-        self._background = asyncio.create_task(self._maintain(before))
+        self._background = [asyncio.create_task(self._maintain(before)), asyncio.create_task(self._probe())]
 
     async def close(self) -> None:
-        if self._background is not None:
-            self._background.cancel()
+        for task in self._background:
+            task.cancel()
         await asyncio.to_thread(self._writer.shutdown, wait=True)
 
     async def _maintain(self, before: list[tuple[str, str]]) -> None:
-        try:
-            recovered = await asyncio.to_thread(self.recover, before)
-            if recovered:
-                log.info("storage: %d session(s) interrupted by a crash were completed", recovered)
-        except Exception:
-            log.exception("storage: completing interrupted sessions failed")
+        await self._complete(before)
         while self.retention_days > 0:
             try:
-                deleted = await asyncio.to_thread(self.sweep, set(self._live))
+                deleted = await asyncio.to_thread(self.sweep, set(self._live) | set(self._unsaved))
                 if deleted:
                     log.info("retention: deleted %d session(s) older than %g day(s)", deleted,
                              self.retention_days)
             except Exception:
                 log.exception("retention: the sweep failed; next one in %gs", RETENTION_INTERVAL_S)
             await asyncio.sleep(RETENTION_INTERVAL_S)
+
+    async def _complete(self, folders: list[tuple[str, str]]) -> None:
+        try:
+            recovered, self._unrecovered = await asyncio.to_thread(self.recover, folders)
+            if recovered:
+                log.info("storage: %d session(s) interrupted by a crash were completed", recovered)
+        except Exception:
+            log.exception("storage: completing interrupted sessions failed")
 
     def _folders(self) -> list[tuple[str, str]]:
         """(folder name, session id) of every stored session, newest first: real folders (not links)
@@ -514,19 +716,22 @@ class Storage:
         found.sort(reverse=True)
         return found
 
-    def recover(self, folders: list[tuple[str, str]]) -> int:
-        """At startup: sessions a crash left open get their files, and `interrupted` as the reason."""
-        count = 0
+    def recover(self, folders: list[tuple[str, str]]) -> tuple[int, list[tuple[str, str]]]:
+        """At startup: sessions a crash left open get their files, and `interrupted` as the reason.
+        Returns how many, and those the disk refused (tried again once writes work again)."""
+        count, refused = 0, []
         for name, session_id in folders:  # whatever one folder does, the others are still completed
             try:
                 count += self._recover(self.root / name, name, session_id)
             except Unreadable as e:  # left as it is: a person may want to look at it
                 once(name, "storage: skipped %s: %s", name, e)
             except OSError as e:
-                once(name, "storage: cannot complete %s: %s", name, e)
+                metrics.storage_error("recover")
+                once(name, "storage: cannot complete %s: %s", name, _why(e))
+                refused.append((name, session_id))
             except Exception:
                 log.exception("storage: completing %s failed", name)
-        return count
+        return count, refused
 
     def _recover(self, folder: Path, name: str, session_id: str) -> int:
         if not folder.is_dir():
@@ -579,7 +784,7 @@ class Storage:
     async def folder(self, session_id: str, viewer: str | None) -> Path:
         """The folder of a stored session the viewer may see, found by listing: never a path made
         from the request. Another key's session is a 404, as an unknown one: its id reveals nothing."""
-        record = self._live.get(session_id)
+        record = self.record(session_id)
         if record is not None:
             if not visible(viewer, record.meta["key_id"]):
                 raise _unknown()
@@ -616,14 +821,14 @@ class Storage:
     def entry(self, folder: Path, live: dict[str, dict[str, Any]]) -> dict[str, Any]:
         session_id = FOLDER.fullmatch(folder.name).group(2)
         meta = live[session_id] if session_id in live else read_meta(folder) or {}
-        status = "live" if session_id in live else "ended" if meta.get("ended") else "interrupted"
+        status = meta.get("status") or ("ended" if meta.get("ended") else "interrupted")
         started = folder_time(folder.name)
         entry = {
             "session_id": session_id, "status": status,
             "transport": meta.get("transport"), "key_id": meta.get("key_id"),
-            "started": meta.get("started") or iso(started),
-            "ended": meta.get("ended"), "reason": meta.get("reason"),
-            "model": meta.get("model"), "language": meta.get("language"),
+            "started": meta.get("started") or iso(started), "ended": meta.get("ended"),
+            "reason": meta.get("reason") or ("interrupted" if status == "interrupted" else None),
+            "error": meta.get("error"), "model": meta.get("model"), "language": meta.get("language"),
             "utterances": meta.get("utterances"),
             "transcript": f"/v1/sessions/{session_id}/transcript",
             "audio": f"/v1/sessions/{session_id}/audio" if is_regular(folder / AUDIO) else None,
@@ -633,8 +838,10 @@ class Storage:
         return entry
 
     def live_view(self) -> dict[str, dict[str, Any]]:
-        """Event loop: what the files do not say yet about live sessions."""
-        return {sid: {**r.meta, "utterances": r.finals} for sid, r in self._live.items()}
+        """Event loop: what the files do not say (yet) about the sessions this server has in memory."""
+        view = {sid: {**r.meta, "status": "ended"} for sid, r in self._unsaved.items()}
+        view.update((sid, {**r.meta, "utterances": r.finals, "status": "live"}) for sid, r in self._live.items())
+        return view
 
     def page(self, limit: int, before: str | None, page: int | None,
              live: dict[str, dict[str, Any]], viewer: str | None) -> dict[str, Any]:
@@ -736,6 +943,16 @@ def install(app: web.Application, registry: "SessionRegistry") -> None:
 
     app.on_startup.append(start)
     app.on_cleanup.append(close)
+
+
+def health(app: web.Application) -> dict[str, str]:
+    """For GET /health and /ready: `storage` is ok, failing (and `storage_error` says why) or off."""
+    store = app.get(STORAGE)
+    if store is None:
+        return {"storage": "off"}
+    if store.failing is not None:
+        return {"storage": "failing", "storage_error": store.failing}
+    return {"storage": "ok"}
 
 
 def _storage(request: web.Request) -> Storage:

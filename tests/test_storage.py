@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hashlib
 import html
 import json
 import os
 import re
 import signal
+import subprocess
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import aiohttp
 import av
@@ -136,9 +140,9 @@ def hex_id(n: int) -> str:
     return f"{n:032x}"
 
 
-async def started_server(*args: str) -> ServerProcess:
+async def started_server(*args: str, **kwargs: Any) -> ServerProcess:
     """A server of the test's own, once it takes sessions (its model loads after it listens)."""
-    server = await asyncio.to_thread(ServerProcess, *args)
+    server = await asyncio.to_thread(lambda: ServerProcess(*args, **kwargs))
     deadline = time.monotonic() + 60
     while (status := (await fetch(server.url, "/ready"))[0]) == 503:
         assert time.monotonic() < deadline, server.log()
@@ -668,3 +672,235 @@ async def test_broken_entries_stop_neither_listing_nor_recovery_nor_retention(pr
     for folder in oddities:
         assert len([line for line in log.splitlines() if folder.name in line]) == 1, (folder.name, log)
     assert "Traceback" not in log, log
+
+
+# When the disk refuses ------------------------------------------------------------------------------
+
+@dataclass
+class Disk:
+    """A small tmpfs in a mount namespace of its own, held open by a sleeping process. The server runs
+    inside that namespace (`prefix`); the test reaches the same files through /proc/<pid>/root."""
+
+    holder: subprocess.Popen
+    inside: Path  # the mount point, as the server sees it
+
+    @property
+    def prefix(self) -> tuple[str, ...]:
+        return ("nsenter", "-t", str(self.holder.pid), "-m", "--")
+
+    def outside(self, path: Path) -> Path:
+        """The test's view of a path the server sees."""
+        return Path(f"/proc/{self.holder.pid}/root{path}")
+
+    def fill(self) -> Path:
+        """Writes until the disk is full: the server's next new page gets ENOSPC."""
+        filler = self.outside(self.inside / "filler")
+        with open(filler, "wb", buffering=0) as f:
+            with pytest.raises(OSError) as full:
+                while True:
+                    f.write(b"\0" * 65536)
+        assert full.value.errno == errno.ENOSPC
+        return filler
+
+    def remount(self, mode: str) -> None:
+        subprocess.run([*self.prefix, "mount", "-o", f"remount,{mode}", str(self.inside)], check=True)
+
+
+@contextlib.contextmanager
+def small_disk(tmp_path: Path, size: str = "4m") -> Iterator[Disk]:
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    holder = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs -o "size=$1" tmpfs "$0" && echo mounted && exec sleep 3600', str(mountpoint), size],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        if holder.stdout.readline() != b"mounted\n":
+            message = f"cannot mount a tmpfs in a mount namespace (root needed): {holder.stderr.read()!r}"
+            if os.environ.get("CI") == "true":
+                pytest.fail(message)
+            pytest.skip(message)
+        yield Disk(holder, mountpoint)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+async def readiness(base_url: str) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base_url + "/ready") as r:
+            return r.status, await r.json()
+
+
+async def until_ready(base_url: str, status: str, timeout: float = 15) -> dict[str, Any]:
+    """Until GET /ready says `status` (200 for ready, 503 otherwise); its body."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            code, body = await readiness(base_url)
+        except aiohttp.ClientConnectionError:  # not listening yet
+            code, body = 0, {"status": None}
+        if body["status"] == status:
+            assert code == (200 if status == "ready" else 503), (code, body)
+            return body
+        assert time.monotonic() < deadline, (code, body)
+        await asyncio.sleep(0.2)
+
+
+async def storage_errors(base_url: str) -> dict[str, float]:
+    """stt_storage_errors_total by op, and the storage_failed error events sent."""
+    status, _, body = await fetch(base_url, "/metrics")
+    assert status == 200
+    found = {}
+    for line in body.decode().splitlines():
+        m = re.fullmatch(r'stt_storage_errors_total\{op="(\w+)"\} (\S+)', line)
+        if m:
+            found[m.group(1)] = float(m.group(2))
+        if line.startswith("stt_errors_total{") and 'code="storage_failed"' in line:
+            found["events"] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def failure_lines(log: str, session_id: str) -> list[str]:
+    return [line for line in log.splitlines() if session_id in line and "cannot" in line]
+
+
+FULL = "No space left on device"
+
+
+async def test_a_full_disk_is_told_counted_and_outlived(private_network, tmp_path):
+    """The disk fills mid-session: transcription goes on, the client is told once, /ready, /health and
+    /metrics say so, the log has a line per kind, and once there is room again the session's files are
+    written with the reason. Then a read-only disk refuses a new session's folder: the same, at its start."""
+    with small_disk(tmp_path) as disk:
+        data_dir = disk.inside / "data"
+        server = await started_server("--data-dir", str(data_dir), "--record-audio", prefix=disk.prefix)
+        first, second = data_recording("arctic-aew-a0003").audio, data_recording("fleurs-en-005").audio
+        pause = np.zeros(RATE, np.float32)
+        client = WSClient(server.url)
+        try:
+            before = await storage_errors(server.url)
+            await client.connect()
+            await client.send({"type": "start"})
+            session_id = (await client.wait_type("session.started"))["session_id"]
+            await client.speak(pcm16(np.concatenate([pause, first, pause])), realtime=False)
+            await client.wait_for(lambda e: e["type"] == "transcript.final" and e["utterance"] == 1, timeout=30)
+            assert (await readiness(server.url))[0] == 200
+            filler = disk.fill()
+
+            await client.speak(pcm16(np.concatenate([second, pause])), realtime=False)
+            error = await client.wait_type("error", timeout=30)
+            assert error["code"] == "storage_failed" and FULL in error["message"], error
+            assert "not being saved" in error["message"]
+            ready = await until_ready(server.url, "storage_failing", timeout=5)
+            assert ready["storage"] == "failing" and ready["storage_error"] == FULL, ready
+            health = await fetch_json(server.url, "/health")
+            assert health["status"] == "ok" and health["ready"] is False and health["storage"] == "failing"
+            counted = await storage_errors(server.url)
+            assert sum(counted[op] - before[op] for op in counted if op != "events") >= 1, counted
+            assert counted["events"] == before.get("events", 0) + 1, counted
+
+            # Transcription goes on, and the client is not told twice.
+            await client.wait_for(lambda e: e["type"] == "transcript.final" and e["utterance"] == 2, timeout=30)
+            await client.speak(pcm16(np.concatenate([first, pause])), realtime=False)
+            await client.wait_for(lambda e: e["type"] == "transcript.final" and e["utterance"] == 3, timeout=30)
+            await client.stop()
+            events = [r.event for r in client.events]
+            check_protocol(events)
+            assert [e for e in events if e["type"] == "error"] == [error]
+            assert not client.of_type("session.saved")
+
+            # Listed as it ended, with why it was not saved.
+            entry = await fetch_json(server.url, f"/v1/sessions/{session_id}")
+            assert (entry["status"], entry["reason"], entry["error"]) == ("ended", "stop", f"storage_failed: {FULL}")
+            log = server.log()
+            kinds = [re.search(r"cannot (.+?) \(", line).group(1) for line in failure_lines(log, session_id)]
+            assert kinds and len(kinds) == len(set(kinds)), log  # one line per kind
+            assert len([line for line in log.splitlines() if "failed (No space" in line]) == 1, log
+            assert "Traceback" not in log, log
+
+            # Room again: /ready recovers, and the session's files are written, saying why.
+            filler.unlink()
+            await until_ready(server.url, "ready", timeout=10)
+            folder = disk.outside(data_dir) / next(
+                p.name for p in disk.outside(data_dir).iterdir() if p.name.endswith(session_id))
+            deadline = time.monotonic() + 10
+            while not json.loads((folder / "session.json").read_text())["ended"]:
+                assert time.monotonic() < deadline, server.log()
+                await asyncio.sleep(0.2)
+            meta = json.loads((folder / "session.json").read_text())
+            assert (meta["reason"], meta["error"]) == ("stop", f"storage_failed: {FULL}"), meta
+            assert meta["utterances"] >= 1 and (folder / "transcript.txt").is_file()
+            assert await fetch_json(server.url, f"/v1/sessions/{session_id}") == entry | {
+                "ended": meta["ended"], "utterances": meta["utterances"], "audio": entry["audio"]}
+
+            # A read-only disk: the next session cannot make its folder; it is told after session.started.
+            disk.remount("ro")
+            other = WSClient(server.url)
+            try:
+                await other.connect()
+                await other.send({"type": "start"})
+                await other.wait_type("session.started")
+                refused = await other.wait_type("error", timeout=10)
+                assert refused["code"] == "storage_failed" and "Read-only" in refused["message"], refused
+                assert (await until_ready(server.url, "storage_failing", timeout=5))["storage_error"] == \
+                    "Read-only file system"
+                disk.remount("rw")
+                await until_ready(server.url, "ready", timeout=10)
+                await other.stop()
+                assert [r.event["type"] for r in other.events] == [
+                    "session.started", "error", "session.ended"]
+            finally:
+                await other.close()
+            log = server.log()
+            assert "Traceback" not in log, log
+        finally:
+            await client.close()
+            await stopped(server)
+
+
+async def test_b_sessions_left_open_on_a_full_disk_are_completed_once_it_has_room(private_network, tmp_path):
+    """A server is killed while its disk is full; the next one starts on the full disk: it lists the
+    session as interrupted (with that reason), and completes it as soon as writes work again."""
+    with small_disk(tmp_path) as disk:
+        data_dir = disk.inside / "data"
+        server = await started_server("--data-dir", str(data_dir), prefix=disk.prefix)
+        client = WSClient(server.url)
+        try:
+            await client.connect()
+            await client.send({"type": "start"})
+            session_id = (await client.wait_type("session.started"))["session_id"]
+            speech = data_recording("arctic-aew-a0003").audio
+            pause = np.zeros(RATE, np.float32)
+            await client.speak(pcm16(np.concatenate([pause, speech, pause])), realtime=False)
+            await client.wait_for(lambda e: e["type"] == "transcript.final" and e["utterance"] == 1, timeout=30)
+            filler = disk.fill()
+            server.proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(server.proc.wait, 10)
+        finally:
+            await client.close()
+            server.stop()
+
+        restarted = await asyncio.to_thread(
+            lambda: ServerProcess("--data-dir", str(data_dir), prefix=disk.prefix, wait=False))
+        try:
+            ready = await until_ready(restarted.url, "storage_failing", timeout=60)
+            assert ready["storage_error"] == FULL
+            entry = await fetch_json(restarted.url, f"/v1/sessions/{session_id}")
+            assert (entry["status"], entry["reason"]) == ("interrupted", "interrupted"), entry
+            assert entry["utterances"] == 1
+
+            filler.unlink()
+            await until_ready(restarted.url, "ready", timeout=10)
+            deadline = time.monotonic() + 10
+            while (entry := await fetch_json(restarted.url, f"/v1/sessions/{session_id}"))["status"] != "ended":
+                assert time.monotonic() < deadline, entry
+                await asyncio.sleep(0.2)
+            assert entry["reason"] == "interrupted" and entry["utterances"] == 1, entry
+            status, _, text = await fetch(restarted.url, f"/v1/sessions/{session_id}/transcript", format="txt")
+            assert status == 200 and text.strip()
+            log = restarted.log()
+            assert len([line for line in log.splitlines() if "cannot complete" in line]) == 1, log
+            assert "Traceback" not in log, log
+        finally:
+            await stopped(restarted)
