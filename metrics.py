@@ -41,12 +41,17 @@ PARTIAL_LATENCY = Histogram(
     buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5))
 ERRORS = Counter("stt_errors", "Errors, by code: HTTP error responses (source=http) and error "
                  "events sent to clients (source=event)", ["source", "code"])
+STORAGE_OPS = ("create", "append", "fsync", "audio", "save", "recover", "probe")
+STORAGE_ERRORS = Counter("stt_storage_errors", "Writes to --data-dir that failed, by operation "
+                         f"({', '.join(STORAGE_OPS)})", ["op"])
 
 for _transport in TRANSPORTS:  # every series exists from the start, at 0
     SESSIONS_ACTIVE.labels(_transport)
     SESSIONS.labels(_transport)
     AUDIO_SECONDS.labels(_transport)
     UTTERANCES.labels(_transport)
+for _op in STORAGE_OPS:
+    STORAGE_ERRORS.labels(_op)
 
 
 class SessionMeter:
@@ -109,6 +114,10 @@ def refused(code: str) -> None:
 
 def error(source: str, code: str) -> None:
     ERRORS.labels(source, code).inc()
+
+
+def storage_error(op: str) -> None:
+    STORAGE_ERRORS.labels(op).inc()
 
 
 class _WorkerCollector(Collector):

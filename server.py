@@ -83,7 +83,10 @@ def state(app: web.Application) -> str:
     registry = app[REGISTRY]
     if registry.worker is None:
         return "loading"
-    return "ready" if registry.accepting else "shutting_down"
+    if not registry.accepting:
+        return "shutting_down"
+    # Sessions still run, but nothing they say is saved: a balancer should send them elsewhere.
+    return "storage_failing" if storage.health(app)["storage"] == "failing" else "ready"
 
 
 @web.middleware
@@ -104,14 +107,17 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({
         "status": "ok", "ready": state(request.app) == "ready",
         "model": registry.worker.engine.name if loaded else registry.config.model,
-        "languages": sorted(registry.languages) if loaded else [], "sessions": len(registry)})
+        "languages": sorted(registry.languages) if loaded else [], "sessions": len(registry),
+        **storage.health(request.app)})
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Readiness: 200 when the model is loaded and sessions are taken; 503 starting or stopping."""
+    """Readiness: 200 when the model is loaded, sessions are taken and saved; 503 starting, stopping,
+    or while writes to --data-dir fail."""
     registry = request.app[REGISTRY]
     current = state(request.app)
-    body = {"status": current, "model": registry.config.model, "sessions": len(registry)}
+    body = {"status": current, "model": registry.config.model, "sessions": len(registry),
+            **storage.health(request.app)}
     if current == "ready":
         return web.json_response(body)
     return web.json_response(body, status=503, headers={"Retry-After": "2"})

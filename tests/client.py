@@ -40,14 +40,15 @@ class ServerProcess:
     running: ClassVar[list[ServerProcess]] = []  # a failed test's report shows their logs (conftest)
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, host: str = HOST,
-                 wait: bool = True) -> None:
+                 wait: bool = True, prefix: tuple[str, ...] = ()) -> None:
+        """`prefix`: a command that runs the server, such as nsenter into another mount namespace."""
         self.port = free_port(host)
         scheme = "https" if {"--self-signed", "--certfile"} & set(args) else "http"
         self.url = f"{scheme}://{host}:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"stt-server-{self.port}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "server.py"), "--host", host, "--port", str(self.port), *args],
+            [*prefix, sys.executable, str(ROOT / "server.py"), "--host", host, "--port", str(self.port), *args],
             cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import hashlib
 import html
 import json
 import os
 import re
 import signal
+import subprocess
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import aiohttp
 import av
@@ -21,7 +26,7 @@ import pytest_asyncio
 from yarl import URL
 
 from client import ServerProcess, SpeechTrack, WSClient, check_protocol, rtc_session_watched
-from speech import pcm16, recording, with_pauses
+from speech import data_recording, pcm16, recording, with_pauses
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -31,16 +36,19 @@ ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 # Helpers -----------------------------------------------------------------------------------------
 
-async def fetch(base_url: str, path: str, raw: bool = False, **params: str) -> tuple[int, str, bytes]:
-    """(status, content type, body) of a GET; `raw`: the path goes exactly as written, unnormalized."""
+async def fetch(base_url: str, path: str, raw: bool = False, key: str | None = None,
+                **params: str) -> tuple[int, str, bytes]:
+    """(status, content type, body) of a GET; `raw`: the path goes exactly as written, unnormalized;
+    `key`: an API key to send."""
     url = URL(base_url + path, encoded=True) if raw else base_url + path
-    async with aiohttp.ClientSession() as http:
-        async with http.get(url, params=params or None) as r:
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async with http.get(url, params=params or None, headers=headers) as r:
             return r.status, r.content_type, await r.read()
 
 
-async def fetch_json(base_url: str, path: str, **params: str) -> Any:
-    status, content_type, body = await fetch(base_url, path, **params)
+async def fetch_json(base_url: str, path: str, key: str | None = None, **params: str) -> Any:
+    status, content_type, body = await fetch(base_url, path, key=key, **params)
     assert status == 200 and content_type == "application/json", (status, body)
     return json.loads(body)
 
@@ -132,9 +140,9 @@ def hex_id(n: int) -> str:
     return f"{n:032x}"
 
 
-async def started_server(*args: str) -> ServerProcess:
+async def started_server(*args: str, **kwargs: Any) -> ServerProcess:
     """A server of the test's own, once it takes sessions (its model loads after it listens)."""
-    server = await asyncio.to_thread(ServerProcess, *args)
+    server = await asyncio.to_thread(lambda: ServerProcess(*args, **kwargs))
     deadline = time.monotonic() + 60
     while (status := (await fetch(server.url, "/ready"))[0]) == 503:
         assert time.monotonic() < deadline, server.log()
@@ -473,3 +481,426 @@ async def test_empty_data_dir_stores_nothing(private_network, tmp_path):
         await stopped(server)
     assert not client.of_type("session.saved")
     assert status == 404 and json.loads(body)["error"]["code"] == "storage_off"
+
+
+# Saved sessions and API keys -----------------------------------------------------------------------
+
+KEY_1 = "one-3f9c0a7e5b1d2c84"
+KEY_2 = "two-8e2d4b6a0c9f1735"
+
+
+def key_id(key: str) -> str:
+    """As auth.key_id names a key in logs and saved sessions."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+async def listed_ids(base_url: str, key: str | None = None, **params: str) -> list[str]:
+    return [s["session_id"] for s in (await fetch_json(base_url, "/v1/sessions", key=key, **params))["sessions"]]
+
+
+async def test_each_key_sees_only_its_own_saved_sessions(private_network, tmp_path):
+    """Live and saved, listed or asked for by id: another key's session is a 404, as an unknown one."""
+    data_dir = tmp_path / "data"
+    legacy = hex_id(77)  # saved before owners were recorded: no key_id
+    session_folder(data_dir, datetime.now(timezone.utc) - timedelta(days=1), legacy,
+                   ended=datetime.now(timezone.utc) - timedelta(hours=23), finals=["from before"])
+    server = await started_server("--data-dir", str(data_dir), "--record-audio",
+                                  "--api-key", f"{KEY_1},{KEY_2}")
+    speech = data_recording("arctic-aew-a0003").audio
+    one = WSClient(server.url, headers={"Authorization": f"Bearer {KEY_1}"})
+    try:
+        await one.connect()
+        await one.send({"type": "start"})
+        live_id = (await one.wait_type("session.started"))["session_id"]
+        await one.speak(pcm16(np.concatenate([speech, np.zeros(RATE, np.float32)])), realtime=False)
+        await one.wait_type("transcript.final", timeout=30)
+
+        # Live: K1 sees it, K2 gets what an unknown id gets.
+        assert await listed_ids(server.url, KEY_1) == [live_id]
+        assert await listed_ids(server.url, KEY_2) == []
+        unknown = await fetch(server.url, f"/v1/sessions/{hex_id(1234)}", key=KEY_2)
+        assert unknown[0] == 404 and json.loads(unknown[2])["error"]["code"] == "unknown_session"
+        for path in (f"/v1/sessions/{live_id}", f"/v1/sessions/{live_id}/transcript",
+                     f"/v1/sessions/{live_id}/audio"):
+            assert (await fetch(server.url, path, key=KEY_1))[0] == 200, path
+            assert await fetch(server.url, path, key=KEY_2) == unknown, path
+        await one.stop()
+    finally:
+        await one.close()
+
+    try:
+        # A token minted with K1 opens a session that is K1's.
+        async with aiohttp.ClientSession() as http:
+            async with http.post(server.url + "/v1/tokens", json={},
+                                 headers={"Authorization": f"Bearer {KEY_1}"}) as r:
+                assert r.status == 200, await r.text()
+                token = (await r.json())["token"]
+        by_token = WSClient(server.url, query={"token": token})
+        try:
+            await by_token.connect()
+            await by_token.send({"type": "start"})
+            token_id = (await by_token.wait_type("session.started"))["session_id"]
+            await by_token.stop()
+        finally:
+            await by_token.close()
+        two = WSClient(server.url, headers={"Authorization": f"Bearer {KEY_2}"})
+        try:
+            await two.connect()
+            await two.send({"type": "start"})
+            two_id = (await two.wait_type("session.started"))["session_id"]
+            await two.stop()
+        finally:
+            await two.close()
+
+        assert sorted(await listed_ids(server.url, KEY_1)) == sorted([live_id, token_id])
+        assert await listed_ids(server.url, KEY_2) == [two_id]
+        assert (await fetch_json(server.url, "/v1/sessions", key=KEY_1))["total"] == 2
+        for path, params in [(f"/v1/sessions/{live_id}", {}), (f"/v1/sessions/{live_id}/transcript", {}),
+                             (f"/v1/sessions/{live_id}/transcript", {"format": "txt"}),
+                             (f"/v1/sessions/{live_id}/audio", {}), (f"/v1/sessions/{legacy}", {}),
+                             (f"/v1/sessions/{legacy}/transcript", {"format": "txt"})]:
+            assert await fetch(server.url, path, key=KEY_2, **params) == unknown, (path, params)
+        assert (await fetch(server.url, f"/v1/sessions/{live_id}/transcript", key=KEY_1, format="txt"))[0] == 200
+        assert (await fetch(server.url, f"/v1/sessions/{two_id}", key=KEY_1)) == unknown
+        assert (await fetch(server.url, f"/v1/sessions/{legacy}", key=KEY_1)) == unknown
+        # A cursor naming another key's session is unknown too.
+        assert (await fetch(server.url, "/v1/sessions", key=KEY_2, before=live_id))[0] == 404
+        entry = await fetch_json(server.url, f"/v1/sessions/{token_id}", key=KEY_1)
+        assert entry["key_id"] == key_id(KEY_1) and entry["status"] == "ended"
+    finally:
+        await stopped(server)
+
+    # On disk: the owner's id, never the key itself.
+    for session_id, owner in [(live_id, KEY_1), (token_id, KEY_1), (two_id, KEY_2)]:
+        folder = folder_of(data_dir, session_id)
+        assert json.loads((folder / "session.json").read_text())["key_id"] == key_id(owner)
+        for path in folder.iterdir():
+            assert KEY_1.encode() not in path.read_bytes() and KEY_2.encode() not in path.read_bytes()
+
+    # Access open again: every session is visible, as before keys.
+    server = await started_server("--data-dir", str(data_dir))
+    try:
+        assert sorted(await listed_ids(server.url)) == sorted([live_id, token_id, two_id, legacy])
+        assert (await fetch(server.url, f"/v1/sessions/{live_id}/audio"))[0] == 200
+    finally:
+        await stopped(server)
+
+
+# What a data folder may hold besides sessions ------------------------------------------------------
+
+def tree(folder: Path) -> dict[str, Any]:
+    """What a folder holds, links and FIFOs as such, never followed or opened."""
+    out: dict[str, Any] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_symlink():
+            out[p.name] = ("link", os.readlink(p))
+        elif p.is_dir():
+            out[p.name] = tree(p)
+        elif p.is_file():
+            out[p.name] = p.read_bytes()
+        else:
+            out[p.name] = "special"
+    return out
+
+
+async def test_broken_entries_stop_neither_listing_nor_recovery_nor_retention(private_network, tmp_path):
+    """Odd folders beside real sessions: each is skipped and logged once, and the others are listed,
+    completed after a crash and deleted when old, as if they were not there."""
+    data_dir = tmp_path / "data"
+    now = datetime.now(timezone.utc)
+    days = lambda n: now - timedelta(days=n)  # noqa: E731
+    # Real sessions: one a crash left open, one kept, two too old.
+    crashed = session_folder(data_dir, days(0.5), hex_id(31), ended=None, finals=["still here"])
+    recent = session_folder(data_dir, days(0.2), hex_id(32), ended=days(0.19), finals=["recent"])
+    old_ended = session_folder(data_dir, days(12), hex_id(33), ended=days(11), finals=["old"])
+    old_looped = session_folder(data_dir, days(10), hex_id(34), ended=None, finals=["looped"])
+    (old_looped / "loop").symlink_to(old_looped / "loop")  # a symlink loop in an old crashed session
+    age(old_looped, days(9))
+
+    # Broken ones, each named as a session would be.
+    def broken(started: datetime, n: int) -> Path:
+        return session_folder(data_dir, started, hex_id(n), ended=None, finals=["broken"])
+
+    bad_dates = [data_dir / f"2000-13-45T99-99-99Z_{hex_id(40)}", data_dir / f"2100-02-30T00-00-00Z_{hex_id(41)}"]
+    for folder in bad_dates:
+        folder.mkdir(parents=True)
+        (folder / "session.json").write_text(json.dumps({"session_id": folder.name[-32:], "ended": None}))
+        (folder / "finals.jsonl").write_text("")
+    garbage = broken(days(0.3), 42)
+    (garbage / "session.json").write_text('{"session_id": "0000')
+    not_object = broken(days(0.31), 43)
+    (not_object / "session.json").write_text("[1, 2, 3]")
+    meta_folder = broken(days(0.32), 44)
+    (meta_folder / "session.json").unlink()
+    (meta_folder / "session.json").mkdir()  # a folder where a file is expected
+    meta_loop = broken(days(0.33), 45)
+    (meta_loop / "session.json").unlink()
+    (meta_loop / "session.json").symlink_to(meta_loop / "session.json")
+    meta_fifo = broken(days(0.34), 46)
+    (meta_fifo / "session.json").unlink()
+    os.mkfifo(meta_fifo / "session.json")  # opening it for reading would wait for a writer forever
+    finals_folder = broken(days(0.35), 47)
+    (finals_folder / "finals.jsonl").unlink()
+    (finals_folder / "finals.jsonl").mkdir()
+    (data_dir / f"{days(0.36).strftime('%Y-%m-%dT%H-%M-%SZ')}_{hex_id(48)}").write_text("a file, not a folder")
+    oddities = [*bad_dates, garbage, not_object, meta_folder, meta_loop, meta_fifo, finals_folder]
+    before = {p.name: tree(p) for p in oddities}
+
+    server = await started_server("--data-dir", str(data_dir), "--retention-days", "1")
+    try:
+        assert "deleted 2 session(s)" in await server.wait_log("retention: deleted")
+        for _ in range(2):  # asked twice: still one log line per broken entry
+            listed = await fetch_json(server.url, "/v1/sessions")
+            assert [s["session_id"] for s in listed["sessions"]] == [hex_id(32), hex_id(31)], listed
+            assert listed["total"] == 2
+            for folder in oddities:
+                status, _, body = await fetch(server.url, f"/v1/sessions/{folder.name[-32:]}/transcript")
+                assert status == 404 and json.loads(body)["error"]["code"] == "unknown_session", folder.name
+        entry = listed["sessions"][1]
+        assert entry["status"] == "ended" and entry["reason"] == "interrupted" and entry["utterances"] == 1
+        status, _, text = await fetch(server.url, f"/v1/sessions/{hex_id(31)}/transcript", format="txt")
+        assert (status, text) == (200, b"still here\n")
+        log = server.log()
+    finally:
+        await stopped(server)
+    print("\n" + "\n".join(line for line in log.splitlines() if "skipped" in line))
+
+    assert (crashed / "transcript.txt").read_text() == "still here\n"
+    assert json.loads((crashed / "session.json").read_text())["reason"] == "interrupted"
+    assert recent.is_dir() and not old_ended.exists() and not os.path.lexists(old_looped)
+    assert {p.name: tree(p) for p in oddities} == before, "a broken entry was changed"
+    for folder in oddities:
+        assert len([line for line in log.splitlines() if folder.name in line]) == 1, (folder.name, log)
+    assert "Traceback" not in log, log
+
+
+# When the disk refuses ------------------------------------------------------------------------------
+
+@dataclass
+class Disk:
+    """A small tmpfs in a mount namespace of its own, held open by a sleeping process. The server runs
+    inside that namespace (`prefix`); the test reaches the same files through /proc/<pid>/root."""
+
+    holder: subprocess.Popen
+    inside: Path  # the mount point, as the server sees it
+
+    @property
+    def prefix(self) -> tuple[str, ...]:
+        return ("nsenter", "-t", str(self.holder.pid), "-m", "--")
+
+    def outside(self, path: Path) -> Path:
+        """The test's view of a path the server sees."""
+        return Path(f"/proc/{self.holder.pid}/root{path}")
+
+    def fill(self) -> Path:
+        """Writes until the disk is full: the server's next new page gets ENOSPC."""
+        filler = self.outside(self.inside / "filler")
+        with open(filler, "wb", buffering=0) as f:
+            with pytest.raises(OSError) as full:
+                while True:
+                    f.write(b"\0" * 65536)
+        assert full.value.errno == errno.ENOSPC
+        return filler
+
+    def remount(self, mode: str) -> None:
+        subprocess.run([*self.prefix, "mount", "-o", f"remount,{mode}", str(self.inside)], check=True)
+
+
+@contextlib.contextmanager
+def small_disk(tmp_path: Path, size: str = "4m") -> Iterator[Disk]:
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    holder = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs -o "size=$1" tmpfs "$0" && echo mounted && exec sleep 3600', str(mountpoint), size],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        if holder.stdout.readline() != b"mounted\n":
+            message = f"cannot mount a tmpfs in a mount namespace (root needed): {holder.stderr.read()!r}"
+            if os.environ.get("CI") == "true":
+                pytest.fail(message)
+            pytest.skip(message)
+        yield Disk(holder, mountpoint)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+async def readiness(base_url: str) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base_url + "/ready") as r:
+            return r.status, await r.json()
+
+
+async def until_ready(base_url: str, status: str, timeout: float = 15) -> dict[str, Any]:
+    """Until GET /ready says `status` (200 for ready, 503 otherwise); its body."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            code, body = await readiness(base_url)
+        except aiohttp.ClientConnectionError:  # not listening yet
+            code, body = 0, {"status": None}
+        if body["status"] == status:
+            assert code == (200 if status == "ready" else 503), (code, body)
+            return body
+        assert time.monotonic() < deadline, (code, body)
+        await asyncio.sleep(0.2)
+
+
+async def storage_errors(base_url: str) -> dict[str, float]:
+    """stt_storage_errors_total by op, and the storage_failed error events sent."""
+    status, _, body = await fetch(base_url, "/metrics")
+    assert status == 200
+    found = {}
+    for line in body.decode().splitlines():
+        m = re.fullmatch(r'stt_storage_errors_total\{op="(\w+)"\} (\S+)', line)
+        if m:
+            found[m.group(1)] = float(m.group(2))
+        if line.startswith("stt_errors_total{") and 'code="storage_failed"' in line:
+            found["events"] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def failure_lines(log: str, session_id: str) -> list[str]:
+    return [line for line in log.splitlines() if session_id in line and "cannot" in line]
+
+
+FULL = "No space left on device"
+
+
+async def test_a_full_disk_is_told_counted_and_outlived(private_network, tmp_path):
+    """The disk fills mid-session: transcription goes on, the client is told once, /ready, /health and
+    /metrics say so, the log has a line per kind, and once there is room again the session's files are
+    written with the reason. Then a read-only disk refuses a new session's folder: the same, at its start."""
+    with small_disk(tmp_path) as disk:
+        data_dir = disk.inside / "data"
+        server = await started_server("--data-dir", str(data_dir), "--record-audio", prefix=disk.prefix)
+        first, second = data_recording("arctic-aew-a0003").audio, data_recording("fleurs-en-005").audio
+        pause = np.zeros(RATE, np.float32)
+        client = WSClient(server.url)
+        try:
+            before = await storage_errors(server.url)
+            await client.connect()
+            await client.send({"type": "start"})
+            session_id = (await client.wait_type("session.started"))["session_id"]
+            await client.speak(pcm16(np.concatenate([pause, first, pause])), realtime=False)
+            await client.wait_for(lambda e: e["type"] == "transcript.final" and e["utterance"] == 1, timeout=30)
+            assert (await readiness(server.url))[0] == 200
+            filler = disk.fill()
+
+            await client.speak(pcm16(np.concatenate([second, pause])), realtime=False)
+            error = await client.wait_type("error", timeout=30)
+            assert error["code"] == "storage_failed" and FULL in error["message"], error
+            assert "not being saved" in error["message"]
+            ready = await until_ready(server.url, "storage_failing", timeout=5)
+            assert ready["storage"] == "failing" and ready["storage_error"] == FULL, ready
+            health = await fetch_json(server.url, "/health")
+            assert health["status"] == "ok" and health["ready"] is False and health["storage"] == "failing"
+            counted = await storage_errors(server.url)
+            assert sum(counted[op] - before[op] for op in counted if op != "events") >= 1, counted
+            assert counted["events"] == before.get("events", 0) + 1, counted
+
+            # Transcription goes on, and the client is not told twice.
+            await client.wait_for(lambda e: e["type"] == "transcript.final" and e["utterance"] == 2, timeout=30)
+            await client.speak(pcm16(np.concatenate([first, pause])), realtime=False)
+            await client.wait_for(lambda e: e["type"] == "transcript.final" and e["utterance"] == 3, timeout=30)
+            await client.stop()
+            events = [r.event for r in client.events]
+            check_protocol(events)
+            assert [e for e in events if e["type"] == "error"] == [error]
+            assert not client.of_type("session.saved")
+
+            # Listed as it ended, with why it was not saved.
+            entry = await fetch_json(server.url, f"/v1/sessions/{session_id}")
+            assert (entry["status"], entry["reason"], entry["error"]) == ("ended", "stop", f"storage_failed: {FULL}")
+            log = server.log()
+            kinds = [re.search(r"cannot (.+?) \(", line).group(1) for line in failure_lines(log, session_id)]
+            assert kinds and len(kinds) == len(set(kinds)), log  # one line per kind
+            assert len([line for line in log.splitlines() if "failed (No space" in line]) == 1, log
+            assert "Traceback" not in log, log
+
+            # Room again: /ready recovers, and the session's files are written, saying why.
+            filler.unlink()
+            await until_ready(server.url, "ready", timeout=10)
+            folder = disk.outside(data_dir) / next(
+                p.name for p in disk.outside(data_dir).iterdir() if p.name.endswith(session_id))
+            deadline = time.monotonic() + 10
+            while not json.loads((folder / "session.json").read_text())["ended"]:
+                assert time.monotonic() < deadline, server.log()
+                await asyncio.sleep(0.2)
+            meta = json.loads((folder / "session.json").read_text())
+            assert (meta["reason"], meta["error"]) == ("stop", f"storage_failed: {FULL}"), meta
+            assert meta["utterances"] >= 1 and (folder / "transcript.txt").is_file()
+            assert await fetch_json(server.url, f"/v1/sessions/{session_id}") == entry | {
+                "ended": meta["ended"], "utterances": meta["utterances"], "audio": entry["audio"]}
+
+            # A read-only disk: the next session cannot make its folder; it is told after session.started.
+            disk.remount("ro")
+            other = WSClient(server.url)
+            try:
+                await other.connect()
+                await other.send({"type": "start"})
+                await other.wait_type("session.started")
+                refused = await other.wait_type("error", timeout=10)
+                assert refused["code"] == "storage_failed" and "Read-only" in refused["message"], refused
+                assert (await until_ready(server.url, "storage_failing", timeout=5))["storage_error"] == \
+                    "Read-only file system"
+                disk.remount("rw")
+                await until_ready(server.url, "ready", timeout=10)
+                await other.stop()
+                assert [r.event["type"] for r in other.events] == [
+                    "session.started", "error", "session.ended"]
+            finally:
+                await other.close()
+            log = server.log()
+            assert "Traceback" not in log, log
+        finally:
+            await client.close()
+            await stopped(server)
+
+
+async def test_b_sessions_left_open_on_a_full_disk_are_completed_once_it_has_room(private_network, tmp_path):
+    """A server is killed while its disk is full; the next one starts on the full disk: it lists the
+    session as interrupted (with that reason), and completes it as soon as writes work again."""
+    with small_disk(tmp_path) as disk:
+        data_dir = disk.inside / "data"
+        server = await started_server("--data-dir", str(data_dir), prefix=disk.prefix)
+        client = WSClient(server.url)
+        try:
+            await client.connect()
+            await client.send({"type": "start"})
+            session_id = (await client.wait_type("session.started"))["session_id"]
+            speech = data_recording("arctic-aew-a0003").audio
+            pause = np.zeros(RATE, np.float32)
+            await client.speak(pcm16(np.concatenate([pause, speech, pause])), realtime=False)
+            await client.wait_for(lambda e: e["type"] == "transcript.final" and e["utterance"] == 1, timeout=30)
+            filler = disk.fill()
+            server.proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(server.proc.wait, 10)
+        finally:
+            await client.close()
+            server.stop()
+
+        restarted = await asyncio.to_thread(
+            lambda: ServerProcess("--data-dir", str(data_dir), prefix=disk.prefix, wait=False))
+        try:
+            ready = await until_ready(restarted.url, "storage_failing", timeout=60)
+            assert ready["storage_error"] == FULL
+            entry = await fetch_json(restarted.url, f"/v1/sessions/{session_id}")
+            assert (entry["status"], entry["reason"]) == ("interrupted", "interrupted"), entry
+            assert entry["utterances"] == 1
+
+            filler.unlink()
+            await until_ready(restarted.url, "ready", timeout=10)
+            deadline = time.monotonic() + 10
+            while (entry := await fetch_json(restarted.url, f"/v1/sessions/{session_id}"))["status"] != "ended":
+                assert time.monotonic() < deadline, entry
+                await asyncio.sleep(0.2)
+            assert entry["reason"] == "interrupted" and entry["utterances"] == 1, entry
+            status, _, text = await fetch(restarted.url, f"/v1/sessions/{session_id}/transcript", format="txt")
+            assert status == 200 and text.strip()
+            log = restarted.log()
+            assert len([line for line in log.splitlines() if "cannot complete" in line]) == 1, log
+            assert "Traceback" not in log, log
+        finally:
+            await stopped(restarted)
