@@ -9,7 +9,9 @@ aiohttp reads each connection with a RequestHandler; GuardedHandler adds to it:
   errors.BodyTimeout, which the API answers with 408;
 - a cap on connections with no request in progress (--max-pending-connections): past it, the
   oldest of them is closed. A connection in a request, WebSocket and SSE streams included, is
-  neither counted nor timed here.
+  neither counted nor timed here;
+- requests that cannot be parsed get the API's JSON error (400, 414, 431) and one log line that
+  holds neither their request line nor their headers, where credentials may be.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 import metrics
 from config import Config
-from errors import BodyTimeout, error_body
+from errors import BodyTimeout, error_body, error_response
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,8 @@ class GuardedHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # of the head being read, while the header timeout runs
+        self._line_bytes = 0  # of its request line so far: a long one is a long URL, not a long header
+        self._line_open = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -112,7 +117,7 @@ class GuardedHandler(RequestHandler):
         if self._head_timer is None and self._waiting_for_request():
             self._start_head()  # the first bytes of a later request on a keep-alive connection
         if self._head_timer is not None:
-            self._head_bytes += len(data)
+            self._note_head(data)
         super().data_received(data)
         if self._messages:  # a head is complete (or refused as malformed): its request begins
             self._stop_head()
@@ -132,13 +137,53 @@ class GuardedHandler(RequestHandler):
             self._server.waiting(self)
         return result
 
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse, or to an exception that escaped the app:
+        the API's JSON error. Neither the log nor the answer repeats the parser's message, which
+        quotes the request line or a header, and so maybe a key or a token."""
+        if isinstance(exc, HttpProcessingError):
+            status, code, text = self._malformed(exc)
+            log.info("malformed request from %s: %d %s (%s)", request.remote, status, code, type(exc).__name__)
+        elif isinstance(exc, ConnectionError):  # the client left mid-request: nobody to answer
+            log.debug("client %s went away: %s", request.remote, exc)
+            code, text = "client_gone", "the connection was lost"
+        else:
+            log.error("error handling a request from %s", request.remote, exc_info=exc)
+            code, text = "internal", HTTPStatus(status).phrase.lower()
+        if not isinstance(exc, ConnectionError):
+            metrics.error("http", code)
+        if request.writer.output_size > 0:  # a response had begun: the connection can only close
+            raise ConnectionError("cannot send an error response after a response has begun")
+        response = error_response(status, code, text)
+        response.force_close()
+        return response
+
+    def _malformed(self, exc: HttpProcessingError) -> tuple[int, str, str]:
+        """The status, code and message for a request the parser refused."""
+        if isinstance(exc, LineTooLong):
+            if self._line_bytes > self.max_line_size:
+                return 414, "uri_too_long", f"the request line is longer than {self.max_line_size} bytes"
+            return 431, "headers_too_large", f"a header is longer than {self.max_field_size} bytes"
+        if "Too many headers" in exc.message:
+            return 431, "headers_too_large", f"the request has more than {self.max_headers} headers"
+        return 400, "bad_request", "the request is not valid HTTP/1.1"
+
+    def _note_head(self, data: bytes) -> None:
+        self._head_bytes += len(data)
+        if self._line_open:
+            end = data.find(b"\n")
+            self._line_bytes += len(data) if end < 0 else end
+            self._line_open = end < 0
+
     def _waiting_for_request(self) -> bool:
         """aiohttp waits for a head, as its own keep-alive timer checks."""
         return self._waiter is not None and not self._waiter.done()
 
     def _start_head(self) -> None:
         self.keep_alive(True)  # cancels aiohttp's idle timer: the header timeout takes over
-        self._head_bytes = 0
+        self._head_bytes = self._line_bytes = 0
+        self._line_open = True
         self._head_timer = self._loop.call_later(self._config.header_timeout_s, self._head_late)
 
     def _stop_head(self) -> None:

@@ -56,6 +56,8 @@ async def json_errors(request: web.Request, handler):
         response = error_response(408, "body_timeout", str(e))
         response.force_close()  # the rest of the body may still trickle in: no further request here
         return response
+    except ConnectionError:
+        raise  # the client left (a body cut short): connections.py lets it go without a traceback
     except web.HTTPException as e:
         if e.status < 400:
             raise

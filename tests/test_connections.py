@@ -248,3 +248,49 @@ async def test_the_open_file_limit_is_raised_and_checked():
         assert "WARNING" in line and "--max-pending-connections 512" in line, line
     finally:
         assert await asyncio.to_thread(proc.stop) == 0, proc.log()
+
+
+# Requests the parser refuses, each with a credential where aiohttp's own message would quote it.
+MALFORMED = {
+    "long URL": (b"GET /v1/ws?token=" + KEY.encode() + b"&pad=" + b"p" * 9000 + b" HTTP/1.1\r\nHost: stt\r\n\r\n",
+                 414, "uri_too_long"),
+    "long header": (b"GET /v1/sessions HTTP/1.1\r\nHost: stt\r\nAuthorization: Bearer " + KEY.encode()
+                    + b"p" * 9000 + b"\r\n\r\n", 431, "headers_too_large"),
+    "many headers": (b"GET /v1/sessions HTTP/1.1\r\nHost: stt\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n"
+                     + b"".join(b"X-Pad-%d: p\r\n" % i for i in range(200)) + b"\r\n", 431, "headers_too_large"),
+    "bad header": (b"GET /v1/ws?token=" + KEY.encode() + b" HTTP/1.1\r\nHost: stt\r\nBad Header: "
+                   + KEY.encode() + b"\r\n\r\n", 400, "bad_request"),
+}
+
+
+async def log_lines_with(server: ServerProcess, text: str, count: int, timeout: float = 10) -> None:
+    """Until the server's log has `count` lines with `text`."""
+    deadline = time.monotonic() + timeout
+    while server.log().count(text) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} lines with {text!r}:\n{server.log()}"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("request_bytes, status, code", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_a_malformed_request_gets_a_json_error_and_one_quiet_log_line(short, raw, request_bytes, status, code):
+    logged = short.log().count("malformed request")
+    connection = await connect(short, raw)
+    await connection.send(request_bytes)
+    assert await connection.wait_closed(10)
+    assert_error(connection.response(), status, code)
+    await log_lines_with(short, "malformed request", logged + 1)
+    line = [line for line in short.log().splitlines() if "malformed request" in line][-1]
+    assert f"{status} {code}" in line, line
+    assert KEY not in short.log() and "Traceback" not in short.log()
+
+
+async def test_a_client_leaving_mid_body_is_no_error(short, raw):
+    connection = await connect(short, raw)
+    await connection.send(f"POST /v1/tokens HTTP/1.1\r\nHost: stt\r\nAuthorization: Bearer {KEY}\r\n"
+                          "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode())
+    await asyncio.sleep(0.5)
+    connection.close()
+    deadline = time.monotonic() + 3  # the server hears of it at once; a traceback would be there by then
+    while time.monotonic() < deadline:
+        assert "Traceback" not in short.log() and "unhandled error" not in short.log(), short.log()
+        await asyncio.sleep(0.1)
