@@ -100,6 +100,19 @@ class Config:
     idle_timeout_s: float = field(default=30.0, metadata={"help": "end a session with no audio for this long"})
     max_session_s: float = field(default=3600.0, metadata={"help": "longest session"})
     max_offer_bytes: int = field(default=65536, metadata={"help": "largest accepted SDP offer"})
+    header_timeout_s: float = field(default=10.0, metadata={
+        "help": "time for a request's head (request line and headers) to arrive, from the connection's "
+                "opening, or from the first byte of a later request on a keep-alive connection; "
+                "a slower connection gets 408 and is closed"})
+    body_timeout_s: float = field(default=10.0, metadata={
+        "help": "time for a request body the server reads (an SDP offer, a token request) to arrive once "
+                "its head has; a slower one gets 408 and the connection is closed"})
+    keepalive_timeout_s: float = field(default=130.0, metadata={
+        "help": "idle time after which a keep-alive connection with no new request is closed; keep it above "
+                "the idle timeout of a reverse proxy or load balancer in front"})
+    max_pending_connections: int = field(default=512, metadata={
+        "help": "HTTP connections open without a request in progress (new ones, idle keep-alive ones); "
+                "past it, the oldest of them is closed. WebSocket and SSE streams are not counted"})
     ice_servers: list = field(default_factory=list, metadata={
         "help": "STUN/TURN servers: JSON list of RTCIceServer objects, or comma-separated URLs; empty by default (no "
                 "public STUN server is ever contacted)",
@@ -157,6 +170,10 @@ class Config:
             raise ValueError("sentence_endpoint must be between 0.2 and 1")
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
+        if min(self.header_timeout_s, self.body_timeout_s, self.keepalive_timeout_s) <= 0:
+            raise ValueError("header_timeout_s, body_timeout_s and keepalive_timeout_s must be above 0")
+        if self.max_pending_connections < 1:
+            raise ValueError("max_pending_connections must be at least 1")
         if self.token_secret and len(self.token_secret) < 16:
             raise ValueError("token_secret must have at least 16 characters")
         if self.token_max_ttl_s < 1:

@@ -19,10 +19,19 @@ class ApiError(Exception):
         return error_response(self.status, self.code, self.message, self.headers)
 
 
+class BodyTimeout(TimeoutError):
+    """A request body that did not arrive within --body-timeout-s (connections.py sets it on the
+    body's stream). A TimeoutError, so that aiohttp's read of a body left unread ends quietly on it."""
+
+
+def error_body(code: str, message: str) -> str:
+    return json.dumps({"error": {"code": code, "message": message}})
+
+
 def error_response(status: int, code: str, message: str,
                    headers: dict[str, str] | None = None) -> web.Response:
-    body = json.dumps({"error": {"code": code, "message": message}})
-    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+    return web.Response(status=status, text=error_body(code, message), content_type="application/json",
+                        headers=headers)
 
 
 def client_json(data: str | bytes):
@@ -49,6 +58,12 @@ async def json_errors(request: web.Request, handler):
         return await handler(request)
     except ApiError as e:
         return e.response()
+    except BodyTimeout as e:
+        response = error_response(408, "body_timeout", str(e))
+        response.force_close()  # the rest of the body may still trickle in: no further request here
+        return response
+    except ConnectionError:
+        raise  # the client left (a body cut short): connections.py lets it go without a traceback
     except web.HTTPException as e:
         if e.status < 400:
             raise

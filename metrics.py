@@ -39,13 +39,17 @@ PARTIAL_LATENCY = Histogram(
     "stt_partial_latency_seconds",
     "From the arrival of the newest audio a partial covers to its hypothesis",
     buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5))
+CONNECTIONS_CLOSED = Counter("stt_connections_closed", "HTTP connections the server closed to keep its "
+                             "limits, by reason (header_timeout, pending_limit)", ["reason"])
 ERRORS = Counter("stt_errors", "Errors, by code: HTTP error responses (source=http) and error "
                  "events sent to clients (source=event)", ["source", "code"])
 STORAGE_OPS = ("create", "append", "fsync", "audio", "save", "recover", "probe")
 STORAGE_ERRORS = Counter("stt_storage_errors", "Writes to --data-dir that failed, by operation "
                          f"({', '.join(STORAGE_OPS)})", ["op"])
 
-for _transport in TRANSPORTS:  # every series exists from the start, at 0
+for _reason in ("header_timeout", "pending_limit"):  # every series exists from the start, at 0
+    CONNECTIONS_CLOSED.labels(_reason)
+for _transport in TRANSPORTS:
     SESSIONS_ACTIVE.labels(_transport)
     SESSIONS.labels(_transport)
     AUDIO_SECONDS.labels(_transport)
@@ -110,6 +114,10 @@ class SessionMeter:
 
 def refused(code: str) -> None:
     SESSIONS_REFUSED.labels(code).inc()
+
+
+def connection_closed(reason: str) -> None:
+    CONNECTIONS_CLOSED.labels(reason).inc()
 
 
 def error(source: str, code: str) -> None:

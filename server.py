@@ -24,6 +24,8 @@ from asr.engine import DecodeOptions, WhisperEngine
 from asr.vad import SileroModel
 from asr.worker import DecodeWorker
 import auth
+import connections
+import fdlimit
 import metrics
 import sse
 import storage
@@ -173,7 +175,8 @@ async def serve(config: Config, tls) -> int:
     """Listens at once, loads the model, and on SIGINT/SIGTERM drains the sessions while the
     listener still answers (GET /ready: 503, new sessions: 503 shutting_down), then closes it."""
     app = build_app(config)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=20)
+    # Connections under the header and body timeouts and the cap on those with no request yet.
+    runner = connections.Runner(app, config, access_log=None, shutdown_timeout=20)
     await runner.setup()
     code = 0
     try:
@@ -255,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     cap_malloc_arenas()  # before any thread allocates
     config = Config.from_args(argv)
     setup_logging(config)
+    fdlimit.raise_limit(config)
     tls = ssl_context(config)  # before anything listens: a bad certificate fails at once
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         code = runner.run(serve(config, tls))

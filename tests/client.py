@@ -7,6 +7,7 @@ import base64
 import fractions
 import json
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -40,7 +41,7 @@ class ServerProcess:
     running: ClassVar[list[ServerProcess]] = []  # a failed test's report shows their logs (conftest)
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, host: str = HOST,
-                 wait: bool = True, prefix: tuple[str, ...] = ()) -> None:
+                 wait: bool = True, prefix: tuple[str, ...] = (), nofile: tuple[int, int] | None = None) -> None:
         """`prefix`: a command that runs the server, such as nsenter into another mount namespace."""
         self.port = free_port(host)
         scheme = "https" if {"--self-signed", "--certfile"} & set(args) else "http"
@@ -51,6 +52,8 @@ class ServerProcess:
             [*prefix, sys.executable, str(ROOT / "server.py"), "--host", host, "--port", str(self.port), *args],
             cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            # The open-file limit (soft, hard) the server starts with, as a shell's `ulimit -n` sets it.
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)) if nofile else None,
         )
         ServerProcess.running.append(self)
         if wait:
@@ -362,15 +365,16 @@ class WSClient(EventLog):
 class SSEClient(EventLog):
     """A subscriber of GET /v1/sessions/{id}/events that records every event until the stream ends."""
 
-    def __init__(self, base_url: str, session_id: str) -> None:
+    def __init__(self, base_url: str, session_id: str, headers: dict[str, str] | None = None) -> None:
         self.url = f"{base_url}/v1/sessions/{session_id}/events"
+        self.headers = headers  # e.g. Authorization
         self.events = []
         self._changed = asyncio.Event()
         self._http = aiohttp.ClientSession()
         self._reader: asyncio.Task | None = None
 
     async def connect(self) -> None:
-        response = await self._http.get(self.url)
+        response = await self._http.get(self.url, headers=self.headers)
         assert response.status == 200, await response.text()
         assert response.content_type == "text/event-stream"
         self._reader = asyncio.create_task(self._read(response))
