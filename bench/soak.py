@@ -62,32 +62,41 @@ async def gauges(url: str) -> dict[str, float]:
 
 
 async def ws_session(url: str, audio: bytes, ending: str) -> bool:
-    """One WebSocket session: start, the speech as fast as the socket takes it, then its ending.
-    True when a final came back (always expected, unless the client vanished first)."""
+    """One WebSocket session: start, the speech as fast as the socket takes it, then its ending. Events
+    are read all along, as a real client does (and as the server's pings need). True when a final came
+    back (always expected, unless the client vanished first)."""
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(url + "/v1/ws") as ws:
-            await ws.send_str(json.dumps({"type": "start"}))
-            for i in range(0, len(audio), 32000):
-                await ws.send_bytes(audio[i : i + 32000])
-            await ws.send_bytes(bytes(32000))  # a second of silence: the endpoint
-            if ending == "vanish":
-                return True
-            if ending == "stop":
-                await ws.send_str(json.dumps({"type": "stop"}))
-            final = False
-            session_id = None
-            async for message in ws:
-                event = json.loads(message.data)
-                if event["type"] == "session.started":
-                    session_id = event["session_id"]
-                elif event["type"] == "transcript.final" and event["text"]:
-                    final = True
-                    if ending == "delete":
-                        async with http.delete(f"{url}/v1/rtc/{session_id}") as r:
-                            assert r.status in (200, 404), await r.text()
-                elif event["type"] == "session.ended":
-                    break
-            return final
+            finals: list[str] = []
+            started: asyncio.Future = asyncio.get_running_loop().create_future()
+
+            async def read() -> None:
+                async for message in ws:
+                    event = json.loads(message.data)
+                    if event["type"] == "session.started":
+                        started.set_result(event["session_id"])
+                    elif event["type"] == "transcript.final" and event["text"]:
+                        finals.append(event["text"])
+                        if ending == "delete":
+                            async with http.delete(f"{url}/v1/rtc/{started.result()}") as r:
+                                assert r.status in (200, 404), await r.text()
+                    elif event["type"] == "session.ended":
+                        return
+
+            reader = asyncio.create_task(read())
+            try:
+                await ws.send_str(json.dumps({"type": "start"}))
+                for i in range(0, len(audio), 32000):
+                    await ws.send_bytes(audio[i : i + 32000])
+                await ws.send_bytes(bytes(32000))  # a second of silence: the endpoint
+                if ending == "vanish":
+                    return True
+                if ending == "stop":
+                    await ws.send_str(json.dumps({"type": "stop"}))
+                await asyncio.wait_for(asyncio.shield(reader), 60)
+            finally:
+                reader.cancel()
+            return bool(finals)
 
 
 async def rtc_session(url: str, audio: np.ndarray, ending: str) -> bool:
@@ -155,8 +164,19 @@ async def soak(args: argparse.Namespace) -> dict:
         await settle(url)
         before = {"rss_mb": rss_mb(proc), "descriptors": descriptors(proc)}
         started = time.monotonic()
-        ws_heard, ws_failed = await run_many(args.ws - round(args.ws * WARM_UP), args.concurrency, ws)
-        rtc_heard, rtc_failed = await run_many(args.rtc - round(args.rtc * WARM_UP), args.concurrency, rtc)
+        samples: list[tuple[str, int, float]] = []  # (transport, sessions so far, RSS MB): a leak is a slope
+        ws_heard = ws_failed = rtc_heard = rtc_failed = 0
+        for transport, total, one in (("ws", args.ws, ws), ("rtc", args.rtc, rtc)):
+            left, done = total - round(total * WARM_UP), 0
+            while left > 0:
+                step = min(left, max(args.concurrency, total // 10))
+                heard, failed = await run_many(step, args.concurrency, lambda i, base=done, one=one: one(base + i))
+                left, done = left - step, done + step
+                samples.append((transport, done, round(rss_mb(proc), 1)))
+                if transport == "ws":
+                    ws_heard, ws_failed = ws_heard + heard, ws_failed + failed
+                else:
+                    rtc_heard, rtc_failed = rtc_heard + heard, rtc_failed + failed
         elapsed = time.monotonic() - started
         settled = await settle(url)
         after = {"rss_mb": rss_mb(proc), "descriptors": descriptors(proc),
@@ -172,7 +192,7 @@ async def soak(args: argparse.Namespace) -> dict:
         "warm_up_share": WARM_UP, "endings": list(ENDINGS), "seconds": round(elapsed, 1),
         "ws": {"measured": measured_ws, "with_final": ws_heard, "failed": ws_failed},
         "rtc": {"measured": measured_rtc, "with_final": rtc_heard, "failed": rtc_failed},
-        "settle_s": round(settled, 1), "before": before, "after": after,
+        "settle_s": round(settled, 1), "before": before, "after": after, "rss_samples": samples,
         "rss_growth_mb": round(after["rss_mb"] - before["rss_mb"], 1),
         "descriptor_growth": after["descriptors"] - before["descriptors"], "exit_code": code,
     }
@@ -214,6 +234,8 @@ def markdown(report: dict, failures: list[str]) -> list[str]:
         f"WebRTC {report['rtc']['with_final']} of {report['rtc']['measured']} (a client that vanishes may "
         f"leave before its final); failed: {report['ws']['failed'] + report['rtc']['failed']}. "
         f"{report['seconds']} s of churn. Verdict: " + ("pass." if not failures else "; ".join(failures) + "."),
+        "", "RSS (MB) along the run, after each tenth of a transport's sessions: "
+        + ", ".join(f"{t} {n}: {mb:g}" for t, n, mb in report["rss_samples"]) + ".",
     ]
 
 
