@@ -416,7 +416,7 @@ class SessionRecord:
         data = (line + "\n").encode()
         try:
             # One append, into the page cache: microseconds. It is there before any transport sends the
-            # event (this sink is the session's first), so a killed process loses no final a client got.
+            # event (this is the session's recorder), so a killed process loses no final a client got.
             written = 0
             while written < len(data):
                 written += os.write(self._fd, data[written:])
@@ -590,7 +590,7 @@ class Storage:
             log.exception("session %s: not stored", session.id)
             return
         self._live[session.id] = record
-        session.add_sink(record.on_event)
+        session.add_recorder(record.on_event)  # before any transport's sink, whenever that attaches
         if self.record_audio:
             session.add_audio_tap(record.on_audio)
         session.on_finish(record.finish)
