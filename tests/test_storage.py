@@ -1,4 +1,4 @@
-"""Saved sessions (storage.py): real server processes write them, real clients read them back over HTTP."""
+"""Saved sessions (ops/storage): real server processes write them, real clients read them back over HTTP."""
 
 from __future__ import annotations
 
@@ -389,7 +389,7 @@ async def test_a_final_is_on_disk_before_a_transport_attached_first_has_it(tmp_p
     """Storage's record runs before every transport sink, not by the order they attached in: a sink
     added before storage still finds each final in finals.jsonl when it gets it."""
     from sessions import Session, SessionOptions
-    from storage import Storage
+    from ops.storage import Storage
 
     registry = SimpleNamespace(config=SimpleNamespace(idle_timeout_s=60, max_session_s=60),
                                worker=SimpleNamespace(engine=SimpleNamespace(name="tiny.en")),
