@@ -26,6 +26,7 @@ RUN pip install --no-cache-dir -r requirements.txt \
 # the page. .dockerignore keeps tests, bench, data and virtualenvs out of the build context.
 COPY *.py ./
 COPY asr/ asr/
+COPY ops/ ops/
 COPY rtc/ rtc/
 COPY web/ web/
 

@@ -28,10 +28,10 @@ import connections
 import fdlimit
 import metrics
 import sse
-import storage
 import ws
 from config import Config
 from errors import ApiError, json_errors
+from ops import storage
 from rtc import signaling
 from sessions import REGISTRY, SessionRegistry
 from tls import ssl_context

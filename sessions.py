@@ -104,6 +104,7 @@ class Session:
         self.last_audio = self.started
         self.reason: str | None = None
         self._registry = registry
+        self._recorders: list[Sink] = []  # before every sink: what a client gets is already kept
         self._sinks: list[Sink] = []
         # Held for the transport's own channel when it opens after audio starts (WebRTC).
         self._backlog: deque[Event] | None = deque(maxlen=_BACKLOG) if hold_events else None
@@ -133,9 +134,15 @@ class Session:
                 sink(event)
         self._sinks.append(sink)
 
+    def add_recorder(self, recorder: Sink) -> None:
+        """A sink that keeps what the session says (storage). It gets every event from now on before
+        any sink of add_sink, whichever attached first: a final is on disk before a transport sends it."""
+        self._recorders.append(recorder)
+
     def remove_sink(self, sink: Sink) -> None:
-        if sink in self._sinks:
-            self._sinks.remove(sink)
+        for sinks in (self._recorders, self._sinks):
+            if sink in sinks:
+                sinks.remove(sink)
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         self._closers.append(closer)
@@ -152,7 +159,7 @@ class Session:
         self.meter.event(event)
         if self._backlog is not None:
             self._backlog.append(event)
-        for sink in list(self._sinks):
+        for sink in [*self._recorders, *self._sinks]:
             try:
                 sink(event)
             except Exception:  # one broken sink must not starve the others

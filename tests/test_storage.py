@@ -1,4 +1,4 @@
-"""Saved sessions (storage.py): real server processes write them, real clients read them back over HTTP."""
+"""Saved sessions (ops/storage): real server processes write them, real clients read them back over HTTP."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, AsyncIterator, Iterator
 
 import aiohttp
@@ -367,6 +368,52 @@ async def test_kill_9_loses_no_final_the_client_got(private_network, tmp_path):
         assert (folder / "transcript.txt").read_bytes() == text
     finally:
         await stopped(restarted)
+
+
+class _SilentStream:
+    """A session's speech pipeline that says nothing: the test emits the session's events itself."""
+
+    utterances = 0
+
+    def feed(self, pcm: np.ndarray) -> None:
+        pass
+
+    async def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_final_is_on_disk_before_a_transport_attached_first_has_it(tmp_path):
+    """Storage's record runs before every transport sink, not by the order they attached in: a sink
+    added before storage still finds each final in finals.jsonl when it gets it."""
+    from sessions import Session, SessionOptions
+    from ops.storage import Storage
+
+    registry = SimpleNamespace(config=SimpleNamespace(idle_timeout_s=60, max_session_s=60),
+                               worker=SimpleNamespace(engine=SimpleNamespace(name="tiny.en")),
+                               remove=lambda session: None)
+    session = Session(registry, "websocket", SessionOptions("en", True, 500), lambda emit: _SilentStream(),
+                      hold_events=False)
+    store = Storage(tmp_path / "data")
+    on_disk: list[list[dict[str, Any]]] = []
+
+    def transport(event: dict[str, Any]) -> None:
+        if event["type"] == "transcript.final":
+            on_disk.append(without_at(jsonl(folder_of(store.root, session.id) / "finals.jsonl")))
+
+    session.add_sink(transport)
+    store.attach(session)
+    finals = [{"type": "transcript.final", "utterance": n, "text": text, "start": 2.0 * n, "end": 2.0 * n + 1,
+               "language": "en", "words": []} for n, text in enumerate(["Hello.", "Again."], 1)]
+    try:
+        for final in finals:
+            session.emit(final)
+        await session.end("stop")
+    finally:
+        await store.close()
+    assert on_disk == [finals[:1], finals]
 
 
 async def test_retention_deletes_only_old_sessions(private_network, tmp_path):

@@ -1,0 +1,1 @@
+"""Operations: what an operator configures and watches around the speech service."""
