@@ -37,6 +37,29 @@ document.addEventListener("DOMContentLoaded", () => {
 });
 """
 
+# The status badge as laid out in every state it shows: its height, the height of one line of it, and
+# whether it sits on the title's row.
+RECORD_BADGE = """
+window.__badge = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const el = document.getElementById("state");
+  const title = document.querySelector("h1");
+  const measure = () => {
+    const css = getComputedStyle(el);
+    const px = (name) => parseFloat(css.getPropertyValue(name));
+    const box = el.getBoundingClientRect(), beside = title.getBoundingClientRect();
+    window.__badge.push({
+      state: el.dataset.state, text: el.innerText, height: box.height,
+      one_line: px("line-height") + px("padding-top") + px("padding-bottom")
+        + px("border-top-width") + px("border-bottom-width"),
+      beside_title: box.top < beside.bottom && box.left >= beside.right,
+    });
+  };
+  measure();
+  new MutationObserver(measure).observe(el, { attributes: true, childList: true, subtree: true, characterData: true });
+});
+"""
+
 # Where the partial is, each time it changes: at the end of the last paragraph, lighter than the finals.
 RECORD_PARTIALS = """
 window.__partials = [];
@@ -242,6 +265,7 @@ def test_phone_layout(browser, page_server):
     context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
                                   device_scale_factor=2)
     page = context.new_page()
+    page.add_init_script(RECORD_BADGE)
     page.goto(f"{page_server.url}/")
     page.click("#start")
     expect(state(page)).to_have_attribute("data-state", "listening", timeout=20_000)
@@ -264,6 +288,11 @@ def test_phone_layout(browser, page_server):
     expect(state(page)).to_have_attribute("data-state", "stopped", timeout=20_000)
     expect(page.locator("#alert")).to_contain_text("the page was hidden")
     wait_sessions(page, page_server, 0)
+    # In every state it went through, the status badge kept to one line, beside the title.
+    badge = page.evaluate("window.__badge")
+    assert {"idle", "connecting", "listening", "stopping", "stopped"} <= {b["state"] for b in badge}, badge
+    assert all(b["height"] <= b["one_line"] + 0.5 and b["beside_title"] for b in badge), badge
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
     context.close()
 
 
@@ -288,6 +317,7 @@ def test_when_webrtc_does_not_connect_the_page_falls_back(page, page_server):
     page.click("#start")
     expect(state(page)).to_have_attribute("data-state", "listening", timeout=20_000)
     assert page.locator("#transport").text_content() == "WebSocket"
+    expect(page.locator("#notice")).to_contain_text("WebRTC did not connect")
     wait_sessions(page, page_server, 1)  # the WebRTC attempt's session was deleted, not left to time out
     page.click("#stop")
     expect(state(page)).to_have_attribute("data-state", "stopped", timeout=20_000)

@@ -5,6 +5,7 @@ const $ = (id) => document.getElementById(id);
 const requested = new URLSearchParams(location.search).get("transport");
 const transport = requested === "rtc" || requested === "ws" ? requested : "auto";
 
+// Short labels: the badge keeps to one line beside the title on a phone.
 const STATE_TEXT = {
   idle: "Idle", connecting: "Connecting…", listening: "Listening",
   stopping: "Finishing…", stopped: "Stopped", error: "Error",
@@ -89,8 +90,10 @@ function stop() {
 function onState(state, detail) {
   const indicator = $("state");
   indicator.dataset.state = state;
-  $("state-text").textContent = state === "connecting" && detail.fallback
-    ? "Connecting (WebSocket)…" : STATE_TEXT[state];
+  $("state-text").textContent = STATE_TEXT[state];
+  if (state === "connecting" && detail.fallback) {
+    $("notice").textContent = "WebRTC did not connect: trying the WebSocket.";
+  }
   if (state === "listening") {
     $("transport").textContent = detail.transport === "rtc" ? "WebRTC" : "WebSocket";
     $("model").textContent = detail.session.model;
