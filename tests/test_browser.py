@@ -18,7 +18,12 @@ from speech import load_devset, wer, write_wav
 BROWSER_HOST = "10.77.0.1"
 ARTIFACTS = ROOT / "test-artifacts"
 SPEECH_IDS = ["jfk-inaugural-ask-not", "ls-61-70968-0000", "ls-61-70968-0002"]
-LEAD_S, GAP_S, TAIL_S = 2.0, 1.5, 3.0  # capture starts at getUserMedia, before the session connects
+LEAD_S, GAP_S, TAIL_S = 2.0, 3.0, 3.0  # capture starts at getUserMedia, before the session connects
+# The page's paragraph rule (web/app.js): a pause over PARAGRAPH_PAUSE_S, or a sentence's end once the
+# paragraph is PARAGRAPH_LONG_S long. GAP_S is well over the pause, and the pauses inside each recording
+# well under it: every recording is a paragraph of its own.
+PARAGRAPH_PAUSE_S, PARAGRAPH_LONG_S = 2.0, 30.0
+SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f\u2026][\"'\u201d\u2019\u00bb)\]]*$")
 
 # Every change of the state indicator, in order, however quickly they follow one another.
 RECORD_STATES = """
@@ -29,6 +34,45 @@ document.addEventListener("DOMContentLoaded", () => {
   new MutationObserver((records) => records.forEach((r, i) =>
     window.__states.push(i + 1 < records.length ? records[i + 1].oldValue : el.dataset.state)
   )).observe(el, { attributes: true, attributeFilter: ["data-state"], attributeOldValue: true });
+});
+"""
+
+# The status badge as laid out in every state it shows: its height, the height of one line of it, and
+# whether it sits on the title's row.
+RECORD_BADGE = """
+window.__badge = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const el = document.getElementById("state");
+  const title = document.querySelector("h1");
+  const measure = () => {
+    const css = getComputedStyle(el);
+    const px = (name) => parseFloat(css.getPropertyValue(name));
+    const box = el.getBoundingClientRect(), beside = title.getBoundingClientRect();
+    window.__badge.push({
+      state: el.dataset.state, text: el.innerText, height: box.height,
+      one_line: px("line-height") + px("padding-top") + px("padding-bottom")
+        + px("border-top-width") + px("border-bottom-width"),
+      beside_title: box.top < beside.bottom && box.left >= beside.right,
+    });
+  };
+  measure();
+  new MutationObserver(measure).observe(el, { attributes: true, childList: true, subtree: true, characterData: true });
+});
+"""
+
+# Where the partial is, each time it changes: at the end of the last paragraph, lighter than the finals.
+RECORD_PARTIALS = """
+window.__partials = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const transcript = document.getElementById("transcript");
+  const partial = document.getElementById("partial");
+  new MutationObserver(() => {
+    if (!partial.isConnected || !partial.textContent) return;
+    window.__partials.push({
+      at_end: partial.parentElement.matches("#transcript > .paragraph:last-child") && !partial.nextElementSibling,
+      lighter: getComputedStyle(partial).color !== getComputedStyle(transcript).color,
+    });
+  }).observe(transcript, { childList: true, subtree: true, characterData: true });
 });
 """
 
@@ -69,6 +113,7 @@ def page(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     page = context.new_page()
     page.add_init_script(RECORD_STATES)
+    page.add_init_script(RECORD_PARTIALS)
     yield page
     context.close()
 
@@ -110,6 +155,26 @@ def download(page: Page, format: str) -> str:
     return Path(info.value.path()).read_text(encoding="utf-8")
 
 
+def clock(seconds: float) -> str:
+    """A time in the session as the page shows it: 0:07, 12:34 or 1:02:03."""
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def paragraphs_by_the_rule(finals: list[dict]) -> list[list[str]]:
+    """The finals' texts grouped as docs/browser.md says the page groups them."""
+    paragraphs: list[list[str]] = []
+    first = last = None
+    for f in finals:
+        if last is None or f["start"] - last["end"] > PARAGRAPH_PAUSE_S or (
+                f["start"] - first["start"] > PARAGRAPH_LONG_S and SENTENCE_END.search(last["text"])):
+            paragraphs.append([])
+            first = f
+        paragraphs[-1].append(f["text"])
+        last = f
+    return paragraphs
+
+
 def _seconds(h: str, m: str, s: str, ms: str) -> float:
     return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
 
@@ -136,7 +201,7 @@ def test_page_transcribes(page, page_server, speech, transport):
     _, duration, reference = speech
     text = transcribe(page, page_server, f"{page_server.url}/?transport={transport}", duration)
     screenshot(page, f"desktop-{transport}.png")
-    assert page.locator("#transport").inner_text() == {"rtc": "WebRTC", "ws": "WebSocket"}[transport]
+    assert page.locator("#transport").text_content() == {"rtc": "WebRTC", "ws": "WebSocket"}[transport]
     error_rate = wer([(reference, text)])
     print(f"\n{transport}: WER {error_rate:.3f}: {text}")
     assert error_rate <= 0.12, text
@@ -144,8 +209,40 @@ def test_page_transcribes(page, page_server, speech, transport):
 
     finals = page.locator("#transcript .final .text").all_inner_texts()
     finals = [f.strip() for f in finals]
-    delays = [float(d.removesuffix(" s")) for d in page.locator("#transcript .final .delay").all_inner_texts()]
+    saved = json.loads(download(page, "json"))
+    assert [f["text"] for f in saved["finals"]] == finals and saved["model"] == "tiny.en"
+
+    # Each final shows when it started in the session, in order.
+    stamps = page.locator("#transcript .final .stamp").all_inner_texts()
+    assert stamps == [clock(f["start"]) for f in saved["finals"]], stamps
+    assert all(re.fullmatch(r"\d+:\d\d", s) for s in stamps), stamps
+    starts = [f["start"] for f in saved["finals"]]
+    assert starts == sorted(starts) and 0 <= starts[0] and starts[-1] < duration
+
+    # Finals join into paragraphs by the rule: here, one paragraph a recording.
+    paragraphs = [p.locator(".final .text").all_inner_texts()
+                  for p in page.locator("#transcript .paragraph").all()]
+    paragraphs = [[t.strip() for t in p] for p in paragraphs]
+    print(f"paragraphs: {paragraphs}")
+    assert paragraphs == paragraphs_by_the_rule(saved["finals"])
+    assert len(paragraphs) == len(SPEECH_IDS) and max(len(p) for p in paragraphs) > 1, paragraphs
+    assert [f["paragraph"] for f in saved["finals"]] == [i for i, p in enumerate(paragraphs) for _ in p]
+    assert download(page, "txt") == "\n\n".join(" ".join(p) for p in paragraphs) + "\n"
+
+    # The partial was shown at the end of the paragraph in progress, lighter than the finals.
+    partials = page.evaluate("window.__partials")
+    print(f"{len(partials)} partials seen")
+    assert all(p["at_end"] and p["lighter"] for p in partials), partials
+
+    # The latency figures are behind a disclosure, closed until the user opens it: one delay a final.
+    latency = page.locator("#latency")
+    assert latency.evaluate("details => details.open") is False
+    expect(page.locator("#delays")).to_be_hidden()
+    page.click("#latency summary")
+    expect(page.locator("#delays")).to_be_visible()
+    delays = [float(d.removesuffix(" s")) for d in page.locator("#delays .delay").all_inner_texts()]
     assert len(delays) == len(finals) and all(0 <= d < 5 for d in delays), delays
+    expect(page.locator("#delay")).to_contain_text(f"of {len(finals)}")
 
     srt = parse_cues(download(page, "srt"), ",")
     assert [c[2] for c in srt] == finals
@@ -154,16 +251,13 @@ def test_page_transcribes(page, page_server, speech, transport):
     vtt = parse_cues(vtt_text.removeprefix("WEBVTT\n\n"), ".")
     assert [c[2] for c in vtt] == finals and [c[:2] for c in vtt] == [c[:2] for c in srt]
     assert srt[-1][1] < duration
-    assert download(page, "txt").splitlines() == finals
-    saved = json.loads(download(page, "json"))
-    assert [f["text"] for f in saved["finals"]] == finals and saved["model"] == "tiny.en"
 
 
 def test_without_webrtc_the_page_falls_back_to_the_websocket(page, page_server, speech):
     page.add_init_script("delete window.RTCPeerConnection; delete window.webkitRTCPeerConnection;")
     _, duration, reference = speech
     text = transcribe(page, page_server, f"{page_server.url}/", duration)
-    assert page.locator("#transport").inner_text() == "WebSocket"
+    assert page.locator("#transport").text_content() == "WebSocket"
     assert wer([(reference, text)]) <= 0.12, text
 
 
@@ -171,6 +265,7 @@ def test_phone_layout(browser, page_server):
     context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
                                   device_scale_factor=2)
     page = context.new_page()
+    page.add_init_script(RECORD_BADGE)
     page.goto(f"{page_server.url}/")
     page.click("#start")
     expect(state(page)).to_have_attribute("data-state", "listening", timeout=20_000)
@@ -179,9 +274,12 @@ def test_phone_layout(browser, page_server):
     expect(page.locator("#transcript .final").first).to_be_visible(timeout=60_000)
     screenshot(page, "phone.png")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
-    for button in page.locator("button:visible").all():
+    for button in page.locator("button:visible, summary").all():
         box = button.bounding_box()
         assert box["height"] >= 44 and box["width"] >= 44, button.inner_text()
+    page.click("#latency summary")
+    expect(page.locator("#delays")).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
     # The phone is locked: the page is hidden, and the session ends cleanly.
     page.evaluate("""() => {
         Object.defineProperty(document, "visibilityState", { value: "hidden", configurable: true });
@@ -190,6 +288,11 @@ def test_phone_layout(browser, page_server):
     expect(state(page)).to_have_attribute("data-state", "stopped", timeout=20_000)
     expect(page.locator("#alert")).to_contain_text("the page was hidden")
     wait_sessions(page, page_server, 0)
+    # In every state it went through, the status badge kept to one line, beside the title.
+    badge = page.evaluate("window.__badge")
+    assert {"idle", "connecting", "listening", "stopping", "stopped"} <= {b["state"] for b in badge}, badge
+    assert all(b["height"] <= b["one_line"] + 0.5 and b["beside_title"] for b in badge), badge
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
     context.close()
 
 
@@ -213,7 +316,8 @@ def test_when_webrtc_does_not_connect_the_page_falls_back(page, page_server):
     page.goto(f"{page_server.url}/")
     page.click("#start")
     expect(state(page)).to_have_attribute("data-state", "listening", timeout=20_000)
-    assert page.locator("#transport").inner_text() == "WebSocket"
+    assert page.locator("#transport").text_content() == "WebSocket"
+    expect(page.locator("#notice")).to_contain_text("WebRTC did not connect")
     wait_sessions(page, page_server, 1)  # the WebRTC attempt's session was deleted, not left to time out
     page.click("#stop")
     expect(state(page)).to_have_attribute("data-state", "stopped", timeout=20_000)

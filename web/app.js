@@ -5,6 +5,7 @@ const $ = (id) => document.getElementById(id);
 const requested = new URLSearchParams(location.search).get("transport");
 const transport = requested === "rtc" || requested === "ws" ? requested : "auto";
 
+// Short labels: the badge keeps to one line beside the title on a phone.
 const STATE_TEXT = {
   idle: "Idle", connecting: "Connecting…", listening: "Listening",
   stopping: "Finishing…", stopped: "Stopped", error: "Error",
@@ -44,10 +45,22 @@ let finals = []; // the transcript's finals, times on the transcript's own timel
 let timeOrigin = null; // performance.now() when the transcript's first session began listening
 let offset = 0; // seconds from the transcript's start to the current session's start
 let delays = [];
+let paragraph = null; // the paragraph the last final went into
+let paragraphs = 0; // how many paragraphs have a final
+let paragraphStart = 0; // when the last paragraph's first final started
+
+// A new paragraph starts after a pause of more than PARAGRAPH_PAUSE_S between one final's end and the
+// next one's start, or after a final that ends a sentence once the paragraph is PARAGRAPH_LONG_S long:
+// a paragraph is a stretch of talk, and a speaker who never pauses still gets breaks between sentences.
+const PARAGRAPH_PAUSE_S = 2;
+const PARAGRAPH_LONG_S = 30;
+const SENTENCE_END = /[.!?\u3002\uff01\uff1f\u2026]["'\u201d\u2019\u00bb)\]]*$/u;
+const partial = $("partial");
 
 async function start({ resume = false } = {}) {
   if (starting || session) return;
   hideAlert();
+  $("notice").textContent = "";
   if (!resume) clearTranscript();
   starting = true;
   cancelled = hidden = false;
@@ -77,8 +90,10 @@ function stop() {
 function onState(state, detail) {
   const indicator = $("state");
   indicator.dataset.state = state;
-  $("state-text").textContent = state === "connecting" && detail.fallback
-    ? "Connecting (WebSocket)…" : STATE_TEXT[state];
+  $("state-text").textContent = STATE_TEXT[state];
+  if (state === "connecting" && detail.fallback) {
+    $("notice").textContent = "WebRTC did not connect: trying the WebSocket.";
+  }
   if (state === "listening") {
     $("transport").textContent = detail.transport === "rtc" ? "WebRTC" : "WebSocket";
     $("model").textContent = detail.session.model;
@@ -100,39 +115,87 @@ function onState(state, detail) {
 }
 
 function onPartial(event) {
-  keepScrolledToEnd(() => setPartial(event.text));
+  keepScrolledToEnd(() => setPartial(event.text, event.start + offset));
 }
 
 function onFinal(event, { delayMs }) {
   keepScrolledToEnd(() => {
-    setPartial("");
-    if (!event.text.trim()) return; // no credible speech in it: a cough, a door
+    if (!event.text.trim()) return setPartial(""); // no credible speech in it: a cough, a door
+    const start = event.start + offset;
+    const target = paragraphAt(start);
+    if (target !== paragraph) {
+      paragraph = target;
+      paragraphs += 1;
+      paragraphStart = start;
+    }
     const final = {
-      text: event.text.trim(), start: event.start + offset, end: event.end + offset,
+      text: event.text.trim(), start, end: event.end + offset,
       language: event.language, words: event.words,
       delay_ms: delayMs === null ? null : Math.round(delayMs),
+      paragraph: paragraphs - 1, // counted from 0
     };
     finals.push(final);
-    const line = document.createElement("p");
+    const line = document.createElement("span");
     line.className = "final";
     const text = document.createElement("span");
     text.className = "text";
-    text.textContent = final.text + " ";
-    line.append(text);
+    text.textContent = final.text;
+    line.append(stamp(final.start), " ", text);
+    // The partial of this very utterance is where its final goes.
+    const next = partial.parentElement === target ? partial : null;
+    if (target.querySelector(".final")) target.insertBefore(document.createTextNode(" "), next);
+    target.insertBefore(line, next);
+    setPartial("");
+    $("placeholder").hidden = true;
     if (final.delay_ms !== null) {
-      const delay = document.createElement("span");
-      delay.className = "delay";
-      delay.setAttribute("aria-hidden", "true"); // in the statistics below; not read after every sentence
-      delay.title = "Time from the server declaring the end of the utterance (speech.stopped) to its final text";
-      delay.textContent = seconds(final.delay_ms);
-      line.append(delay);
       delays.push(final.delay_ms);
+      const row = $("delays").insertRow();
+      row.insertCell().append(clock(final.start));
+      const delay = row.insertCell();
+      delay.className = "delay";
+      delay.textContent = seconds(final.delay_ms);
       showDelays();
     }
-    $("partial").before(line);
-    $("placeholder").hidden = true;
   });
   render();
+}
+
+/** The time in the transcript where a final started, as 0:07 or 1:02:03. */
+function stamp(start) {
+  const time = document.createElement("time");
+  time.className = "stamp";
+  time.dateTime = `PT${Math.floor(start)}S`;
+  time.textContent = clock(start);
+  // The live region reads the words; the times are on screen and in the downloads.
+  time.setAttribute("aria-hidden", "true");
+  return time;
+}
+
+function clock(totalSeconds) {
+  const s = Math.max(0, Math.floor(totalSeconds));
+  const pad = (n) => String(n).padStart(2, "0");
+  const hours = Math.floor(s / 3600);
+  const minutes = Math.floor(s / 60) % 60;
+  return hours ? `${hours}:${pad(minutes)}:${pad(s % 60)}` : `${minutes}:${pad(s % 60)}`;
+}
+
+function startsParagraph(start) {
+  const last = finals.at(-1);
+  if (!last || !paragraph) return true;
+  return start - last.end > PARAGRAPH_PAUSE_S
+    || (start - paragraphStart > PARAGRAPH_LONG_S && SENTENCE_END.test(last.text));
+}
+
+/** The paragraph that speech starting at `start` belongs to: the current one, or a new one. */
+function paragraphAt(start) {
+  if (!startsParagraph(start)) return paragraph;
+  // The partial of the same speech may have opened it already.
+  const opened = partial.parentElement;
+  if (opened?.classList.contains("paragraph") && !opened.querySelector(".final")) return opened;
+  const fresh = document.createElement("p");
+  fresh.className = "paragraph";
+  $("transcript").append(fresh);
+  return fresh;
 }
 
 function onEvent(event) {
@@ -145,9 +208,19 @@ function onLevel(level) {
   $("level-bar").style.transform = `scaleX(${level})`;
 }
 
-function setPartial(text) {
-  $("partial").textContent = text;
-  if (text) $("placeholder").hidden = true;
+/** The partial, in a lighter style at the end of the paragraph its speech belongs to; "" removes it. */
+function setPartial(text, start) {
+  const before = partial.parentElement;
+  partial.textContent = text.trim();
+  if (text.trim()) {
+    paragraphAt(start).append(partial);
+    $("placeholder").hidden = true;
+  } else {
+    partial.remove();
+  }
+  // A paragraph that the partial opened and no final joined goes with it.
+  if (before && before !== partial.parentElement && before.classList.contains("paragraph")
+      && !before.querySelector(".final")) before.remove();
 }
 
 function keepScrolledToEnd(change) {
@@ -161,17 +234,19 @@ function clearTranscript() {
   finals = [];
   delays = [];
   timeOrigin = null;
-  $("transcript").querySelectorAll(".final").forEach((line) => line.remove());
-  $("placeholder").hidden = false;
+  paragraph = null;
+  paragraphs = 0;
   setPartial("");
+  $("transcript").querySelectorAll(".paragraph").forEach((p) => p.remove());
+  $("placeholder").hidden = false;
   $("delay").textContent = "–";
-  $("notice").textContent = "";
+  $("delays").replaceChildren();
 }
 
 function showDelays() {
   const sorted = [...delays].sort((a, b) => a - b);
   const median = sorted[Math.floor(sorted.length / 2)];
-  $("delay").textContent = `${seconds(delays.at(-1))} (median ${seconds(median)} of ${delays.length})`;
+  $("delay").textContent = `last ${seconds(delays.at(-1))}, median ${seconds(median)} of ${delays.length}`;
 }
 
 function seconds(ms) {
@@ -204,8 +279,15 @@ function render() {
   document.querySelectorAll("[data-format]").forEach((button) => { button.disabled = empty; });
 }
 
+/** The transcript as the page shows it: a paragraph a line, a blank line between paragraphs. */
+function plainText() {
+  const lines = [];
+  for (const f of finals) (lines[f.paragraph] ??= []).push(f.text);
+  return lines.map((texts) => texts.join(" ")).join("\n\n");
+}
+
 const FORMATS = {
-  txt: ["text/plain", () => finals.map((f) => f.text).join("\n") + "\n"],
+  txt: ["text/plain", () => plainText() + "\n"],
   srt: ["application/x-subrip", () => toSRT(finals)],
   vtt: ["text/vtt", () => toWebVTT(finals)],
   json: ["application/json", () => JSON.stringify({ model: $("model").textContent, finals }, null, 2) + "\n"],
@@ -224,7 +306,7 @@ function download(format) {
 
 async function copy() {
   try {
-    await navigator.clipboard.writeText(finals.map((f) => f.text).join("\n"));
+    await navigator.clipboard.writeText(plainText());
     $("notice").textContent = "Copied to the clipboard.";
   } catch {
     $("notice").textContent = "The browser did not allow copying: select the text and copy it.";
