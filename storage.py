@@ -47,6 +47,7 @@ from aiohttp import web
 
 import auth
 import metrics
+import protocol
 from errors import ApiError
 
 if TYPE_CHECKING:
@@ -489,8 +490,7 @@ class SessionRecord:
         if self.error is not None:
             self._tell()
         elif saved:
-            session.emit({"type": "session.saved", "session_id": session.id,
-                          "transcript": f"/v1/sessions/{session.id}/transcript"})
+            session.emit(protocol.session_saved(session.id))
         self._finished = True
 
     def _save(self, fd: int | None, meta: dict[str, Any]) -> bool:  # writer thread
@@ -537,9 +537,8 @@ class SessionRecord:
 
 
 def storage_failed_event(reason: str) -> dict[str, Any]:
-    return {"type": "error", "code": "storage_failed",
-            "message": f"this session's transcript is not being saved: the server cannot write to its "
-                       f"data folder ({reason}); transcription goes on"}
+    return protocol.error("storage_failed", f"this session's transcript is not being saved: the server cannot "
+                          f"write to its data folder ({reason}); transcription goes on")
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
