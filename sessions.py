@@ -14,12 +14,14 @@ import numpy as np
 from aiohttp import web
 
 from asr.segmenter import Segmenter, SegmenterConfig
-from asr.stream import Event, SpeechStream, StreamOptions
+from asr.stream import SpeechStream, StreamOptions
 from asr.vad import SAMPLE_RATE, WINDOW, SileroModel, SileroVAD, VadBatch
 from asr.worker import DecodeWorker
 import metrics
+import protocol
 from config import Config
 from errors import ApiError
+from protocol import Event
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class SessionOptions:
 def parse_options(raw: Mapping[str, Any], config: Config, languages: frozenset[str],
                   default_language: str | None) -> SessionOptions:
     """Options from a query string or JSON body; anything unknown or malformed is a 400."""
-    unknown = set(raw) - {"language", "partials", "endpoint_ms"}
+    unknown = set(raw) - set(protocol.OPTIONS)
     if unknown:
         raise ApiError(400, "unknown_option", f"unknown option(s): {', '.join(sorted(unknown))}")
     language = default_language
@@ -122,9 +124,12 @@ class Session:
         return self._ended.is_set()
 
     def info(self) -> dict[str, Any]:
-        """The fields of session.started."""
+        """What session.started says of the session."""
         return {"session_id": self.id, "model": self._registry.worker.engine.name,
-                "language": self.options.language, "sample_rate": 16000}
+                "language": self.options.language, "sample_rate": SAMPLE_RATE}
+
+    def started_event(self) -> Event:
+        return protocol.session_started(**self.info())
 
     def add_sink(self, sink: Sink, replay: bool = False) -> None:
         """Subscribers get events from now on; `replay` also delivers what was held back."""
@@ -203,7 +208,7 @@ class Session:
                 log.exception("session %s: finishing hook failed", self.id)
         # The slot is free before the client hears session.ended: it may reconnect at once.
         self._registry.remove(self)
-        self.emit({"type": "session.ended", "reason": reason})
+        self.emit(protocol.session_ended(reason))
         for closer in self._closers:
             try:
                 await closer()

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 from aiohttp import web
 
 import auth
+import protocol
 from errors import ApiError
 from sessions import REGISTRY, EventQueue, write_or_drop
 
@@ -43,7 +43,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
                 if not await write_or_drop(response.write(b": keep-alive\n\n"), request.transport):
                     break
                 continue
-            data = json.dumps(event, separators=(",", ":"))
+            data = protocol.encode(event)
             if outbox.overflowed or not await write_or_drop(
                     response.write(f"event: {event['type']}\ndata: {data}\n\n".encode()), request.transport):
                 break

@@ -3,43 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
-from typing import Any
 
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
 
-from asr.audio import MAX_RATE, MIN_RATE, SAMPLE_RATE, Resampler, WebmDecoder
+from asr.audio import SAMPLE_RATE, Resampler, WebmDecoder
 import auth
 import metrics
-from errors import ApiError, client_json, quoted
+import protocol
+from errors import ApiError
+from protocol import ClientError
 from sessions import REGISTRY, Client, EventQueue, Session, SessionRegistry, write_or_drop
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE = 1 << 20  # 1 MiB: 32 s of 16 kHz PCM in one message is already more than any client needs
 _MAX_PENDING_FINALS = 2  # past this, a sender faster than real time waits: the socket is not read
 _FEED_SLICE = SAMPLE_RATE // 2  # feed big messages in slices so the loop stays responsive
 _CLOSE_FLUSH_S = 5.0  # longest wait for a slow reader to take the last events
-_ENCODINGS = ("pcm_s16le", "webm")
-_START_FIELDS = {"type", "language", "sample_rate", "encoding", "partials", "endpoint_ms"}
-
-# Close codes (RFC 6455): 1000 normal, 1001 server going away, 1003 unsupported data,
-# 1008 policy violation, 1013 try again later.
-_CLOSE_FOR_REASON = {"shutdown": 1001}
-_TRY_LATER = {"session_limit", "key_session_limit"}  # closed with 1013
-_TOO_LARGE = f"audio messages must be at most {MAX_MESSAGE} bytes"
-
-
-class Refused(Exception):
-    """The stream cannot go on: an error event, then a close with this code."""
-
-    def __init__(self, code: str, message: str, close_code: int) -> None:
-        super().__init__(message)
-        self.code, self.message, self.close_code = code, message, close_code
 
 
 def add_routes(app: web.Application) -> None:
@@ -53,7 +34,7 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
     ws = _Socket(
         protocols=auth.ws_protocols(request),  # echoes "livestt" when a browser sent a token with it
         heartbeat=max(1.0, registry.config.idle_timeout_s / 3),  # pings; no pong closes the socket
-        max_msg_size=4 * MAX_MESSAGE,  # aiohttp stops reading a message past this; below, we answer
+        max_msg_size=4 * protocol.MAX_AUDIO_BYTES,  # aiohttp stops reading a message past this; below, we answer
         timeout=_CLOSE_FLUSH_S,  # for the client's answer to our close frame
     )
     await ws.prepare(request)
@@ -62,7 +43,7 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
         try:
             registry.check_capacity(client)
         except ApiError as e:
-            await ws.close(code=1013 if e.code in _TRY_LATER else 1001, message=e.message.encode())
+            await ws.close(code=protocol.ERRORS[e.code].close, message=e.message.encode())
             return ws
         await WebSocketSession(ws, registry, query, request, client).run()
     finally:
@@ -125,47 +106,34 @@ class WebSocketSession:
             # Nothing was ever sent, so no session watches this socket: it must not stay open forever.
             await self.ws.close(code=1000, message=b"idle_timeout")
             return
+        if first.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            return
         try:
-            if first.type == WSMsgType.TEXT and _is_start(first.data):
-                self._start(client_json(first.data))
-                first = None
-            elif first.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                self._start({})
-            else:
-                return
-        except Refused as e:
+            start = protocol.ws_start(first.data)
+            self._start(start or protocol.Start())
+        except ClientError as e:
             await self._refuse(e)
             return
+        if start is not None:
+            first = None
         self._writer = asyncio.create_task(self._write())
         try:
             await self._read(first)
         finally:
             await self._writer
 
-    def _start(self, start: dict[str, Any]) -> None:
-        unknown = set(start) - _START_FIELDS
-        if unknown:
-            raise Refused("unknown_option", f"unknown start field(s): {', '.join(sorted(unknown))}", 1008)
-        encoding = start.get("encoding", "pcm_s16le")
-        if encoding not in _ENCODINGS:
-            raise Refused("unsupported_encoding",
-                          f"encoding must be one of {', '.join(_ENCODINGS)}", 1003)
-        rate = start.get("sample_rate", SAMPLE_RATE)
-        if encoding == "pcm_s16le" and (
-                not isinstance(rate, int) or isinstance(rate, bool) or not MIN_RATE <= rate <= MAX_RATE):
-            raise Refused("unsupported_rate",
-                          f"sample_rate must be an integer from {MIN_RATE} to {MAX_RATE}", 1003)
-        raw = {**self.query, **{k: v for k, v in start.items() if k not in ("type", "sample_rate", "encoding")}}
+    def _start(self, start: protocol.Start) -> None:
+        raw = {**self.query, **start.options}
         try:
             options = auth.session_options(self.request, raw)
             self.registry.check_capacity(self.client)
         except ApiError as e:
-            raise Refused(e.code, e.message, 1013 if e.code in _TRY_LATER else 1008) from None
-        self.rate = rate
+            raise ClientError(e.code, e.message) from None
+        self.rate = start.sample_rate
         self.session = session = self.registry.create("websocket", options, client=self.client)
-        if encoding == "webm":
+        if start.encoding == "webm":
             self.decoder = WebmDecoder(session.feed, self._decoder_failed)
-        self.outbox.put({"type": "session.started", **session.info()})
+        self.outbox.put(session.started_event())
         session.add_sink(self.outbox.put)
         session.on_close(self._close)
 
@@ -183,70 +151,48 @@ class WebSocketSession:
         """Acts on one message; True when the session is over and reading must stop."""
         if message.type == WSMsgType.ERROR and isinstance(message.data, WebSocketError) \
                 and message.data.code == WSCloseCode.MESSAGE_TOO_BIG:
-            message = WSMessage(WSMsgType.BINARY, bytes(MAX_MESSAGE + 1), None)  # refused below, as any too large
-        elif message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            return await self._client_error(protocol.too_large())
+        if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
             await self._end("not_reading" if self._dropped else "peer_closed")
             return True
-        try:
-            return await self._handle(message)
-        except Refused as e:
-            # The session itself ends: what was said before the refused message still gets its finals.
-            self._error(e.code, e.message)
-            self._close_code = e.close_code
-            await self._end("error")
-            return True
-
-    async def _handle(self, message: WSMessage) -> bool:
-        """Acts on one client message; True when the client asked to stop."""
-        if message.type == WSMsgType.BINARY:
-            await self._audio(message.data)
-            return False
-        if message.type != WSMsgType.TEXT:
+        if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
             return False
         try:
-            data = client_json(message.data)
-        except ValueError:
-            self._error("bad_message", "message is not valid JSON")
-            return False
-        kind = data.get("type") if isinstance(data, dict) else None
-        if kind == "stop" or (kind == "control" and data.get("action") == "stop"):
-            await self._end("stop")
-            return True
-        if kind == "audio":
-            payload = data.get("data", data.get("payload"))
-            try:
-                if not isinstance(payload, str):
-                    raise ValueError
-                audio = base64.b64decode(payload, validate=True)
-            except (ValueError, binascii.Error):
-                self._error("bad_base64", "audio data must be a base64 string in 'data' or 'payload'")
-                return False
-            await self._audio(audio)
-        elif kind == "start":
-            self._error("already_started", "the session has already started")
-        else:
-            self._error("unknown_message",
-                        f"unknown message type {quoted(kind)}; the client may send: audio, stop")
+            received = protocol.ws_message(message.data)
+            if isinstance(received, protocol.Stop):
+                await self._end("stop")
+                return True
+            await self._audio(received.data)
+        except ClientError as e:
+            return await self._client_error(e)
         return False
+
+    async def _client_error(self, e: ClientError) -> bool:
+        """Its error event; True when the session ends on it, as the code says (ClientError.close)."""
+        self._error(e)
+        if e.close is None:
+            return False
+        # The session itself ends: what was said before the refused message still gets its finals.
+        self._close_code = e.close
+        await self._end("error")
+        return True
 
     async def _audio(self, data: bytes) -> None:
         assert self.session is not None
-        if len(data) > MAX_MESSAGE:
-            raise Refused("too_large", _TOO_LARGE, 1008)
         if self.decoder is not None:
             await self.decoder.write(data)
             return
         if len(data) % 2:
-            self._error("odd_length", "16-bit PCM needs an even number of bytes; message dropped")
-            return
+            raise ClientError("odd_length", "16-bit PCM needs an even number of bytes; message dropped")
         pcm = self.resampler.pcm16(data, self.rate)
         for i in range(0, pcm.size, _FEED_SLICE):
             self.session.feed(pcm[i : i + _FEED_SLICE])
             await asyncio.sleep(0)
 
     def _decoder_failed(self, message: str) -> None:
-        self._error("bad_audio", message)
-        self._close_code = 1003
+        e = ClientError("bad_audio", message)
+        self._error(e)
+        self._close_code = e.close
         self._decoder_error = True
         self.session.end_soon("error")  # no decoder to drain: it has just stopped
 
@@ -258,17 +204,16 @@ class WebSocketSession:
             reason = "error" if self._decoder_error else reason
         await self.session.end(reason)
 
-    def _error(self, code: str, message: str) -> None:
-        metrics.error("event", code)
-        self.outbox.put({"type": "error", "code": code, "message": message})
+    def _error(self, e: ClientError) -> None:
+        metrics.error("event", e.code)
+        self.outbox.put(protocol.error(e.code, e.message))
 
     async def _write(self) -> None:
         while True:
             event = await self.outbox.get()
             if not self.ws.closed and not self._dropped:
                 try:
-                    if not await write_or_drop(self.ws.send_str(json.dumps(event, separators=(",", ":"))),
-                                               self.request.transport):
+                    if not await write_or_drop(self.ws.send_str(protocol.encode(event)), self.request.transport):
                         self._not_reading()
                 except ConnectionError:
                     pass
@@ -290,7 +235,7 @@ class WebSocketSession:
 
     async def _close(self) -> None:
         assert self.session is not None
-        code = _CLOSE_FOR_REASON.get(self.session.reason or "", self._close_code)
+        code = protocol.WS_CLOSE_ON_END.get(self.session.reason or "", self._close_code)
         # session.ended is the last event queued: the writer sends it, then the close frame goes.
         try:
             await asyncio.wait_for(asyncio.shield(self._writer), _CLOSE_FLUSH_S)
@@ -300,18 +245,10 @@ class WebSocketSession:
                                    self.request.transport):
             self._dropped = True
 
-    async def _refuse(self, e: Refused) -> None:
+    async def _refuse(self, e: ClientError) -> None:
+        """A start the server does not take: the error event, then the close, and no session."""
         metrics.error("event", e.code)
         if not self.ws.closed and await write_or_drop(
-                self.ws.send_str(json.dumps({"type": "error", "code": e.code, "message": e.message})),
-                self.request.transport):
-            await write_or_drop(self.ws.close(code=e.close_code, message=e.message.encode()[:120]),
+                self.ws.send_str(protocol.encode(protocol.error(e.code, e.message))), self.request.transport):
+            await write_or_drop(self.ws.close(code=e.close, message=e.message.encode()[:120]),
                                 self.request.transport)
-
-
-def _is_start(text: str) -> bool:
-    try:
-        data = client_json(text)
-    except ValueError:
-        return False
-    return isinstance(data, dict) and data.get("type") == "start"

@@ -6,18 +6,18 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
+from . import events
 from .engine import Before, Transcript
+from .events import Event
 from .segmenter import Segmenter, SpeechEnded, SpeechStarted
 from .vad import SAMPLE_RATE, VadBatch
 from .worker import DecodeWorker, Overloaded
 
 log = logging.getLogger(__name__)
-
-Event = dict[str, Any]
 
 # Half a second of speech is often too little for Whisper to say anything credible (6 of the
 # devset's 14 utterances at their onset): the first partial is asked for again after this much
@@ -161,12 +161,12 @@ class SpeechStream:
         if isinstance(event, SpeechStarted):
             self._partial_audio = 0
             self._previous_words = []
-            self._emit({"type": "speech.started", "utterance": event.utterance, "start": event.start})
+            self._emit(events.speech_started(event.utterance, event.start))
             return
         self.utterances += 1
         if self._partial_task is not None and not self._partial_task.done():
             self._partial_task.cancel()  # its text could only come after speech.stopped: not decoded
-        self._emit({"type": "speech.stopped", "utterance": event.utterance, "end": event.end})
+        self._emit(events.speech_stopped(event.utterance, event.end))
         self._finals_pending += 1
         try:
             pending = self._take_final(event)
@@ -181,12 +181,11 @@ class SpeechStream:
             result = await pending
         except Overloaded as e:
             result = None
-            self._emit({"type": "error", "code": "overloaded", "message": str(e)})
+            self._emit(events.error(events.OVERLOADED, str(e)))
         except Exception:
             log.exception("final decode failed")
             result = None
-            self._emit({"type": "error", "code": "decode_failed",
-                        "message": "transcription of an utterance failed"})
+            self._emit(events.error(events.DECODE_FAILED, "transcription of an utterance failed"))
         if previous is not None:
             await asyncio.shield(previous)  # finals leave in utterance order
         self._finals_pending -= 1
@@ -251,8 +250,7 @@ class SpeechStream:
         words = result.text.split()
         stable = _common_prefix(self._previous_words, words)
         self._previous_words = words
-        self._emit({"type": "transcript.partial", "utterance": utterance, "text": result.text,
-                    "stable": " ".join(stable), "start": self._segmenter.onset})
+        self._emit(events.transcript_partial(utterance, result.text, " ".join(stable), self._segmenter.onset))
 
 
 # English words a sentence does not end on: an early final that ends on one was cut mid-clause, whatever
@@ -295,18 +293,9 @@ def _common_prefix(a: list[str], b: list[str]) -> list[str]:
 
 
 def _final_event(event: SpeechEnded, result: Transcript | None, language: str | None) -> Event:
+    if result is None:
+        return events.transcript_final(event.utterance, "", event.start, event.end, language, [])
     offset = event.audio_start
-    words = [] if result is None else [
-        {"word": w.word, "start": round(offset + w.start, 3), "end": round(offset + w.end, 3),
-         "probability": w.probability}
-        for w in result.words
-    ]
-    return {
-        "type": "transcript.final",
-        "utterance": event.utterance,
-        "text": "" if result is None else result.text,
-        "start": event.start,
-        "end": event.end,
-        "language": result.language if result is not None else language,
-        "words": words,
-    }
+    words = [events.word(w.word, round(offset + w.start, 3), round(offset + w.end, 3), w.probability)
+             for w in result.words]
+    return events.transcript_final(event.utterance, result.text, event.start, event.end, result.language, words)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 from typing import Any
@@ -15,8 +14,8 @@ from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
-from errors import client_json, quoted
 import metrics
+import protocol
 from asr.audio import Resampler
 from sessions import Session
 
@@ -140,8 +139,7 @@ class PeerSession:
         self.channel = channel
         channel.on("message", self._on_message)
         channel.on("close", lambda: self.session.end_soon("peer_closed"))
-        info = self.session.info()
-        self._send({"type": "session.started", **info})
+        self._send(self.session.started_event())
         self.session.add_sink(self._send, replay=True)
 
     def _on_track(self, track: MediaStreamTrack) -> None:
@@ -178,22 +176,16 @@ class PeerSession:
 
     def _on_message(self, message: str | bytes) -> None:
         try:
-            data = client_json(message)
-        except ValueError:  # UnicodeDecodeError is one
-            metrics.error("event", "bad_message")
-            self._send({"type": "error", "code": "bad_message", "message": "message is not valid JSON"})
+            protocol.channel_message(message)  # Stop, the one message a data channel carries
+        except protocol.ClientError as e:
+            metrics.error("event", e.code)
+            self._send(protocol.error(e.code, e.message))
             return
-        kind = data.get("type") if isinstance(data, dict) else None
-        if kind == "stop":
-            self.session.end_soon("stop")
-        else:
-            metrics.error("event", "unknown_message")
-            self._send({"type": "error", "code": "unknown_message",
-                        "message": f"unknown message type {quoted(kind)}; the client may send: stop"})
+        self.session.end_soon("stop")
 
-    def _send(self, event: dict[str, Any]) -> None:
+    def _send(self, event: protocol.Event) -> None:
         if self.channel is not None and self.channel.readyState == "open":
-            self.channel.send(json.dumps(event, separators=(",", ":")))
+            self.channel.send(protocol.encode(event))
 
     async def close(self) -> None:
         self._ice_timer.cancel()

@@ -8,7 +8,8 @@ from aiohttp import web
 from aiortc.sdp import SessionDescription
 
 import auth
-from errors import ApiError, client_json
+import protocol
+from errors import ApiError
 from sessions import REGISTRY
 
 from .peer import PeerSession
@@ -30,7 +31,10 @@ async def post_offer(request: web.Request) -> web.Response:
     body = await _read_limited(request, config.max_offer_bytes)
     raw_options = dict(request.query)
     if content_type == "application/json":
-        sdp, extra = _parse_json_offer(body)
+        try:
+            sdp, extra = protocol.rtc_offer(body)
+        except protocol.ClientError as e:
+            raise ApiError(400, e.code, e.message) from None
         raw_options.update(extra)
     else:
         try:
@@ -54,8 +58,7 @@ async def post_offer(request: web.Request) -> web.Response:
     if content_type == "application/sdp":
         return web.Response(status=201, text=answer, content_type="application/sdp",
                             headers={"Location": location})
-    return web.json_response({"type": "answer", "sdp": answer, "session_id": session.id},
-                             status=201, headers={"Location": location})
+    return web.json_response(protocol.rtc_answer(answer, session.id), status=201, headers={"Location": location})
 
 
 async def delete_session(request: web.Request) -> web.Response:
@@ -77,16 +80,6 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
         if len(body) > limit:
             raise ApiError(413, "too_large", f"the offer is larger than {limit} bytes")
     return bytes(body)
-
-
-def _parse_json_offer(body: bytes) -> tuple[str, dict]:
-    try:
-        data = client_json(body)
-    except ValueError:
-        raise ApiError(400, "bad_json", "the body is not valid JSON") from None
-    if not isinstance(data, dict) or data.get("type") != "offer" or not isinstance(data.get("sdp"), str):
-        raise ApiError(400, "bad_offer", 'expected {"type": "offer", "sdp": "..."}')
-    return data["sdp"], {k: v for k, v in data.items() if k not in ("type", "sdp")}
 
 
 _MAX_MEDIA = 16  # m-lines an offer may carry: one audio track is read; the rest are refused in the answer

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 RATE = 16000
 LEAD_S = 0.5  # silence before the first word, as a microphone that was just opened gives
-MAX_MESSAGE = 1 << 20  # ws.MAX_MESSAGE
+MAX_MESSAGE = 1 << 20  # protocol.MAX_AUDIO_BYTES
 
 
 def lead(audio: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+import protocol
 from ops.storage.files import (AUDIO, FINALS, META, Unreadable, folder_name, is_regular, iso, json_bytes,
                                now, read_finals, why, write_atomic)
 from ops.storage.formats import write_transcripts
@@ -42,9 +43,8 @@ _OPS = {  # what each failing write was, for the log
 
 
 def storage_failed_event(reason: str) -> dict[str, Any]:
-    return {"type": "error", "code": "storage_failed",
-            "message": f"this session's transcript is not being saved: the server cannot write to its "
-                       f"data folder ({reason}); transcription goes on"}
+    return protocol.error("storage_failed", f"this session's transcript is not being saved: the server cannot "
+                          f"write to its data folder ({reason}); transcription goes on")
 
 
 def log_failure(session_id: str, op: str, reason: str) -> None:
@@ -256,8 +256,7 @@ class SessionRecord:
         if self.error is not None:
             self._tell()
         elif saved:
-            session.emit({"type": "session.saved", "session_id": session.id,
-                          "transcript": f"/v1/sessions/{session.id}/transcript"})
+            session.emit(protocol.session_saved(session.id))
         self._finished = True
 
     def _save(self, fd: int | None, meta: dict[str, Any]) -> bool:  # writer thread
