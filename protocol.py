@@ -64,7 +64,8 @@ END_REASONS = {  # session.ended's reason, and what it means
     "max_duration": "the session reached --max-session-s, or its token's limit",
     "shutdown": "the server is stopping",
     "error": "a WebSocket stream that could not go on (an error event says why)",
-    "not_reading": "a client that left its events unread: its connection was cut, so it never sees this",
+    "not_reading": "a client that left its events unread (a WebSocket, or a data channel that acknowledges "
+                   "nothing): its connection was cut, so it never sees this",
     "bad_offer": "an offer that could not be negotiated: the client got a 400, never this event",
 }
 WS_CLOSE_ON_END = {"shutdown": 1001}  # a WebSocket's close code by end reason; else 1000, or the error's

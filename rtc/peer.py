@@ -24,6 +24,7 @@ from .opus import opus_decoder
 log = logging.getLogger(__name__)
 
 _FLUSH_TIMEOUT_S = 2.0
+_MAX_UNSENT = 1 << 20  # bytes of events the peer may leave unacknowledged before its session ends
 
 
 def rtc_configuration(ice_servers: list[dict[str, Any]]) -> RTCConfiguration:
@@ -110,6 +111,7 @@ class PeerSession:
         self.pc = RTCPeerConnection(rtc_configuration(ice_servers))
         self.channel: RTCDataChannel | None = None
         self._track: MediaStreamTrack | None = None  # the one audio track transcribed
+        self._deaf = False  # the peer stopped acknowledging events
         self._reader: asyncio.Task | None = None
         self._ice_timer = asyncio.create_task(self._ice_deadline(ice_timeout_s))
         session.on_close(self.close)
@@ -184,8 +186,16 @@ class PeerSession:
         self.session.end_soon("stop")
 
     def _send(self, event: protocol.Event) -> None:
-        if self.channel is not None and self.channel.readyState == "open":
-            self.channel.send(protocol.encode(event))
+        if self.channel is None or self.channel.readyState != "open":
+            return
+        if self.channel.bufferedAmount > _MAX_UNSENT:
+            # The peer acknowledges nothing: its events would queue without end.
+            if not self._deaf:
+                self._deaf = True
+                log.info("session %s: the peer takes no events; ending it", self.session.id)
+                self.session.end_soon("not_reading")
+            return
+        self.channel.send(protocol.encode(event))
 
     async def close(self) -> None:
         self._ice_timer.cancel()

@@ -283,3 +283,29 @@ async def test_websocket_sessions_leave_nothing_behind(tmp_path):
     finally:
         logging.disable(logging.NOTSET)
         await runner.cleanup()
+
+
+async def test_a_webrtc_peer_that_acknowledges_no_event_is_ended(one_slot):
+    """A peer whose SCTP takes the server's events but never acknowledges them, while it sends messages
+    that each bring an error event: the events it leaves unacknowledged are bounded, and its session ends."""
+    from aiortc.rtcsctptransport import DataChunk
+
+    client = RTCClient(one_slot.url, track=silence())
+    try:
+        await client.connect()
+        await client.wait_type("session.started", timeout=10)
+        sctp = client.pc.sctp
+        hear = sctp._receive_chunk
+
+        async def deaf(chunk) -> None:  # the server's data is dropped unacknowledged; the rest goes on
+            if not isinstance(chunk, DataChunk):
+                await hear(chunk)
+
+        sctp._receive_chunk = deaf
+        for _ in range(20000):
+            client.send("not json")
+        line = await one_slot.wait_log("reason=not_reading", timeout=60)
+        assert "transport=webrtc" in line
+        await wait_sessions(one_slot.url, 0, timeout=10)
+    finally:
+        await client.close()
