@@ -1,13 +1,10 @@
 """Opus decoded straight to 16 kHz mono, the rate and layout the pipeline runs at.
 
-aiortc decodes Opus to 48 kHz stereo, which the server then had to downmix and resample to 16 kHz:
-about 120 us a 20 ms frame, against about 30 us for libopus decoding at 16 kHz mono itself (its
-decoder synthesises any of its rates natively). On bench/accuracy.py's six hearings of the devset,
-sent through Opus at 32 kbit/s, offline faster-whisper made 51 word errors on this decoder's audio
-and 52 on aiortc's. libopus is the copy that PyAV's wheel bundles (the one aiortc already decodes
-with), or the system's; without either, aiortc's decoder is used as before.
+aiortc decodes Opus to 48 kHz stereo, which the server would then downmix and resample; libopus
+synthesises any of its rates natively, at a fraction of that cost and with the same accuracy
+(docs/performance.md). libopus is the copy that PyAV's wheel bundles (the one aiortc already decodes
+with), or the system's; without either, aiortc's decoder is used.
 """
-
 from __future__ import annotations
 
 import ctypes

@@ -38,15 +38,15 @@ def rtc_configuration(ice_servers: list[dict[str, Any]]) -> RTCConfiguration:
 def release_audio_promptly(receiver: RTCRtpReceiver) -> bool:
     """Frames leave the receiver's jitter buffer as soon as they are whole, not four packets later.
 
-    aiortc holds each audio packet until four more have come (80 ms), to smooth playback. Nothing
-    is played here, and those 80 ms were 60 ms of every final's latency. Lost or late packets are
-    still waited for as before. aiortc offers no setting for it, so its private buffer is replaced;
+    aiortc holds each audio packet until four more have come, to smooth playback. Nothing is played
+    here, so that wait would only add to every final's latency. Lost or late packets are still waited
+    for as before. aiortc offers no setting for it, so its private buffer is replaced;
     if a newer aiortc moves it, audio keeps working with the old delay. Call before RTP flows.
     """
     name = "_RTCRtpReceiver__jitter_buffer"
     buffer = getattr(receiver, name, None)
     if not isinstance(buffer, JitterBuffer):
-        log.warning("aiortc's audio jitter buffer not found: audio arrives 60 ms later than it could")
+        log.warning("aiortc's audio jitter buffer not found: audio arrives four packets later than it could")
         return False
     setattr(receiver, name, JitterBuffer(capacity=buffer.capacity, prefetch=1))
     return True
@@ -56,10 +56,9 @@ class _LoopDecoder:
     """Stands in for the queue that feeds aiortc's decoder thread: each frame is decoded on the loop,
     as it leaves the jitter buffer, and goes straight to the track.
 
-    aiortc decodes in a thread per track, and each 20 ms frame crossed to that thread and back to the
-    loop through `run_coroutine_threadsafe`. That crossing cost more than the decoding (about 50 us
-    a frame), and 16 such threads contending for the GIL made the loop's own work slower too: with
-    16 streams of no speech, the server took 35 to 40 ms of CPU a stream-second, and 22 to 23 with this.
+    aiortc decodes in a thread per track, and each frame crosses to that thread and back to the loop
+    through `run_coroutine_threadsafe`. That crossing costs more than the decoding, and a thread per
+    stream contending for the GIL slows the loop's own work too (docs/performance.md).
     """
 
     def __init__(self, frames: asyncio.Queue) -> None:
