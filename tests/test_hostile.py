@@ -78,7 +78,7 @@ async def test_extra_audio_tracks_are_refused_in_the_answer_and_cost_no_memory(o
         await client.close()
     heard = " ".join(e["text"] for e in client.of_type("transcript.final"))
     assert word_errors(speech.text, heard)[0] <= 2, heard
-    # Unread tracks queued about 10 MB a second here before the fix.
+    # An unread track's packets must not be queued: ten of them would add megabytes a second.
     assert grown < 15, f"RSS grew {grown:.1f} MB while nine extra tracks sent silence"
     await wait_sessions(one_slot.url, 0, timeout=10)
 
