@@ -15,7 +15,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-SAMPLE_RATE = 16000
+from asr.audio import SAMPLE_RATE
+
 TRANSPORTS = ("webrtc", "websocket")
 _ARRIVALS_KEPT_S = 15.0  # audio timeline kept to date a speech end: the endpoint and a split's cut
 

@@ -15,7 +15,8 @@ from aiohttp import web
 
 from asr.segmenter import Segmenter, SegmenterConfig
 from asr.stream import Event, SpeechStream, StreamOptions
-from asr.vad import SAMPLE_RATE, WINDOW, SileroModel, SileroVAD, VadBatch
+from asr.audio import SAMPLE_RATE
+from asr.vad import WINDOW, SileroModel, SileroVAD, VadBatch
 from asr.worker import DecodeWorker
 import metrics
 from config import Config
@@ -123,7 +124,7 @@ class Session:
     def info(self) -> dict[str, Any]:
         """The fields of session.started."""
         return {"session_id": self.id, "model": self._registry.worker.engine.name,
-                "language": self.options.language, "sample_rate": 16000}
+                "language": self.options.language, "sample_rate": SAMPLE_RATE}
 
     def add_sink(self, sink: Sink, replay: bool = False) -> None:
         """Subscribers get events from now on; `replay` also delivers what was held back."""
@@ -208,12 +209,12 @@ class Session:
         # The audit line: never the transcript's text.
         log.info("session %s ended: transport=%s client=%s key=%s reason=%s duration=%.1fs "
                  "audio=%.1fs utterances=%d", self.id, self.transport, self.client.address or "-",
-                 self.client.key or "-", reason, duration, self.meter.samples / 16000,
+                 self.client.key or "-", reason, duration, self.meter.samples / SAMPLE_RATE,
                  self.stream.utterances,
                  extra={"event": "session.ended", "session_id": self.id, "transport": self.transport,
                         "client": self.client.address, "key": self.client.key, "reason": reason,
                         "duration_s": round(duration, 3),
-                        "audio_s": round(self.meter.samples / 16000, 3),
+                        "audio_s": round(self.meter.samples / SAMPLE_RATE, 3),
                         "utterances": self.stream.utterances})
 
     async def _watch(self) -> None:

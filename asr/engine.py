@@ -23,10 +23,9 @@ from faster_whisper.transcribe import (
 )
 
 from . import models
+from .audio import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
-
-SAMPLE_RATE = 16000
 
 # What Whisper tends to say over near-silence; dropped only when the model itself is unsure.
 _HALLUCINATIONS = {

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .vad import SAMPLE_RATE, WINDOW, SileroVAD
+from .audio import SAMPLE_RATE
+from .vad import WINDOW, SileroVAD
 
 _WINDOW_S = WINDOW / SAMPLE_RATE
 

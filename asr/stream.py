@@ -10,9 +10,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .audio import SAMPLE_RATE
 from .engine import Before, Transcript
 from .segmenter import Segmenter, SpeechEnded, SpeechStarted
-from .vad import SAMPLE_RATE, VadBatch
+from .vad import VadBatch
 from .worker import DecodeWorker, Overloaded
 
 log = logging.getLogger(__name__)

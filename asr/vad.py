@@ -13,7 +13,8 @@ from typing import Callable
 import numpy as np
 import onnxruntime
 
-SAMPLE_RATE = 16000
+from .audio import SAMPLE_RATE
+
 WINDOW = 512  # samples per VAD decision (32 ms), fixed by the model
 _CONTEXT = 64  # the model sees the tail of the previous window before each window
 _SR = np.array(SAMPLE_RATE, dtype=np.int64)
