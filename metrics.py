@@ -139,15 +139,15 @@ class _WorkerCollector(Collector):
         worker = self.worker
         if worker is None:
             return
-        yield GaugeMetricFamily("stt_decode_queue_depth", "Decodes waiting (finals, speculative "
-                                "finals, partials)", value=worker.depth)
+        yield GaugeMetricFamily("stt_decode_queue_depth", "Decodes waiting (finals, early finals, "
+                                "partials)", value=worker.depth)
         yield CounterMetricFamily("stt_decode_busy_seconds", "Time spent decoding (summed over "
-                                  "decode threads)", value=worker.busy_seconds)
+                                  "decode workers)", value=worker.busy_seconds)
         yield CounterMetricFamily("stt_decodes", "Decodes run", value=worker.decodes)
-        yield CounterMetricFamily("stt_decodes_short_window", "Decodes that attended over the short window: "
-                                  "partials while other decodes ran or waited, finals in a burst",
-                                  value=worker.short_window_decodes)
-        yield CounterMetricFamily("stt_decodes_greedy", "Finals and speculative finals decoded greedily "
+        yield CounterMetricFamily("stt_decodes_short_window", "Decodes that attended over the busy window "
+                                  "(--busy-decode-window-s): partials while other decodes ran or waited, "
+                                  "finals in a burst", value=worker.busy_window_decodes)
+        yield CounterMetricFamily("stt_decodes_greedy", "Finals and early finals decoded greedily "
                                   "because other decodes ran or waited", value=worker.greedy_decodes)
         yield CounterMetricFamily("stt_decodes_batched", "Finals of bursts decoded together in one batch",
                                   value=worker.batched_decodes)

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from asr.engine import DecodeOptions, WhisperEngine
 from asr.vad import SileroModel
-from asr.worker import DecodeWorker
+from asr.worker import DecodePool
 import auth
 import connections
 import fdlimit
@@ -126,13 +126,13 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def load_model(app: web.Application, config: Config) -> None:
-    """The model, off the event loop; then the worker starts and the server is ready."""
+    """The model, off the event loop; then the decode workers start and the server is ready."""
     engine = await _in_thread(load_engine, config)
     # Finals are bounded per server: a few per session before the server calls itself overloaded.
-    worker = DecodeWorker(engine, max_finals=4 * config.max_sessions, threads=config.decode_workers)
-    metrics.watch_worker(worker)
-    worker.start()
-    app[REGISTRY].worker = worker
+    pool = DecodePool(engine, max_finals=4 * config.max_sessions, workers=config.decode_workers)
+    metrics.watch_worker(pool)
+    pool.start()
+    app[REGISTRY].worker = pool
 
 
 def _in_thread(function: Callable[..., Any], *args: Any) -> asyncio.Future:
@@ -222,7 +222,7 @@ def setup_logging(config: Config) -> None:
 def cap_malloc_arenas(arenas: int = 2) -> None:
     """Two glibc malloc arenas instead of eight per core, unless MALLOC_ARENA_MAX says otherwise.
 
-    Each decode thread would get its own arena, and each arena keeps the freed encoder and decoder
+    Each decode worker would get its own arena, and each arena keeps the freed encoder and decoder
     buffers of its last decodes: in tests/test_ws.py's devset x5 run, peak RSS went from ~365 to
     ~325 MB with two, at the same speed. Whisper's buffers are few and large, so the threads that
     share an arena seldom wait on its lock.

@@ -17,7 +17,7 @@ from asr.segmenter import Segmenter, SegmenterConfig
 from asr.stream import Event, SpeechStream, StreamOptions
 from asr.audio import SAMPLE_RATE
 from asr.vad import WINDOW, SileroModel, SileroVAD, VadBatch
-from asr.worker import DecodeWorker
+from asr.worker import DecodePool
 import metrics
 from config import Config
 from errors import ApiError
@@ -285,7 +285,7 @@ async def write_or_drop(write: Awaitable[Any], transport: asyncio.BaseTransport 
 class SessionRegistry:
     """Creates sessions within the limit and knows every live one."""
 
-    def __init__(self, config: Config, worker: DecodeWorker, vad_model: SileroModel) -> None:
+    def __init__(self, config: Config, worker: DecodePool, vad_model: SileroModel) -> None:
         self.config = config
         self.worker = worker
         self.vad_model = vad_model

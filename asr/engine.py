@@ -61,14 +61,14 @@ class Before:
 class DecodeOptions:
     beam_size: int = 5  # finals; partials are always greedy
     cpu_threads: int = 1  # per decode: parallel single-threaded decodes beat one wide decode on CPU
-    workers: int = 1  # decodes that may run at once
+    workers: int = 1  # decode workers: decodes that may run at once
     # Whisper's encoder is built for 30 s; on one core, tiny's takes ~425 ms at 30 s and ~58 ms at
     # 10 s. It runs over the utterance plus 1 to 3 s only, and its output is padded with the
     # encoding of silence, computed once, to the window the decoder attends over. Word errors on
     # bench/accuracy.py's 978 words: 49 padded to Whisper's 30 s (faster-whisper's full encoder on
     # the same utterances: 65), 66 padded to 10 s. But attending over 1500 frames costs every
     # decode ~40 ms of one core more than over 500, so partials while other decodes run or wait,
-    # and finals in a burst, take the short window (asr/worker.py).
+    # and finals in a burst, take the busy window (asr/worker.py).
     window_s: float = 30.0
     busy_window_s: float = 10.0
     # Niceness added to CTranslate2's compute threads (Linux), so that under load the event loop, which
@@ -185,7 +185,7 @@ def _repeats(tokenizer: Tokenizer, tokens: list[int], context: list[int]) -> boo
 
 
 class WhisperEngine:
-    """One faster-whisper model. Its methods block: only the decode worker calls them."""
+    """One faster-whisper model. Its methods block: only the decode workers call them."""
 
     def __init__(self, model: str, device: str = "cpu", compute_type: str = "int8",
                  options: DecodeOptions = DecodeOptions()) -> None:
@@ -218,15 +218,15 @@ class WhisperEngine:
         self.transcribe(0.1 * np.sin(2 * np.pi * 220 * t), self.default_language, final=True)
 
     def transcribe(self, audio: np.ndarray, language: str | None, final: bool,
-                   greedy: bool = False, short_window: bool = False,
+                   greedy: bool = False, busy_window: bool = False,
                    before: Before = Before()) -> Transcript | None:
         """Text of one utterance, or None when there is no credible speech in it.
 
-        `greedy` (for a final: partials always are) and `short_window` (`busy_window_s` instead of
+        `greedy` (for a final: partials always are) and `busy_window` (`busy_window_s` instead of
         `window_s`) trade accuracy for time when other decodes run or wait. `before`: what the stream said
         just before: its text is continued, its language kept where this utterance's is unsure.
         """
-        encoded = self._encode(audio, self.options.busy_window_s if short_window else self.options.window_s)
+        encoded = self._encode(audio, self.options.busy_window_s if busy_window else self.options.window_s)
         if language is None:
             token, probability = self._ct2.detect_language(get_ctranslate2_storage(encoded))[0][0]
             language = token[2:-2]
@@ -239,7 +239,7 @@ class WhisperEngine:
 
     def transcribe_burst(self, audios: list[np.ndarray], language: str,
                          befores: list[Before] | None = None) -> Iterator[tuple[int, Transcript | None]]:
-        """Finals of a burst, as `transcribe(final=True, greedy=True, short_window=True)` gives them,
+        """Finals of a burst, as `transcribe(final=True, greedy=True, busy_window=True)` gives them,
         in one batched decode: on one core, 8 of the devset's utterances took 566 ms against 948 ms
         one by one, 4 took 403 against 615.
 
@@ -281,8 +281,8 @@ class WhisperEngine:
         """Encoder output over max(window_s, audio + 1 to 3 s), of which only audio + 1 to 3 s is computed."""
         return self._pad(self._encode_window(audio, _computed_s(audio.size / SAMPLE_RATE)), int(window_s * 50))
 
-    def _short_window(self, encoded: np.ndarray, seconds: float) -> np.ndarray:
-        """`encoded`, of an utterance of `seconds`, cut to the short window: what follows is silence."""
+    def _busy_window(self, encoded: np.ndarray, seconds: float) -> np.ndarray:
+        """`encoded`, of an utterance of `seconds`, cut to the busy window: what follows is silence."""
         return encoded[:, :int(max(self.options.busy_window_s, _computed_s(seconds)) * 50)]
 
     def _pad(self, encoded: np.ndarray, frames: int) -> np.ndarray:
@@ -314,7 +314,7 @@ class WhisperEngine:
         says the context again is tried once more without it, and the fallback never has it, so that a
         misheard context cannot carry over into the text.
         `tried`: the outcome of the first attempt, already decoded (in a batch). The fallback's five
-        sampled hypotheses attend over the short window, which bounds their memory.
+        sampled hypotheses attend over the busy window, which bounds their memory.
         """
         beam_size = self.options.beam_size if final and not greedy else 1
         storage = get_ctranslate2_storage(encoded)
@@ -322,8 +322,8 @@ class WhisperEngine:
         if previous:
             attempts.append((storage, [], {"beam_size": beam_size}))
         if final:
-            short = get_ctranslate2_storage(self._short_window(encoded, seconds))
-            attempts += [(short, [], {"beam_size": 1, "sampling_temperature": t, "sampling_topk": 0,
+            busy = get_ctranslate2_storage(self._busy_window(encoded, seconds))
+            attempts += [(busy, [], {"beam_size": 1, "sampling_temperature": t, "sampling_topk": 0,
                                       "num_hypotheses": 5}) for t in _FALLBACK_TEMPERATURES]
         best = None
         for number, (storage, context, attempt) in enumerate(attempts):
