@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -12,16 +11,8 @@ from typing import Callable, Hashable, Iterator
 
 import numpy as np
 
+from . import policy
 from .engine import Before, Transcript, WhisperEngine
-
-# A partial that waited this long describes speech the speaker has moved past: drop it, unless it is
-# its utterance's first, the only text the speaker would see before the final.
-_STALE_PARTIAL_S = 1.0
-# Finals decoded together in a burst. Batched, 8 of the devset's utterances took 60% of their time one by
-# one and 4 took 66%, but each final of a batch waits for the whole batch's decode: with 16 WebRTC streams
-# ending every sentence at the same moment, batches of 4 gave final p50 1.30 to 1.39 s against 1.53 to
-# 1.66 s, the same p95, and 70 to 100 MB less peak RSS.
-_MAX_BATCH = 4
 
 
 class Overloaded(RuntimeError):
@@ -40,7 +31,7 @@ class _Job:
     first: bool = False  # a partial for an utterance that shows no words yet
     before: Before = Before()  # what the stream said before
     key: Hashable = None  # the stream that asked
-    # How the engine is to decode it, set when a worker takes it (see `_take`).
+    # How the engine is to decode it, set when a worker takes it (asr/policy.py).
     greedy: bool = False
     busy_window: bool = False
 
@@ -51,14 +42,10 @@ class DecodePool:
 
     Finals are FIFO and bounded. Early finals (decoded while the endpoint silence is still
     running) and partials are keyed by stream: a newer one replaces the waiting one, so each
-    stream holds at most one of each. Under load the pool sheds work in this order: a final
-    with others running or waiting is decoded greedily and a partial over the engine's busy
-    window, partials never take the last idle worker (it stays free for the next final or
-    early final), stale partials are dropped (an utterance's first is not: it is the only text its
-    speaker would see before the final), streams stop asking for partials and early finals
-    while finals wait (see `finals_waiting`), and a final or early final with as many of its
-    kind queued behind it as there are workers also takes the busy window, decoded in one batch
-    with its worker's share of the burst.
+    stream holds at most one of each. Streams stop asking for partials and early finals while
+    finals wait (see `finals_waiting`). How a worker decodes what it takes under load (greedy,
+    over the busy window, a burst's finals in one batch) and which partials it sheds is
+    asr/policy.py's.
     """
 
     def __init__(self, engine: WhisperEngine, max_finals: int, workers: int = 1) -> None:
@@ -71,9 +58,6 @@ class DecodePool:
         self._closed = False
         self._busy = 0  # workers decoding now
         self._busy_partials: list[Hashable] = []  # the streams whose partials are being decoded
-        # With one worker there is nothing to keep free; with more, a final or early final never
-        # waits behind a partial that started just before it (partials take 100-200 ms each).
-        self._partial_workers = max(1, workers - 1)
         self._workers = [threading.Thread(target=self._run, name=f"whisper-decode-{i}", daemon=True)
                          for i in range(workers)]
         self.busy_seconds = 0.0
@@ -193,7 +177,7 @@ class DecodePool:
                                          lambda: self._early_finals.popitem(last=False)[1])
             if self._partials_allowed():
                 job = self._partials.popitem(last=False)[1]
-                if not job.first and time.monotonic() - job.queued > _STALE_PARTIAL_S:
+                if policy.stale(job.first, time.monotonic() - job.queued):
                     self.shed_partials += 1
                     job.loop.call_soon_threadsafe(_resolve, job.future, None)
                     continue
@@ -203,32 +187,24 @@ class DecodePool:
     def _take_finals(self, job: _Job, behind: list[_Job], pop: Callable[[], _Job]) -> list[_Job]:
         """A final, and in a burst (as many waiting behind it as there are workers) those behind it
         in the same language, up to this worker's share of the burst, to decode in one batch."""
-        if len(behind) < len(self._workers):
+        if not policy.in_burst(len(behind), len(self._workers)):
             return [self._take(job, burst=False)]
-        share = math.ceil((len(behind) + 1) / max(1, len(self._workers) - self._busy))
         batch = [job]
-        for other in behind[:min(share, _MAX_BATCH) - 1]:
+        for other in behind[:policy.burst_share(len(behind), len(self._workers), self._busy) - 1]:
             if job.language is None or other.language != job.language:
                 break
             batch.append(pop())
         return [self._take(j, burst=True) for j in batch]
 
     def _take(self, job: _Job, burst: bool) -> _Job:
-        """A final with company (another decode running or waiting, but for its own stream's partials,
-        which it makes obsolete) is greedy; one in a burst (as many of its kind waiting behind it as there
-        are workers) also takes the busy window; partials take it whenever others run or wait. Beam search
-        over the full window is the most accurate and the dearest."""
-        others = bool(self._busy or self._finals or self._early_finals or self._partials)
-        if job.final and others and job.key is not None:
-            own = self._busy_partials.count(job.key)
-            others = bool(self._busy - own or self._finals or self._early_finals
-                          or any(key != job.key for key in self._partials))
-        job.greedy = job.final and (burst or others)
-        job.busy_window = burst or (others and not job.final)
+        """Under the lock: sets how `job` is decoded, from what else runs or waits."""
+        company = policy.has_company(job.key, job.final, self._busy, self._busy_partials, len(self._finals),
+                                     len(self._early_finals), self._partials)
+        job.greedy, job.busy_window = policy.mode(job.final, burst, company)
         return job
 
     def _partials_allowed(self) -> bool:
-        return bool(self._partials) and self._busy < self._partial_workers
+        return bool(self._partials) and policy.partial_may_start(self._busy, len(self._workers))
 
     def _run(self) -> None:
         while taken := self._next():

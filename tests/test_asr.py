@@ -18,10 +18,11 @@ from faster_whisper import WhisperModel
 
 from asr import models
 from asr.engine import DecodeOptions, WhisperEngine, spell_lone_digit
+from asr.policy import MAX_BATCH
 from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
 from asr.stream import SpeechStream, StreamOptions
 from asr.vad import SileroModel, SileroVAD, VadBatch
-from asr.worker import _MAX_BATCH, DecodePool
+from asr.worker import DecodePool
 from speech import data_recording, devset_variants, load_devset, recording, segment, wer, word_errors
 
 PAD_S = 1.0
@@ -301,8 +302,8 @@ def test_finals_lose_no_words_against_faster_whisper_on_the_same_utterances(engi
     audios = [a for _, parts in utterances for a in parts]
     ctranslate2.set_random_seed(0)
     texts = {}
-    for i in range(0, len(audios), _MAX_BATCH):
-        group = audios[i:i + _MAX_BATCH]
+    for i in range(0, len(audios), MAX_BATCH):
+        group = audios[i:i + MAX_BATCH]
         batch = dict(engine.transcribe_burst(group, "en"))
         assert sorted(batch) == list(range(len(group)))
         texts.update({id(a): getattr(batch[n], "text", "") for n, a in enumerate(group)})
@@ -339,7 +340,7 @@ def test_engine_says_nothing_for_silence_or_noise(engine, kind):
 async def test_pool_runs_finals_first_then_first_partials_and_replaces_waiting_partials(engine, monkeypatch):
     """Under load a speaker who has seen no words yet goes ahead of those who have seen some."""
     # The order is tested here, not shedding: on a starved machine `fresh` could wait past a second.
-    monkeypatch.setattr("asr.worker._STALE_PARTIAL_S", 60.0)
+    monkeypatch.setattr("asr.policy.STALE_PARTIAL_S", 60.0)
     rec = next(r for r in load_devset() if r.id == "ls-61-70968-0002")
     pool = DecodePool(engine, max_finals=4)
     pool.start()
@@ -373,7 +374,7 @@ async def test_pool_runs_finals_first_then_first_partials_and_replaces_waiting_p
 async def test_pool_sheds_a_partial_that_waited_past_its_time(engine, monkeypatch):
     """A partial that waited behind finals describes speech the speaker has moved past: never decoded.
     An utterance's first partial is, however long it waited: the speaker has seen no words yet."""
-    monkeypatch.setattr("asr.worker._STALE_PARTIAL_S", 0.05)  # a final's beam search takes longer
+    monkeypatch.setattr("asr.policy.STALE_PARTIAL_S", 0.05)  # a final's beam search takes longer
     rec = next(r for r in load_devset() if r.id == "ls-61-70968-0002")
     pool = DecodePool(engine, max_finals=4)  # one worker: the partial waits for the final
     pool.start()
@@ -386,7 +387,7 @@ async def test_pool_sheds_a_partial_that_waited_past_its_time(engine, monkeypatc
         first = pool.partial("a", rec.audio, "en", first=True)
         assert (await final) is not None and (await first) is not None
         assert (pool.decodes, pool.shed_partials) == (3, 1)
-        monkeypatch.setattr("asr.worker._STALE_PARTIAL_S", 60.0)
+        monkeypatch.setattr("asr.policy.STALE_PARTIAL_S", 60.0)
         assert (await pool.partial("a", rec.audio, "en")) is not None  # an idle pool decodes it
     finally:
         await pool.close()
@@ -478,7 +479,7 @@ async def test_pool_keeps_a_worker_free_of_partials_for_finals_and_the_full_wind
     A final beside another stream's running partial is greedy; one alone takes beam search. Both take
     the full window, which a partial takes only when no other decode runs or waits.
     """
-    monkeypatch.setattr("asr.worker._STALE_PARTIAL_S", 60.0)  # none shed, however slow the machine
+    monkeypatch.setattr("asr.policy.STALE_PARTIAL_S", 60.0)  # none shed, however slow the machine
     rec = next(r for r in load_devset() if r.id == "ls-61-70968-0000")
     spans: list[tuple[str, float, float, bool, bool]] = []
     transcribe = engine.transcribe
