@@ -17,10 +17,11 @@ import pytest
 from faster_whisper import WhisperModel
 
 from asr import models
-from asr.engine import DecodeOptions, WhisperEngine, spell_lone_digit
+from asr.engine import DecodeOptions, WhisperEngine
 from asr.policy import MAX_BATCH
 from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
 from asr.stream import SpeechStream, StreamOptions
+from asr.text import cut_loop, spell_lone_digit
 from asr.vad import SileroModel, SileroVAD, VadBatch
 from asr.worker import DecodePool
 from speech import data_recording, devset_variants, load_devset, recording, segment, wer, word_errors
@@ -623,8 +624,6 @@ async def test_the_early_final_starts_once_the_voice_pauses_if_the_pool_is_idle(
 
 
 def test_cut_loop_keeps_one_copy_of_a_repeated_tail():
-    from asr.engine import cut_loop
-
     sentence = [11, 12, 13, 14, 15, 16]
     assert cut_loop([1, 2] + sentence * 2) == [1, 2] + sentence
     assert cut_loop([1, 2] + sentence * 4 + sentence[:3]) == [1, 2] + sentence  # cut by the cap
