@@ -14,13 +14,12 @@ import ctypes
 import logging
 import signal
 import sys
-import threading
 import time
-from typing import Any, Callable
 
 from aiohttp import web
 
 from asr.engine import DecodeOptions, WhisperEngine
+from asr.threads import on_daemon_thread
 from asr.vad import SileroModel
 from asr.worker import DecodePool
 import auth
@@ -127,35 +126,13 @@ async def ready(request: web.Request) -> web.Response:
 
 async def load_model(app: web.Application, config: Config) -> None:
     """The model, off the event loop; then the decode workers start and the server is ready."""
-    engine = await _in_thread(load_engine, config)
+    # A daemon thread: a stop during a long load (a download) does not wait for it.
+    engine = await asyncio.wrap_future(on_daemon_thread(load_engine, config, name="model-load"))
     # Finals are bounded per server: a few per session before the server calls itself overloaded.
     pool = DecodePool(engine, max_finals=4 * config.max_sessions, workers=config.decode_workers)
     metrics.watch_worker(pool)
     pool.start()
     app[REGISTRY].worker = pool
-
-
-def _in_thread(function: Callable[..., Any], *args: Any) -> asyncio.Future:
-    """A daemon thread, unlike asyncio.to_thread: a stop during a long load does not wait for it."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if not future.done():
-            future.set_exception(error) if error is not None else future.set_result(result)
-
-    def run() -> None:
-        try:
-            result, error = function(*args), None
-        except BaseException as e:  # noqa: BLE001 - handed to the loop
-            result, error = None, e
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the loop has closed: the server stopped meanwhile
-            pass
-
-    threading.Thread(target=run, name="model-load", daemon=True).start()
-    return future
 
 
 def load_engine(config: Config) -> WhisperEngine:

@@ -6,10 +6,9 @@ import logging
 import math
 import os
 import sys
-import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from faster_whisper import WhisperModel
@@ -19,6 +18,7 @@ from faster_whisper.transcribe import get_ctranslate2_storage, get_suppressed_to
 from . import models, text
 from .audio import SAMPLE_RATE
 from .text import Decoded
+from .threads import on_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -100,22 +100,13 @@ def _load_niced(nice: int, load: Callable[[], WhisperModel]) -> WhisperModel:
     """
     if not nice or not sys.platform.startswith("linux"):  # elsewhere the niceness is the process's
         return load()
-    box: dict[str, Any] = {}
 
-    def run() -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + nice)
-            box["model"] = load()
-        except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
-            box["error"] = e
+    def run() -> WhisperModel:
+        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+        return load()
 
     # A daemon, as server.py's loading thread: a stop during a long download does not wait for it.
-    thread = threading.Thread(target=run, name="model-load-niced", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["model"]
+    return on_daemon_thread(run, name="model-load-niced").result()
 
 
 class WhisperEngine:

@@ -75,9 +75,8 @@ class DecodePool:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        loop = asyncio.get_running_loop()
         for thread in self._workers:
-            await loop.run_in_executor(None, thread.join)
+            await asyncio.to_thread(thread.join)
 
     @property
     def depth(self) -> int:
