@@ -129,8 +129,9 @@ async def load_model(app: web.Application, config: Config) -> None:
     # A daemon thread: a stop during a long load (a download) does not wait for it.
     engine = await asyncio.wrap_future(on_daemon_thread(load_engine, config, name="model-load"))
     # Finals are bounded per server: a few per session before the server calls itself overloaded.
-    pool = DecodePool(engine, max_finals=4 * config.max_sessions, workers=config.decode_workers)
-    metrics.watch_worker(pool)
+    pool = DecodePool(engine, max_finals=4 * config.max_sessions, workers=config.decode_workers,
+                      on_partial=metrics.partial_answered)
+    metrics.watch_decodes(pool)
     pool.start()
     app[REGISTRY].worker = pool
 

@@ -46,11 +46,18 @@ class DecodePool:
     finals wait (see `finals_waiting`). How a worker decodes what it takes under load (greedy,
     over the busy window, a burst's finals in one batch) and which partials it sheds is
     asr/policy.py's.
+
+    What an operator watches: the counters below, read at any time, and `on_partial(seconds)`, called
+    on the event loop for each partial that said something, with the time from its request to its
+    text. A stream asks for a partial as the newest audio it covers arrives, so that is the partial's
+    latency; replaced, shed and empty partials are not reported.
     """
 
-    def __init__(self, engine: WhisperEngine, max_finals: int, workers: int = 1) -> None:
+    def __init__(self, engine: WhisperEngine, max_finals: int, workers: int = 1,
+                 on_partial: Callable[[float], None] | None = None) -> None:
         self.engine = engine
         self._max_finals = max_finals
+        self._on_partial = on_partial
         self._cond = threading.Condition()
         self._finals: deque[_Job] = deque()
         self._early_finals: OrderedDict[Hashable, _Job] = OrderedDict()
@@ -122,8 +129,16 @@ class DecodePool:
         `first`: the utterance shows no words yet. Such a partial goes ahead of the streams that
         already show some, so that under load a speaker still sees their words begin soon.
         """
-        return self._keyed(self._partials, key,
-                           self._job(audio, language, final=False, first=first, before=before, key=key))
+        job = self._job(audio, language, final=False, first=first, before=before, key=key)
+        future = self._keyed(self._partials, key, job)
+        if self._on_partial is not None:
+            future.add_done_callback(lambda _: self._answered(job))
+        return future
+
+    def _answered(self, job: _Job) -> None:
+        future = job.future
+        if not future.cancelled() and future.exception() is None and future.result() is not None:
+            self._on_partial(time.monotonic() - job.queued)
 
     def _keyed(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job) -> asyncio.Future:
         with self._cond:
