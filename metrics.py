@@ -1,5 +1,5 @@
 """GET /metrics in the Prometheus text format: sessions, audio, utterances, latency, the decode
-worker, errors and refusals. Counters are process-wide (prometheus-client's default registry)."""
+pool, errors and refusals. Counters are process-wide (prometheus-client's default registry)."""
 
 from __future__ import annotations
 

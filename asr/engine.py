@@ -51,13 +51,12 @@ class DecodeOptions:
     beam_size: int = 5  # finals; partials are always greedy
     cpu_threads: int = 1  # per decode: parallel single-threaded decodes beat one wide decode on CPU
     workers: int = 1  # decode workers: decodes that may run at once
-    # Whisper's encoder is built for 30 s; on one core, tiny's takes ~425 ms at 30 s and ~58 ms at
-    # 10 s. It runs over the utterance plus 1 to 3 s only, and its output is padded with the
-    # encoding of silence, computed once, to the window the decoder attends over. Word errors on
-    # bench/accuracy.py's 978 words: 49 padded to Whisper's 30 s (faster-whisper's full encoder on
-    # the same utterances: 65), 66 padded to 10 s. But attending over 1500 frames costs every
-    # decode ~40 ms of one core more than over 500, so partials while other decodes run or wait,
-    # and finals in a burst, take the busy window (asr/worker.py).
+    # Whisper's encoder is built for 30 s, and its cost grows with what it hears. It runs over the
+    # utterance plus 1 to 3 s only, and its output is padded with the encoding of silence, computed
+    # once, to the window the decoder attends over: padded to Whisper's own 30 s the words are as
+    # offline, and a shorter window loses some. Attending over a longer window costs every decode
+    # more, so partials while other decodes run or wait, and finals in a burst, take the busy window
+    # (asr/policy.py).
     window_s: float = 30.0
     busy_window_s: float = 10.0
     # Niceness added to CTranslate2's compute threads (Linux), so that under load the event loop, which
@@ -71,10 +70,8 @@ class DecodeOptions:
 
 
 # The encoder hears at least _ENCODE_PAD_S of silence after the utterance, rounded up to whole
-# _ENCODE_STEP_S: a dozen buffer sizes rather than one per utterance length, so that freed buffers
-# fit the next decode's and the heap stops growing. Word errors moved within the noise that any
-# change of a second in the encoder's length makes: 72 against 75 on bench/accuracy.py's 978 words;
-# 79 against 69 on the same words cut as tests/test_asr.py cuts them, where a 1.5 s pad gave 75.
+# _ENCODE_STEP_S: a few buffer sizes rather than one per utterance length, so that freed buffers
+# fit the next decode's and the heap stops growing.
 _ENCODE_STEP_S = 2.0
 _ENCODE_PAD_S = 1.0
 _FALLBACK_TEMPERATURES = (0.2, 0.4)
@@ -93,10 +90,10 @@ def _load_niced(nice: int, load: Callable[[], WhisperModel]) -> WhisperModel:
     """`load()` on a thread of its own with `nice` added to its niceness: CTranslate2 starts its
     compute threads there, and a Linux thread inherits its creator's niceness.
 
-    The decodes of 16 streams and the event loop that takes in their audio need about the same CPU
-    on 2 cores. At the same priority, a backlog of finals took the loop's share: on a slower
-    machine, the server had taken in 52 s of a stream's audio after 66 s, the peers' ICE consent
-    checks timed out, and every session of the run closed. Niced, decodes get what the loop leaves.
+    Under load the decodes and the event loop that takes in every stream's audio compete for the
+    same cores. At the same priority a backlog of finals can take the loop's share: the server then
+    falls behind the audio, the peers' ICE consent checks time out and their sessions close. Niced,
+    decodes get what the loop leaves.
     """
     if not nice or not sys.platform.startswith("linux"):  # elsewhere the niceness is the process's
         return load()
@@ -165,12 +162,12 @@ class WhisperEngine:
     def transcribe_burst(self, audios: list[np.ndarray], language: str,
                          befores: list[Before] | None = None) -> Iterator[tuple[int, Transcript | None]]:
         """Finals of a burst, as `transcribe(final=True, greedy=True, busy_window=True)` gives them,
-        in one batched decode: on one core, 8 of the devset's utterances took 566 ms against 948 ms
-        one by one, 4 took 403 against 615.
+        in one batched decode, which costs less than decoding them one by one: each step of Whisper's
+        decoder reads all of its weights, once for the whole batch.
 
         Yields (index, transcript) as each is ready, so that one need not wait for the word timings
-        of all the others (about 16 ms each): first those the batch settled, then, one at a time, the
-        doubtful ones that go on alone to the temperature fallback.
+        of all the others: first those the batch settled, then, one at a time, the doubtful ones that
+        go on alone to the temperature fallback.
         """
         encoded = [self._encode(audio, self.options.busy_window_s) for audio in audios]
         frames = max(e.shape[1] for e in encoded)
@@ -285,11 +282,10 @@ class WhisperEngine:
         """Word timings from the decoder's cross-attention over `encoded`, or, `quick`, over its computed
         part alone (the utterance plus 1 to 3 s).
 
-        Over 30 s a final's alignment took 55 ms of one core on the devset's first three hearings (45
-        utterances); over the computed part 22 ms, and over the 10 s window 27 ms. Against the 30 s
-        timings, the computed part's moved 8 ms (starts) and 13 ms (ends) on average, at most 0.3 s; the
-        10 s window's 13 and 18 ms, at most 1.3 s. A final alone is aligned over its full window; one
-        decoded while others run or wait, over the computed part.
+        Over the computed part alone the alignment costs less, and its timings stay within what a
+        reader could tell from the full window's; over the busy window they stray further, at no
+        saving. So a final alone is aligned over its full window, and one decoded while others run
+        or wait over the computed part.
         """
         if not tokens:
             return []

@@ -20,9 +20,8 @@ log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 
-# Half a second of speech is often too little for Whisper to say anything credible (6 of the
-# devset's 14 utterances at their onset): the first partial is asked for again after this much
-# more audio, not after a whole partial interval.
+# Half a second of speech is often too little for Whisper to say anything credible: the first
+# partial is asked for again after this much more audio, not after a whole partial interval.
 _FIRST_PARTIAL_RETRY_MS = 200
 
 
@@ -117,8 +116,8 @@ class SpeechStream:
         early = self.options.early_final_ms
         # Only on spare capacity: an early final must never push a final back. An idle pool starts one
         # as soon as the voice has stopped for `early` ms; a busy one waits until the VAD agrees:
-        # early finals timed by the voice alone began in short pauses mid-sentence too, and at 16 streams
-        # the decodes they wasted cost more latency than the sooner endpoint saved.
+        # early finals timed by the voice alone begin in short pauses mid-sentence too, and under load
+        # the decodes they waste cost more latency than the sooner endpoint saves.
         pause = seg.pause_ms if self._pool.idle else seg.vad_pause_ms
         if (ahead is None and early and seg.in_speech and pause >= early
                 and not self._pool.finals_waiting):
