@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import difflib
 import importlib.util
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import ctranslate2
 import numpy as np
@@ -42,6 +44,22 @@ def engine() -> WhisperEngine:
 def padded(audio: np.ndarray) -> np.ndarray:
     pad = np.zeros(int(PAD_S * 16000), np.float32)
     return np.concatenate([pad, audio, pad])
+
+
+def test_asr_imports_nothing_of_the_server():
+    """asr/ is the speech side alone: the server builds on it, never the other way round."""
+    root = Path(__file__).resolve().parents[1]
+    server = {p.stem for p in root.glob("*.py")} | {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
+    server -= {"asr"}
+    for path in (root / "asr").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module]
+            else:
+                continue
+            assert not {name.split(".")[0] for name in names} & server, (path.name, names)
 
 
 def test_no_torch_in_the_tree():
