@@ -1,5 +1,5 @@
 """GET /metrics in the Prometheus text format: sessions, audio, utterances, latency, the decode
-worker, errors and refusals. Counters are process-wide (prometheus-client's default registry)."""
+pool, errors and refusals. Counters are process-wide (prometheus-client's default registry)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-SAMPLE_RATE = 16000
+from asr.audio import SAMPLE_RATE
+
 TRANSPORTS = ("webrtc", "websocket")
 _ARRIVALS_KEPT_S = 15.0  # audio timeline kept to date a speech end: the endpoint and a split's cut
 
@@ -128,34 +129,34 @@ def storage_error(op: str) -> None:
     STORAGE_ERRORS.labels(op).inc()
 
 
-class _WorkerCollector(Collector):
-    """The decode worker's own counters, read at scrape time."""
+class _DecodeCollector(Collector):
+    """The decode pool's own counters (asr/worker.py), read at scrape time."""
 
     def __init__(self) -> None:
-        self.worker: Any = None
+        self.pool: Any = None
 
     def collect(self) -> Iterator[Any]:
-        worker = self.worker
-        if worker is None:
+        pool = self.pool
+        if pool is None:
             return
-        yield GaugeMetricFamily("stt_decode_queue_depth", "Decodes waiting (finals, speculative "
-                                "finals, partials)", value=worker.depth)
+        yield GaugeMetricFamily("stt_decode_queue_depth", "Decodes waiting (finals, early finals, "
+                                "partials)", value=pool.depth)
         yield CounterMetricFamily("stt_decode_busy_seconds", "Time spent decoding (summed over "
-                                  "decode threads)", value=worker.busy_seconds)
-        yield CounterMetricFamily("stt_decodes", "Decodes run", value=worker.decodes)
-        yield CounterMetricFamily("stt_decodes_short_window", "Decodes that attended over the short window: "
-                                  "partials while other decodes ran or waited, finals in a burst",
-                                  value=worker.short_window_decodes)
-        yield CounterMetricFamily("stt_decodes_greedy", "Finals and speculative finals decoded greedily "
-                                  "because other decodes ran or waited", value=worker.greedy_decodes)
+                                  "decode workers)", value=pool.busy_seconds)
+        yield CounterMetricFamily("stt_decodes", "Decodes run", value=pool.decodes)
+        yield CounterMetricFamily("stt_decodes_short_window", "Decodes that attended over the busy window "
+                                  "(--busy-decode-window-s): partials while other decodes ran or waited, "
+                                  "finals in a burst", value=pool.busy_window_decodes)
+        yield CounterMetricFamily("stt_decodes_greedy", "Finals and early finals decoded greedily "
+                                  "because other decodes ran or waited", value=pool.greedy_decodes)
         yield CounterMetricFamily("stt_decodes_batched", "Finals of bursts decoded together in one batch",
-                                  value=worker.batched_decodes)
+                                  value=pool.batched_decodes)
         yield CounterMetricFamily("stt_partials_shed", "Partials dropped as stale before decoding",
-                                  value=worker.shed_partials)
+                                  value=pool.shed_partials)
 
 
-_WORKER = _WorkerCollector()
-prometheus_client.REGISTRY.register(_WORKER)
+_DECODES = _DecodeCollector()
+prometheus_client.REGISTRY.register(_DECODES)
 
 
 class _VadCollector(Collector):
@@ -181,27 +182,14 @@ def watch_vad(batch: Any) -> None:
     _VAD.batch = batch
 
 
-def watch_worker(worker: Any) -> None:
-    """Exports the worker's counters, and times partials through its public partial() call.
+def watch_decodes(pool: Any) -> None:
+    """Exports the decode pool's counters at each scrape."""
+    _DECODES.pool = pool
 
-    A stream asks for a partial as the newest audio it covers arrives, so the time from that call
-    to its result is the partial's latency. Replaced or shed partials (None) are not counted.
-    """
-    _WORKER.worker = worker
-    ask = worker.partial
 
-    def partial(*args: Any, **kwargs: Any):
-        asked = time.monotonic()
-        future = ask(*args, **kwargs)
-
-        def done(f) -> None:
-            if not f.cancelled() and f.exception() is None and f.result() is not None:
-                PARTIAL_LATENCY.observe(time.monotonic() - asked)
-
-        future.add_done_callback(done)
-        return future
-
-    worker.partial = partial
+def partial_answered(seconds: float) -> None:
+    """The decode pool's `on_partial`: a partial's text came `seconds` after the stream asked for it."""
+    PARTIAL_LATENCY.observe(seconds)
 
 
 async def _count_errors(request: web.Request, response: web.StreamResponse) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 # numpy's OpenBLAS would start a thread per core for the small matrix products of Whisper's
-# feature extractor, and those threads spin between calls: a third of a core at 16 streams,
-# taken from the decode workers. Parallelism here comes from the workers, so BLAS gets one thread.
+# feature extractor, and those threads spin between calls, taking CPU from the decode workers.
+# Parallelism here comes from the workers, so BLAS gets one thread.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import asyncio
@@ -14,15 +14,14 @@ import ctypes
 import logging
 import signal
 import sys
-import threading
 import time
-from typing import Any, Callable
 
 from aiohttp import web
 
 from asr.engine import DecodeOptions, WhisperEngine
+from asr.threads import on_daemon_thread
 from asr.vad import SileroModel
-from asr.worker import DecodeWorker
+from asr.worker import DecodePool
 import auth
 import connections
 import fdlimit
@@ -43,7 +42,7 @@ WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 
 def build_app(config: Config) -> web.Application:
     """The app without its model: serve() loads it while the server already answers (GET /ready)."""
-    registry = SessionRegistry(config, None, SileroModel())  # the worker comes with the model
+    registry = SessionRegistry(config, None, SileroModel())  # the decode pool comes with the model
     metrics.watch_vad(registry.vad_batch)
     app = web.Application(middlewares=[json_errors, auth.guard, ready_gate])
     app[REGISTRY] = registry
@@ -126,36 +125,15 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def load_model(app: web.Application, config: Config) -> None:
-    """The model, off the event loop; then the worker starts and the server is ready."""
-    engine = await _in_thread(load_engine, config)
+    """The model, off the event loop; then the decode workers start and the server is ready."""
+    # A daemon thread: a stop during a long load (a download) does not wait for it.
+    engine = await asyncio.wrap_future(on_daemon_thread(load_engine, config, name="model-load"))
     # Finals are bounded per server: a few per session before the server calls itself overloaded.
-    worker = DecodeWorker(engine, max_finals=4 * config.max_sessions, threads=config.decode_workers)
-    metrics.watch_worker(worker)
-    worker.start()
-    app[REGISTRY].worker = worker
-
-
-def _in_thread(function: Callable[..., Any], *args: Any) -> asyncio.Future:
-    """A daemon thread, unlike asyncio.to_thread: a stop during a long load does not wait for it."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if not future.done():
-            future.set_exception(error) if error is not None else future.set_result(result)
-
-    def run() -> None:
-        try:
-            result, error = function(*args), None
-        except BaseException as e:  # noqa: BLE001 - handed to the loop
-            result, error = None, e
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the loop has closed: the server stopped meanwhile
-            pass
-
-    threading.Thread(target=run, name="model-load", daemon=True).start()
-    return future
+    pool = DecodePool(engine, max_finals=4 * config.max_sessions, workers=config.decode_workers,
+                      on_partial=metrics.partial_answered)
+    metrics.watch_decodes(pool)
+    pool.start()
+    app[REGISTRY].worker = pool
 
 
 def load_engine(config: Config) -> WhisperEngine:
@@ -222,10 +200,9 @@ def setup_logging(config: Config) -> None:
 def cap_malloc_arenas(arenas: int = 2) -> None:
     """Two glibc malloc arenas instead of eight per core, unless MALLOC_ARENA_MAX says otherwise.
 
-    Each decode thread would get its own arena, and each arena keeps the freed encoder and decoder
-    buffers of its last decodes: in tests/test_ws.py's devset x5 run, peak RSS went from ~365 to
-    ~325 MB with two, at the same speed. Whisper's buffers are few and large, so the threads that
-    share an arena seldom wait on its lock.
+    Each decode worker would get its own arena, and each arena keeps the freed encoder and decoder
+    buffers of its last decodes, so memory grows with the number of arenas. Whisper's buffers are
+    few and large, so the threads that share an arena seldom wait on its lock.
     """
     if "MALLOC_ARENA_MAX" in os.environ:
         return
@@ -240,12 +217,10 @@ def cap_malloc_arenas(arenas: int = 2) -> None:
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop's event loop, or asyncio's where uvloop does not install (Windows).
 
-    Each WebRTC peer's packets come on a UDP socket of its own, 50 a second, and asyncio's loop
-    reads one datagram per socket per turn. Once turns took longer than 20 ms, as at 32 streams on
-    2 cores, packets piled up in every socket faster than they were read, the ICE consent checks
-    queued behind them timed out, and all 32 connections closed 30 s in. uvloop (libuv) reads
-    what waits, up to 32 datagrams a turn: in a single run all 32 streams then ran to the end, and
-    past that the loop thread itself runs short of CPU (README: Benchmark).
+    Each WebRTC peer's packets come on a UDP socket of its own, one per 20 ms frame, and asyncio's
+    loop reads one datagram per socket per turn. Once a turn takes longer than a frame, packets pile
+    up in every socket faster than they are read, the ICE consent checks queued behind them time
+    out, and the connections close. uvloop (libuv) reads what waits, up to 32 datagrams a turn.
     """
     try:
         import uvloop

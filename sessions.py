@@ -14,9 +14,10 @@ import numpy as np
 from aiohttp import web
 
 from asr.segmenter import Segmenter, SegmenterConfig
+from asr.audio import SAMPLE_RATE
 from asr.stream import SpeechStream, StreamOptions
-from asr.vad import SAMPLE_RATE, WINDOW, SileroModel, SileroVAD, VadBatch
-from asr.worker import DecodeWorker
+from asr.vad import WINDOW, SileroModel, SileroVAD, VadBatch
+from asr.worker import DecodePool
 import metrics
 import protocol
 from config import Config
@@ -220,12 +221,12 @@ class Session:
         # The audit line: never the transcript's text.
         log.info("session %s ended: transport=%s client=%s key=%s reason=%s duration=%.1fs "
                  "audio=%.1fs utterances=%d", self.id, self.transport, self.client.address or "-",
-                 self.client.key or "-", reason, duration, self.meter.samples / 16000,
+                 self.client.key or "-", reason, duration, self.meter.samples / SAMPLE_RATE,
                  self.stream.utterances,
                  extra={"event": "session.ended", "session_id": self.id, "transport": self.transport,
                         "client": self.client.address, "key": self.client.key, "reason": reason,
                         "duration_s": round(duration, 3),
-                        "audio_s": round(self.meter.samples / 16000, 3),
+                        "audio_s": round(self.meter.samples / SAMPLE_RATE, 3),
                         "utterances": self.stream.utterances})
 
     async def _watch(self) -> None:
@@ -296,7 +297,7 @@ async def write_or_drop(write: Awaitable[Any], transport: asyncio.BaseTransport 
 class SessionRegistry:
     """Creates sessions within the limit and knows every live one."""
 
-    def __init__(self, config: Config, worker: DecodeWorker, vad_model: SileroModel) -> None:
+    def __init__(self, config: Config, worker: DecodePool, vad_model: SileroModel) -> None:
         self.config = config
         self.worker = worker
         self.vad_model = vad_model

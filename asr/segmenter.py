@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .vad import SAMPLE_RATE, WINDOW, SileroVAD
+from .audio import SAMPLE_RATE
+from .vad import WINDOW, SileroVAD
 
 _WINDOW_S = WINDOW / SAMPLE_RATE
 
@@ -27,9 +28,9 @@ class SegmenterConfig:
     # but cuts more sentences where the reader only took a breath.
     max_utterance_s: float = 20.0
     split_pause_ms: int = 160  # a pause long enough to split an utterance grown past half its limit
-    # Silero's probability stays up for 100 to 300 ms after the voice stops (120 ms typically on the
-    # devset). A pause is counted from where the audio itself fell this far below the utterance's
-    # loudest speech, so the endpoint comes that much sooner after the real end of speech...
+    # Silero's probability stays up for a while after the voice stops. A pause is counted from where
+    # the audio itself fell this far below the utterance's loudest speech, so the endpoint comes that
+    # much sooner after the real end of speech...
     quiet_db: float = 20.0
     # ... but never more than this ahead of the VAD, which must hear the pause too.
     max_hangover_ms: int = 250

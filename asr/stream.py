@@ -11,17 +11,17 @@ from typing import Callable
 import numpy as np
 
 from . import events
+from .audio import SAMPLE_RATE
 from .engine import Before, Transcript
 from .events import Event
 from .segmenter import Segmenter, SpeechEnded, SpeechStarted
-from .vad import SAMPLE_RATE, VadBatch
-from .worker import DecodeWorker, Overloaded
+from .vad import VadBatch
+from .worker import DecodePool, Overloaded
 
 log = logging.getLogger(__name__)
 
-# Half a second of speech is often too little for Whisper to say anything credible (6 of the
-# devset's 14 utterances at their onset): the first partial is asked for again after this much
-# more audio, not after a whole partial interval.
+# Half a second of speech is often too little for Whisper to say anything credible: the first
+# partial is asked for again after this much more audio, not after a whole partial interval.
 _FIRST_PARTIAL_RETRY_MS = 200
 
 
@@ -37,18 +37,18 @@ class StreamOptions:
 
 
 @dataclass
-class _Speculation:
+class _EarlyFinal:
     utterance: int
     speech_end: float
     result: asyncio.Future
 
 
 class SpeechStream:
-    """Feeds the segmenter, asks the worker for partials and finals, emits events in order."""
+    """Feeds the segmenter, asks the decode pool for partials and finals, emits events in order."""
 
-    def __init__(self, worker: DecodeWorker, segmenter: Segmenter, options: StreamOptions,
+    def __init__(self, pool: DecodePool, segmenter: Segmenter, options: StreamOptions,
                  emit: Callable[[Event], None], vad_batch: VadBatch | None = None) -> None:
-        self._worker = worker
+        self._pool = pool
         self._segmenter = segmenter
         self._vad_batch = vad_batch  # None: each feed's windows are decided at once
         self.options = options
@@ -60,10 +60,10 @@ class SpeechStream:
         self._previous_words: list[str] = []  # of this utterance's last partial; [] before the first
         self._last_final: asyncio.Task | None = None
         self._finals_pending = 0
-        self._speculation: _Speculation | None = None
+        self._early_final: _EarlyFinal | None = None
         self._final_done = asyncio.Event()
         self._said: deque[tuple[str, str, bool]] = deque()  # (language, text, cut for length) of the last finals
-        self._key = id(self)  # this stream's slot in the worker's keyed queues
+        self._key = id(self)  # this stream's slot in the pool's keyed queues
 
     async def wait_capacity(self, max_pending: int) -> None:
         """Until at most `max_pending` finals wait: a sender faster than real time pauses here."""
@@ -85,7 +85,7 @@ class SpeechStream:
     def _advance(self, windows: np.ndarray, probs: np.ndarray) -> None:
         for event in self._segmenter.advance(windows, probs):
             self._on_segment(event)
-        self._maybe_speculate()
+        self._maybe_early_final()
         self._maybe_end_sentence()
         self._maybe_partial()
 
@@ -101,39 +101,39 @@ class SpeechStream:
     def close(self) -> None:
         if self._vad_batch is not None:
             self._vad_batch.cancel(self._segmenter.vad)
-        self._drop_speculation()
+        self._drop_early_final()
         for task in (self._partial_task, self._last_final):
             if task is not None and not task.done():
                 task.cancel()
 
-    def _maybe_speculate(self) -> None:
+    def _maybe_early_final(self) -> None:
         """Decode the final while the endpoint silence runs, so it is ready when the endpoint is."""
         seg = self._segmenter
-        spec = self._speculation
-        if spec is not None and (spec.utterance != seg.utterance or seg.speech_end != spec.speech_end):
-            self._drop_speculation()  # speech resumed: that guess is stale
-            spec = None
+        ahead = self._early_final
+        if ahead is not None and (ahead.utterance != seg.utterance or seg.speech_end != ahead.speech_end):
+            self._drop_early_final()  # speech resumed: that early final is stale
+            ahead = None
         early = self.options.early_final_ms
-        # Only on spare capacity: a guess must never push a real final back. An idle worker guesses
+        # Only on spare capacity: an early final must never push a final back. An idle pool starts one
         # as soon as the voice has stopped for `early` ms; a busy one waits until the VAD agrees:
-        # guesses timed by the voice alone began in short pauses mid-sentence too, and at 16 streams
-        # the decodes they wasted cost more latency than the sooner endpoint saved.
-        pause = seg.pause_ms if self._worker.idle else seg.vad_pause_ms
-        if (spec is None and early and seg.in_speech and pause >= early
-                and not self._worker.finals_waiting):
+        # early finals timed by the voice alone begin in short pauses mid-sentence too, and under load
+        # the decodes they waste cost more latency than the sooner endpoint saves.
+        pause = seg.pause_ms if self._pool.idle else seg.vad_pause_ms
+        if (ahead is None and early and seg.in_speech and pause >= early
+                and not self._pool.finals_waiting):
             audio = seg.speech_audio()
-            result = self._worker.speculate(self._key, audio, self.options.language, self._before())
-            self._speculation = _Speculation(seg.utterance, seg.speech_end, result)
+            result = self._pool.early_final(self._key, audio, self.options.language, self._before())
+            self._early_final = _EarlyFinal(seg.utterance, seg.speech_end, result)
 
     def _maybe_end_sentence(self) -> None:
         """The early final judges the pause: a finished sentence needs less silence to be sure of, an
         unfinished clause more."""
-        seg, spec = self._segmenter, self._speculation
-        if (spec is None or not spec.result.done() or spec.result.cancelled()
-                or spec.result.exception() is not None
-                or spec.utterance != seg.utterance or spec.speech_end != seg.speech_end):
+        seg, ahead = self._segmenter, self._early_final
+        if (ahead is None or not ahead.result.done() or ahead.result.cancelled()
+                or ahead.result.exception() is not None
+                or ahead.utterance != seg.utterance or ahead.speech_end != seg.speech_end):
             return
-        result = spec.result.result()
+        result = ahead.result.result()
         if result is None:
             return
         if unfinished(result.text, result.language):
@@ -143,19 +143,19 @@ class SpeechStream:
             if event is not None:
                 self._on_segment(event)
 
-    def _drop_speculation(self) -> None:
-        if self._speculation is not None:
-            self._speculation.result.cancel()
-            self._speculation = None
+    def _drop_early_final(self) -> None:
+        if self._early_final is not None:
+            self._early_final.result.cancel()
+            self._early_final = None
 
     def _take_final(self, event: SpeechEnded) -> asyncio.Future:
-        spec, self._speculation = self._speculation, None
-        if spec is not None and spec.utterance == event.utterance and spec.speech_end == event.end:
-            self._worker.promote(self._key)
-            return spec.result
-        if spec is not None:
-            spec.result.cancel()
-        return self._worker.final(event.audio, self.options.language, self._before(), key=self._key)
+        ahead, self._early_final = self._early_final, None
+        if ahead is not None and ahead.utterance == event.utterance and ahead.speech_end == event.end:
+            self._pool.promote(self._key)
+            return ahead.result
+        if ahead is not None:
+            ahead.result.cancel()
+        return self._pool.final(event.audio, self.options.language, self._before(), key=self._key)
 
     def _on_segment(self, event: SpeechStarted | SpeechEnded) -> None:
         if isinstance(event, SpeechStarted):
@@ -219,10 +219,10 @@ class SpeechStream:
         return not self._previous_words
 
     def _maybe_partial(self) -> None:
-        # In a pause there is nothing new to show, and the final's decode is about to need the worker;
+        # In a pause there is nothing new to show, and the final's decode is about to need a worker;
         # while finals wait, a partial would only delay them.
         if (not (self.options.partials and self._segmenter.in_speech) or self._segmenter.pause_ms
-                or self._worker.finals_waiting):
+                or self._pool.finals_waiting):
             return
         if self._partial_task is not None and not self._partial_task.done():
             return
@@ -239,8 +239,8 @@ class SpeechStream:
 
     async def _partial(self, utterance: int, audio: np.ndarray) -> None:
         try:
-            result = await self._worker.partial(self._key, audio, self.options.language,
-                                                first=self._no_words_shown, before=self._before())
+            result = await self._pool.partial(self._key, audio, self.options.language,
+                                              first=self._no_words_shown, before=self._before())
         except Exception:
             log.exception("partial decode failed")
             return

@@ -13,7 +13,8 @@ from typing import Callable
 import numpy as np
 import onnxruntime
 
-SAMPLE_RATE = 16000
+from .audio import SAMPLE_RATE
+
 WINDOW = 512  # samples per VAD decision (32 ms), fixed by the model
 _CONTEXT = 64  # the model sees the tail of the previous window before each window
 _SR = np.array(SAMPLE_RATE, dtype=np.int64)
@@ -33,8 +34,8 @@ def default_model_path() -> str:
 
     The wheel is installed without its dependencies (torch), and never imported: its package runs
     torch on import. Its probabilities are those of the sequence-only v6 file that faster-whisper
-    ships, to the last bit, but it takes a batch of streams: with 16 streams in one call a window
-    cost 80 µs of one core, alone 239 µs.
+    ships, to the last bit, but it takes a batch of streams, and most of a call's cost is the call
+    (VadBatch).
     """
     spec = importlib.util.find_spec("silero_vad")  # locates the package without running it
     if spec is None or not spec.submodule_search_locations:
@@ -47,7 +48,7 @@ class SileroModel:
 
     def __init__(self, path: str | None = None) -> None:
         opts = onnxruntime.SessionOptions()
-        # One thread: a window costs ~0.1 to 0.3 ms, and threads would only contend with Whisper.
+        # One thread: a window is too small a job to share, and more threads would only contend with Whisper.
         opts.inter_op_num_threads = 1
         opts.intra_op_num_threads = 1
         opts.log_severity_level = 4
@@ -104,10 +105,8 @@ class SileroVAD:
 
 Done = Callable[[np.ndarray, np.ndarray], None]
 
-# At 16 WebRTC streams (devset, on the Intel Xeon), decided at the loop's next turn a call took 1.8
-# windows on average and the server 0.101 s of CPU per stream-second (0.103 to 0.107 s before batching);
-# gathered for 10 ms, 6.8 to 7.0 windows and 0.097 to 0.099 s (three runs); for 16 ms, 8.2 windows and
-# 0.096 s (one). An endpoint comes at most this much later.
+# How long a batch waits for other streams' windows: long enough for streams sending in real time to
+# meet in one call, and short, because an endpoint comes at most this much later.
 _GATHER_S = 0.010
 _PROMPT_WINDOWS = 4
 
@@ -116,7 +115,7 @@ class VadBatch:
     """Decides the windows of every stream that has some waiting in one onnxruntime call per window
     position, not stream by stream.
 
-    Silero's cost is mostly per call: 16 streams' windows in one call cost about a third of 16 calls.
+    Silero's cost is mostly per call: many streams' windows in one call cost far less than a call each.
     A lone stream's windows are decided at the loop's next turn. With others open, the batch waits
     _GATHER_S for their windows to join it, unless a stream has _PROMPT_WINDOWS waiting.
     """

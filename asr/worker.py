@@ -1,9 +1,8 @@
-"""The threads that run Whisper: finals first, then speculative finals, then partials."""
+"""The decode workers: the threads that run Whisper, finals first, then early finals, then partials."""
 
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -12,16 +11,8 @@ from typing import Callable, Hashable, Iterator
 
 import numpy as np
 
+from . import policy
 from .engine import Before, Transcript, WhisperEngine
-
-# A partial that waited this long describes speech the speaker has moved past: drop it, unless it is
-# its utterance's first, the only text the speaker would see before the final.
-_STALE_PARTIAL_S = 1.0
-# Finals decoded together in a burst. Batched, 8 of the devset's utterances took 60% of their time one by
-# one and 4 took 66%, but each final of a batch waits for the whole batch's decode: with 16 WebRTC streams
-# ending every sentence at the same moment, batches of 4 gave final p50 1.30 to 1.39 s against 1.53 to
-# 1.66 s, the same p95, and 70 to 100 MB less peak RSS.
-_MAX_BATCH = 4
 
 
 class Overloaded(RuntimeError):
@@ -40,63 +31,63 @@ class _Job:
     first: bool = False  # a partial for an utterance that shows no words yet
     before: Before = Before()  # what the stream said before
     key: Hashable = None  # the stream that asked
-    # How the engine is to decode it, set when a thread takes it (see `_take`).
+    # How the engine is to decode it, set when a worker takes it (asr/policy.py).
     greedy: bool = False
-    short_window: bool = False
+    busy_window: bool = False
 
 
-class DecodeWorker:
-    """Runs decodes off the event loop, in priority order, behind bounded queues.
+class DecodePool:
+    """Runs decodes off the event loop on `--decode-workers` decode workers (threads), in priority
+    order, behind bounded queues.
 
-    Finals are FIFO and bounded. Speculative finals (decoded while the endpoint silence is still
+    Finals are FIFO and bounded. Early finals (decoded while the endpoint silence is still
     running) and partials are keyed by stream: a newer one replaces the waiting one, so each
-    stream holds at most one of each. Under load the worker sheds work in this order: a final
-    with others running or waiting is decoded greedily and a partial over the engine's short
-    window, partials never take the last idle thread (it stays free for the next final or
-    speculation), stale partials are dropped (an utterance's first is not: it is the only text its
-    speaker would see before the final), streams stop asking for partials and speculation
-    while finals wait (see `finals_waiting`), and a final or speculative final with as many of its
-    kind queued behind it as there are threads also takes the short window, decoded in one batch
-    with its thread's share of the burst.
+    stream holds at most one of each. Streams stop asking for partials and early finals while
+    finals wait (see `finals_waiting`). How a worker decodes what it takes under load (greedy,
+    over the busy window, a burst's finals in one batch) and which partials it sheds is
+    asr/policy.py's.
+
+    What an operator watches: the counters below, read at any time, and `on_partial(seconds)`, called
+    on the event loop for each partial that said something, with the time from its request to its
+    text. A stream asks for a partial as the newest audio it covers arrives, so that is the partial's
+    latency; replaced, shed and empty partials are not reported.
     """
 
-    def __init__(self, engine: WhisperEngine, max_finals: int, threads: int = 1) -> None:
+    def __init__(self, engine: WhisperEngine, max_finals: int, workers: int = 1,
+                 on_partial: Callable[[float], None] | None = None) -> None:
         self.engine = engine
         self._max_finals = max_finals
+        self._on_partial = on_partial
         self._cond = threading.Condition()
         self._finals: deque[_Job] = deque()
-        self._speculative: OrderedDict[Hashable, _Job] = OrderedDict()
+        self._early_finals: OrderedDict[Hashable, _Job] = OrderedDict()
         self._partials: OrderedDict[Hashable, _Job] = OrderedDict()
         self._closed = False
-        self._busy = 0  # threads decoding now
+        self._busy = 0  # workers decoding now
         self._busy_partials: list[Hashable] = []  # the streams whose partials are being decoded
-        # With one thread there is nothing to keep free; with more, a final or speculation never
-        # waits behind a partial that started just before it (partials take 100-200 ms each).
-        self._partial_threads = max(1, threads - 1)
-        self._threads = [threading.Thread(target=self._run, name=f"whisper-decode-{i}", daemon=True)
-                         for i in range(threads)]
+        self._workers = [threading.Thread(target=self._run, name=f"whisper-decode-{i}", daemon=True)
+                         for i in range(workers)]
         self.busy_seconds = 0.0
         self.decodes = 0
-        self.short_window_decodes = 0  # accuracy traded for capacity: an operator watches these two
+        self.busy_window_decodes = 0  # accuracy traded for capacity: an operator watches these two
         self.greedy_decodes = 0
         self.batched_decodes = 0  # finals of bursts, decoded together
         self.shed_partials = 0
 
     def start(self) -> None:
-        for thread in self._threads:
+        for thread in self._workers:
             thread.start()
 
     async def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        loop = asyncio.get_running_loop()
-        for thread in self._threads:
-            await loop.run_in_executor(None, thread.join)
+        for thread in self._workers:
+            await asyncio.to_thread(thread.join)
 
     @property
     def depth(self) -> int:
-        return len(self._finals) + len(self._speculative) + len(self._partials)
+        return len(self._finals) + len(self._early_finals) + len(self._partials)
 
     @property
     def idle(self) -> bool:
@@ -119,15 +110,15 @@ class DecodeWorker:
             self._cond.notify()
         return job.future
 
-    def speculate(self, key: Hashable, audio: np.ndarray, language: str | None,
-                  before: Before = Before()) -> asyncio.Future:
+    def early_final(self, key: Hashable, audio: np.ndarray, language: str | None,
+                    before: Before = Before()) -> asyncio.Future:
         """A final decoded ahead of the endpoint; resolves to None if a newer one replaced it."""
-        return self._keyed(self._speculative, key, self._job(audio, language, final=True, before=before, key=key))
+        return self._keyed(self._early_finals, key, self._job(audio, language, final=True, before=before, key=key))
 
     def promote(self, key: Hashable) -> None:
-        """The endpoint came: the stream's waiting speculative final becomes a real one."""
+        """The endpoint came: the stream's waiting early final becomes its final."""
         with self._cond:
-            job = self._speculative.pop(key, None)
+            job = self._early_finals.pop(key, None)
             if job is not None:
                 self._finals.append(job)
 
@@ -138,8 +129,16 @@ class DecodeWorker:
         `first`: the utterance shows no words yet. Such a partial goes ahead of the streams that
         already show some, so that under load a speaker still sees their words begin soon.
         """
-        return self._keyed(self._partials, key,
-                           self._job(audio, language, final=False, first=first, before=before, key=key))
+        job = self._job(audio, language, final=False, first=first, before=before, key=key)
+        future = self._keyed(self._partials, key, job)
+        if self._on_partial is not None:
+            future.add_done_callback(lambda _: self._answered(job))
+        return future
+
+    def _answered(self, job: _Job) -> None:
+        future = job.future
+        if not future.cancelled() and future.exception() is None and future.result() is not None:
+            self._on_partial(time.monotonic() - job.queued)
 
     def _keyed(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job) -> asyncio.Future:
         with self._cond:
@@ -154,7 +153,7 @@ class DecodeWorker:
         return job.future
 
     def _forget(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job) -> None:
-        """A waiting job its stream gave up on (a partial at the utterance's end, a guess when speech
+        """A waiting job its stream gave up on (a partial at the utterance's end, an early final when speech
         resumed) leaves its queue at once: it would count as work in `depth` and `idle`."""
         with self._cond:
             if queue.get(key) is job:
@@ -168,7 +167,7 @@ class DecodeWorker:
         return job
 
     def _next(self) -> list[_Job]:
-        """The next jobs: one, or a burst of finals decoded together. The calling thread counts as busy
+        """The next jobs: one, or a burst of finals decoded together. The calling worker counts as busy
         from here until it reports back through `_done`."""
         with self._cond:
             jobs = self._pick()
@@ -179,20 +178,20 @@ class DecodeWorker:
             return jobs
 
     def _pick(self) -> list[_Job]:
-        """Under the lock: waits for work this thread may take; [] once the worker closes."""
+        """Under the lock: waits for work this worker may take; [] once the pool closes."""
         while True:
-            while not (self._closed or self._finals or self._speculative or self._partials_allowed()):
+            while not (self._closed or self._finals or self._early_finals or self._partials_allowed()):
                 self._cond.wait()
             if self._finals:
                 job = self._finals.popleft()
                 return self._take_finals(job, list(self._finals), self._finals.popleft)
-            if self._speculative:
-                job = self._speculative.popitem(last=False)[1]
-                return self._take_finals(job, list(self._speculative.values()),
-                                         lambda: self._speculative.popitem(last=False)[1])
+            if self._early_finals:
+                job = self._early_finals.popitem(last=False)[1]
+                return self._take_finals(job, list(self._early_finals.values()),
+                                         lambda: self._early_finals.popitem(last=False)[1])
             if self._partials_allowed():
                 job = self._partials.popitem(last=False)[1]
-                if not job.first and time.monotonic() - job.queued > _STALE_PARTIAL_S:
+                if policy.stale(job.first, time.monotonic() - job.queued):
                     self.shed_partials += 1
                     job.loop.call_soon_threadsafe(_resolve, job.future, None)
                     continue
@@ -200,34 +199,26 @@ class DecodeWorker:
             return []
 
     def _take_finals(self, job: _Job, behind: list[_Job], pop: Callable[[], _Job]) -> list[_Job]:
-        """A final, and in a burst (as many waiting behind it as there are threads) those behind it
-        in the same language, up to this thread's share of the burst, to decode in one batch."""
-        if len(behind) < len(self._threads):
+        """A final, and in a burst (as many waiting behind it as there are workers) those behind it
+        in the same language, up to this worker's share of the burst, to decode in one batch."""
+        if not policy.in_burst(len(behind), len(self._workers)):
             return [self._take(job, burst=False)]
-        share = math.ceil((len(behind) + 1) / max(1, len(self._threads) - self._busy))
         batch = [job]
-        for other in behind[:min(share, _MAX_BATCH) - 1]:
+        for other in behind[:policy.burst_share(len(behind), len(self._workers), self._busy) - 1]:
             if job.language is None or other.language != job.language:
                 break
             batch.append(pop())
         return [self._take(j, burst=True) for j in batch]
 
     def _take(self, job: _Job, burst: bool) -> _Job:
-        """A final with company (another decode running or waiting, but for its own stream's partials,
-        which it makes obsolete) is greedy; one in a burst (as many of its kind waiting behind it as there
-        are threads) also takes the short window; partials take it whenever others run or wait. Beam search
-        over the full window is the most accurate and the dearest."""
-        others = bool(self._busy or self._finals or self._speculative or self._partials)
-        if job.final and others and job.key is not None:
-            own = self._busy_partials.count(job.key)
-            others = bool(self._busy - own or self._finals or self._speculative
-                          or any(key != job.key for key in self._partials))
-        job.greedy = job.final and (burst or others)
-        job.short_window = burst or (others and not job.final)
+        """Under the lock: sets how `job` is decoded, from what else runs or waits."""
+        company = policy.has_company(job.key, job.final, self._busy, self._busy_partials, len(self._finals),
+                                     len(self._early_finals), self._partials)
+        job.greedy, job.busy_window = policy.mode(job.final, burst, company)
         return job
 
     def _partials_allowed(self) -> bool:
-        return bool(self._partials) and self._busy < self._partial_threads
+        return bool(self._partials) and policy.partial_may_start(self._busy, len(self._workers))
 
     def _run(self) -> None:
         while taken := self._next():
@@ -237,7 +228,7 @@ class DecodeWorker:
             for delivered, (job, outcome) in enumerate(self._outcomes(jobs), 1):
                 if delivered == len(jobs):
                     # Idle before the last result is seen, so that a decode asked for on seeing it finds
-                    # this thread free (and, alone, gets beam search).
+                    # this worker free (and, alone, gets beam search).
                     self._done(time.monotonic() - started, job)
                 self._deliver(job, outcome, batched=len(jobs) > 1)
             if not jobs:
@@ -250,7 +241,7 @@ class DecodeWorker:
             for job, result in self._decode(jobs):
                 waiting.remove(job)
                 yield job, result
-        except Exception as e:  # a broken decode fails its requests, never the worker
+        except Exception as e:  # a broken decode fails its requests, never the pool
             for job in waiting:
                 yield job, e
 
@@ -258,7 +249,7 @@ class DecodeWorker:
         if len(jobs) == 1:
             job = jobs[0]
             yield job, self.engine.transcribe(job.audio, job.language, job.final, greedy=job.greedy,
-                                              short_window=job.short_window, before=job.before)
+                                              busy_window=job.busy_window, before=job.before)
         elif jobs:
             for i, result in self.engine.transcribe_burst([job.audio for job in jobs], jobs[0].language,
                                                           [job.before for job in jobs]):
@@ -268,7 +259,7 @@ class DecodeWorker:
         with self._cond:  # counted before the loop can see the result
             self.decodes += 1
             self.batched_decodes += batched
-            self.short_window_decodes += job.short_window
+            self.busy_window_decodes += job.busy_window
             self.greedy_decodes += job.greedy
         try:
             job.loop.call_soon_threadsafe(_resolve, job.future, result)
@@ -281,7 +272,7 @@ class DecodeWorker:
             if not job.final:
                 self._busy_partials.remove(job.key)
             self.busy_seconds += seconds
-            self._cond.notify()  # a partial held back for a free thread may start now
+            self._cond.notify()  # a partial held back for a free worker may start now
 
 
 def _resolve(future: asyncio.Future, result) -> None:

@@ -5,7 +5,7 @@ For every recording of a corpus folder (`manifest.jsonl` as in ../shared/eval/de
 reference, beside offline faster-whisper on the whole file (same model, beam 5). Paths:
   - webrtc: Opus over RTP through an aiortc peer, to a server process;
   - websocket: 16-bit PCM in 20 ms messages, to the same server;
-  - sim: the server's own segmenter, worker and engine in this process, every decode finished before the
+  - sim: the server's own segmenter, decode pool and engine in this process, every decode finished before the
     next 20 ms of audio (a machine with time to spare): minutes instead of real time, for tuning.
 A sentence is lost when less than half of its reference words appear in the streamed text. With a
 multilingual model (`--model base`), finals are also checked for their detected language, and languages
@@ -246,17 +246,17 @@ def programme(items: list[Item]) -> tuple[np.ndarray, list[tuple[float, float]]]
 
 
 def _registry(args: argparse.Namespace):
-    """The server's sessions, engine and worker, built from its one Config as server.py builds them."""
+    """The server's sessions, engine and decode pool, built from its one Config as server.py builds them."""
     from asr.vad import SileroModel
-    from asr.worker import DecodeWorker
+    from asr.worker import DecodePool
     from config import Config
     from server import load_engine
     from sessions import SessionRegistry
 
     config = Config.from_args(["--model", args.model, *args.server_args], environ={})
-    worker = DecodeWorker(load_engine(config), max_finals=64, threads=config.decode_workers)
-    worker.start()
-    return SessionRegistry(config, worker, SileroModel())
+    pool = DecodePool(load_engine(config), max_finals=64, workers=config.decode_workers)
+    pool.start()
+    return SessionRegistry(config, pool, SileroModel())
 
 
 def _outcome(finals: list[dict]) -> dict:

@@ -1,7 +1,8 @@
-"""The speech pipeline's stages on real audio: VAD, segmenter, engine and decode worker."""
+"""The speech pipeline's stages on real audio: VAD, segmenter, engine and decode pool."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import difflib
 import importlib.util
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import ctranslate2
 import numpy as np
@@ -17,11 +19,13 @@ import pytest
 from faster_whisper import WhisperModel
 
 from asr import models
-from asr.engine import DecodeOptions, WhisperEngine, spell_lone_digit
+from asr.engine import DecodeOptions, WhisperEngine
+from asr.policy import MAX_BATCH
 from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
 from asr.stream import SpeechStream, StreamOptions
+from asr.text import cut_loop, spell_lone_digit
 from asr.vad import SileroModel, SileroVAD, VadBatch
-from asr.worker import _MAX_BATCH, DecodeWorker
+from asr.worker import DecodePool
 from speech import data_recording, devset_variants, load_devset, recording, segment, wer, word_errors
 
 PAD_S = 1.0
@@ -40,6 +44,22 @@ def engine() -> WhisperEngine:
 def padded(audio: np.ndarray) -> np.ndarray:
     pad = np.zeros(int(PAD_S * 16000), np.float32)
     return np.concatenate([pad, audio, pad])
+
+
+def test_asr_imports_nothing_of_the_server():
+    """asr/ is the speech side alone: the server builds on it, never the other way round."""
+    root = Path(__file__).resolve().parents[1]
+    server = {p.stem for p in root.glob("*.py")} | {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
+    server -= {"asr"}
+    for path in (root / "asr").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module]
+            else:
+                continue
+            assert not {name.split(".")[0] for name in names} & server, (path.name, names)
 
 
 def test_no_torch_in_the_tree():
@@ -296,13 +316,13 @@ def test_finals_lose_no_words_against_faster_whisper_on_the_same_utterances(engi
     reference = WhisperModel(models.resolve("tiny.en"), device="cpu", compute_type="int8")
     theirs = error_rate(lambda a: "".join(
         s.text for s in reference.transcribe(a, language="en", without_timestamps=True)[0]))
-    alone, busy, burst = ours(), ours(greedy=True), ours(greedy=True, short_window=True)
-    # A burst's finals decoded together, as many at a time as the worker batches.
+    alone, busy, burst = ours(), ours(greedy=True), ours(greedy=True, busy_window=True)
+    # A burst's finals decoded together, as many at a time as the pool batches.
     audios = [a for _, parts in utterances for a in parts]
     ctranslate2.set_random_seed(0)
     texts = {}
-    for i in range(0, len(audios), _MAX_BATCH):
-        group = audios[i:i + _MAX_BATCH]
+    for i in range(0, len(audios), MAX_BATCH):
+        group = audios[i:i + MAX_BATCH]
         batch = dict(engine.transcribe_burst(group, "en"))
         assert sorted(batch) == list(range(len(group)))
         texts.update({id(a): getattr(batch[n], "text", "") for n, a in enumerate(group)})
@@ -336,13 +356,13 @@ def test_engine_says_nothing_for_silence_or_noise(engine, kind):
     assert engine.transcribe(audio, "en", final=False) is None
 
 
-async def test_worker_runs_finals_first_then_first_partials_and_replaces_waiting_partials(engine, monkeypatch):
+async def test_pool_runs_finals_first_then_first_partials_and_replaces_waiting_partials(engine, monkeypatch):
     """Under load a speaker who has seen no words yet goes ahead of those who have seen some."""
     # The order is tested here, not shedding: on a starved machine `fresh` could wait past a second.
-    monkeypatch.setattr("asr.worker._STALE_PARTIAL_S", 60.0)
+    monkeypatch.setattr("asr.policy.STALE_PARTIAL_S", 60.0)
     rec = next(r for r in load_devset() if r.id == "ls-61-70968-0002")
-    worker = DecodeWorker(engine, max_finals=4)
-    worker.start()
+    pool = DecodePool(engine, max_finals=4)
+    pool.start()
     try:
         order: list[str] = []
 
@@ -351,81 +371,81 @@ async def test_worker_runs_finals_first_then_first_partials_and_replaces_waiting
             order.append(name)
             return result
 
-        # The worker is busy with `first` while the rest queue up behind it.
-        first = asyncio.create_task(run("first", worker.final(rec.audio, "en")))
+        # The pool is busy with `first` while the rest queue up behind it.
+        first = asyncio.create_task(run("first", pool.final(rec.audio, "en")))
         await asyncio.sleep(0.05)
-        stale = asyncio.create_task(run("stale", worker.partial("a", rec.audio, "en")))
+        stale = asyncio.create_task(run("stale", pool.partial("a", rec.audio, "en")))
         await asyncio.sleep(0)
-        fresh = asyncio.create_task(run("fresh", worker.partial("a", rec.audio, "en")))
+        fresh = asyncio.create_task(run("fresh", pool.partial("a", rec.audio, "en")))
         await asyncio.sleep(0)
-        new = asyncio.create_task(run("new", worker.partial("b", rec.audio[:16000], "en", first=True)))
+        new = asyncio.create_task(run("new", pool.partial("b", rec.audio[:16000], "en", first=True)))
         await asyncio.sleep(0)
-        final = asyncio.create_task(run("final", worker.final(rec.audio, "en")))
+        final = asyncio.create_task(run("final", pool.final(rec.audio, "en")))
         results = await asyncio.gather(first, stale, fresh, new, final)
         assert results[1] is None  # replaced by the newer partial of the same stream
         assert results[2] is not None and results[4] is not None
         assert [name for name in order if name != "stale"] == ["first", "final", "new", "fresh"]
-        assert worker.decodes == 4
+        assert pool.decodes == 4
     finally:
-        await worker.close()
+        await pool.close()
 
 
-async def test_worker_sheds_a_partial_that_waited_past_its_time(engine, monkeypatch):
+async def test_pool_sheds_a_partial_that_waited_past_its_time(engine, monkeypatch):
     """A partial that waited behind finals describes speech the speaker has moved past: never decoded.
     An utterance's first partial is, however long it waited: the speaker has seen no words yet."""
-    monkeypatch.setattr("asr.worker._STALE_PARTIAL_S", 0.05)  # a final's beam search takes longer
+    monkeypatch.setattr("asr.policy.STALE_PARTIAL_S", 0.05)  # a final's beam search takes longer
     rec = next(r for r in load_devset() if r.id == "ls-61-70968-0002")
-    worker = DecodeWorker(engine, max_finals=4)  # one thread: the partial waits for the final
-    worker.start()
+    pool = DecodePool(engine, max_finals=4)  # one worker: the partial waits for the final
+    pool.start()
     try:
-        final = worker.final(rec.audio, "en")
-        partial = worker.partial("a", rec.audio, "en")
+        final = pool.final(rec.audio, "en")
+        partial = pool.partial("a", rec.audio, "en")
         assert (await final) is not None and (await partial) is None
-        assert (worker.decodes, worker.shed_partials) == (1, 1)
-        final = worker.final(rec.audio, "en")
-        first = worker.partial("a", rec.audio, "en", first=True)
+        assert (pool.decodes, pool.shed_partials) == (1, 1)
+        final = pool.final(rec.audio, "en")
+        first = pool.partial("a", rec.audio, "en", first=True)
         assert (await final) is not None and (await first) is not None
-        assert (worker.decodes, worker.shed_partials) == (3, 1)
-        monkeypatch.setattr("asr.worker._STALE_PARTIAL_S", 60.0)
-        assert (await worker.partial("a", rec.audio, "en")) is not None  # an idle worker decodes it
+        assert (pool.decodes, pool.shed_partials) == (3, 1)
+        monkeypatch.setattr("asr.policy.STALE_PARTIAL_S", 60.0)
+        assert (await pool.partial("a", rec.audio, "en")) is not None  # an idle pool decodes it
     finally:
-        await worker.close()
+        await pool.close()
 
 
-async def test_worker_hurries_a_burst_of_finals_and_speculations(engine):
-    """A final with company is greedy. While as many finals (or speculative finals) as there are
-    threads wait behind one, the thread takes them and decodes them together, greedily over the
-    short window. A final alone takes beam search over the full window."""
+async def test_pool_hurries_a_burst_of_finals_and_early_finals(engine):
+    """A final with company is greedy. While as many finals (or early finals) as there are
+    workers wait behind one, the worker takes them and decodes them together, greedily over the
+    busy window. A final alone takes beam search over the full window."""
     rec = next(r for r in load_devset() if r.id == "ls-1221-135766-0001")  # 16.7 s
     calls: list[tuple] = []
     transcribe, transcribe_burst = engine.transcribe, engine.transcribe_burst
 
-    def spy(audio, language, final, greedy=False, short_window=False, **kw):
-        calls.append((audio.size // 16000, greedy, short_window))
-        return transcribe(audio, language, final, greedy, short_window, **kw)
+    def spy(audio, language, final, greedy=False, busy_window=False, **kw):
+        calls.append((audio.size // 16000, greedy, busy_window))
+        return transcribe(audio, language, final, greedy, busy_window, **kw)
 
     def spy_burst(audios, language, contexts=None):
         calls.append(("burst", [a.size // 16000 for a in audios]))
         return transcribe_burst(audios, language, contexts)
 
     engine.transcribe, engine.transcribe_burst = spy, spy_burst
-    worker = DecodeWorker(engine, max_finals=4)
-    worker.start()
+    pool = DecodePool(engine, max_finals=4)
+    pool.start()
     try:
-        first = worker.final(rec.audio, "en")
-        await asyncio.sleep(0.05)  # the worker is busy with `first` while the rest queue up behind it
-        rest = [worker.final(rec.audio[:16000 * 4], "en"), worker.final(rec.audio[:16000 * 3], "en"),
-                worker.speculate("a", rec.audio[:16000 * 2], "en"), worker.speculate("b", rec.audio[:16000], "en")]
+        first = pool.final(rec.audio, "en")
+        await asyncio.sleep(0.05)  # the pool is busy with `first` while the rest queue up behind it
+        rest = [pool.final(rec.audio[:16000 * 4], "en"), pool.final(rec.audio[:16000 * 3], "en"),
+                pool.early_final("a", rec.audio[:16000 * 2], "en"), pool.early_final("b", rec.audio[:16000], "en")]
         results = await asyncio.gather(first, *rest)
     finally:
-        await worker.close()
+        await pool.close()
         del engine.transcribe, engine.transcribe_burst
     assert all(r is not None and r.text for r in results), results
     assert calls == [(int(rec.seconds), False, False), ("burst", [4, 3]), ("burst", [2, 1])]
-    assert (worker.decodes, worker.batched_decodes, worker.short_window_decodes, worker.greedy_decodes) == (5, 4, 4, 4)
+    assert (pool.decodes, pool.batched_decodes, pool.busy_window_decodes, pool.greedy_decodes) == (5, 4, 4, 4)
 
 
-async def test_worker_hands_on_each_final_of_a_burst_as_soon_as_it_is_ready(engine):
+async def test_pool_hands_on_each_final_of_a_burst_as_soon_as_it_is_ready(engine):
     """A burst's finals are decoded together, but none waits for the word timings of the others."""
     audio = next(r for r in load_devset() if r.id == "ls-1221-135766-0001").audio
     resolved = threading.Event()
@@ -438,71 +458,71 @@ async def test_worker_hands_on_each_final_of_a_burst_as_soon_as_it_is_ready(engi
         return words(*args)
 
     engine._words = spy_words
-    worker = DecodeWorker(engine, max_finals=4)  # one thread: it takes all three as one burst
+    pool = DecodePool(engine, max_finals=4)  # one worker: it takes all three as one burst
     try:
-        futures = [worker.final(audio[:16000 * seconds], "en") for seconds in (4, 3, 2)]
+        futures = [pool.final(audio[:16000 * seconds], "en") for seconds in (4, 3, 2)]
         for future in futures:
             future.add_done_callback(lambda _: resolved.set())
-        worker.start()
+        pool.start()
         results = await asyncio.gather(*futures)
     finally:
-        await worker.close()
+        await pool.close()
         del engine._words
     assert early == [False, True]
-    assert worker.batched_decodes == 3 and all(r is not None and r.text for r in results), results
+    assert pool.batched_decodes == 3 and all(r is not None and r.text for r in results), results
 
 
-async def test_worker_shares_a_burst_among_its_free_threads(engine):
-    """With 5 finals waiting and 2 idle threads, the first thread takes 3 of them; the second, with
-    one final left behind the one it takes, fewer than there are threads, takes one. Finals whose
+async def test_pool_shares_a_burst_among_its_free_workers(engine):
+    """With 5 finals waiting and 2 idle workers, the first worker takes 3 of them; the second, with
+    one final left behind the one it takes, fewer than there are workers, takes one. Finals whose
     language is still to be detected are decoded one by one."""
     audio = np.zeros(16000, np.float32)
-    worker = DecodeWorker(engine, max_finals=8, threads=2)  # not started: this test takes the jobs itself
-    futures = [worker.final(audio, "en") for _ in range(5)]
-    first, second = worker._next(), worker._next()
+    pool = DecodePool(engine, max_finals=8, workers=2)  # not started: this test takes the jobs itself
+    futures = [pool.final(audio, "en") for _ in range(5)]
+    first, second = pool._next(), pool._next()
     assert [len(first), len(second)] == [3, 1]
-    assert all(job.greedy and job.short_window for job in first)
-    assert second[0].greedy and not second[0].short_window  # company, no burst
+    assert all(job.greedy and job.busy_window for job in first)
+    assert second[0].greedy and not second[0].busy_window  # company, no burst
     assert [job.future for job in first + second] == futures[:4]
-    worker._done(0.1, first[-1])
-    worker._done(0.1, second[-1])
-    detect = [worker.final(audio, None) for _ in range(3)]
-    assert [len(worker._next()) for _ in range(3)] == [1, 1, 1]  # the remaining "en" final's turn comes first
-    assert worker.depth == 1 and len(detect) == 3
+    pool._done(0.1, first[-1])
+    pool._done(0.1, second[-1])
+    detect = [pool.final(audio, None) for _ in range(3)]
+    assert [len(pool._next()) for _ in range(3)] == [1, 1, 1]  # the remaining "en" final's turn comes first
+    assert pool.depth == 1 and len(detect) == 3
 
 
-async def test_worker_keeps_a_thread_free_of_partials_for_finals_and_the_full_window_for_lone_decodes(
+async def test_pool_keeps_a_worker_free_of_partials_for_finals_and_the_full_window_for_lone_decodes(
         engine, monkeypatch):
-    """With two threads, partials run one at a time: a final never waits for a partial to finish.
+    """With two workers, partials run one at a time: a final never waits for a partial to finish.
 
     A final beside another stream's running partial is greedy; one alone takes beam search. Both take
     the full window, which a partial takes only when no other decode runs or waits.
     """
-    monkeypatch.setattr("asr.worker._STALE_PARTIAL_S", 60.0)  # none shed, however slow the machine
+    monkeypatch.setattr("asr.policy.STALE_PARTIAL_S", 60.0)  # none shed, however slow the machine
     rec = next(r for r in load_devset() if r.id == "ls-61-70968-0000")
     spans: list[tuple[str, float, float, bool, bool]] = []
     transcribe = engine.transcribe
 
-    def timed(audio, language, final, greedy=False, short_window=False, **kw):
+    def timed(audio, language, final, greedy=False, busy_window=False, **kw):
         started = time.monotonic()
         try:
-            return transcribe(audio, language, final, greedy, short_window, **kw)
+            return transcribe(audio, language, final, greedy, busy_window, **kw)
         finally:
-            spans.append(("final" if final else "partial", started, time.monotonic(), greedy, short_window))
+            spans.append(("final" if final else "partial", started, time.monotonic(), greedy, busy_window))
 
     engine.transcribe = timed
-    worker = DecodeWorker(engine, max_finals=4, threads=2)
-    worker.start()
+    pool = DecodePool(engine, max_finals=4, workers=2)
+    pool.start()
     try:
-        partials = [worker.partial(key, rec.audio, "en") for key in "abc"]
+        partials = [pool.partial(key, rec.audio, "en") for key in "abc"]
         await asyncio.sleep(0.02)
         submitted = time.monotonic()
-        final = worker.final(rec.audio, "en")
+        final = pool.final(rec.audio, "en")
         assert await final is not None
         await asyncio.gather(*partials)
-        assert await worker.final(rec.audio, "en") is not None  # alone
+        assert await pool.final(rec.audio, "en") is not None  # alone
     finally:
-        await worker.close()
+        await pool.close()
         del engine.transcribe
     partial_spans = sorted(s for s in spans if s[0] == "partial")
     assert len(partial_spans) >= 2
@@ -510,7 +530,7 @@ async def test_worker_keeps_a_thread_free_of_partials_for_finals_and_the_full_wi
     final_spans = [s for s in spans if s[0] == "final"]
     assert final_spans[0][1] - submitted < 0.05, "the final waited for a partial"
     assert [s[3:] for s in final_spans] == [(True, False), (False, False)]  # beside a partial; alone
-    assert partial_spans[0][4]  # others waited behind it: the short window
+    assert partial_spans[0][4]  # others waited behind it: the busy window
 
 
 async def test_a_first_partial_that_says_nothing_is_asked_again_soon(engine, vad_model):
@@ -518,11 +538,11 @@ async def test_a_first_partial_that_says_nothing_is_asked_again_soon(engine, vad
 
     Decodes here take no audio time: each partial finishes before the next 20 ms packet.
     """
-    worker = DecodeWorker(engine, max_finals=4)
-    worker.start()
+    pool = DecodePool(engine, max_finals=4)
+    pool.start()
     asked: dict[tuple[str, int], list[int]] = {}  # utterance -> speech samples of each partial asked for
     shown: dict[tuple[str, int], int] = {}  # utterance -> speech samples of its first partial shown
-    ask = worker.partial
+    ask = pool.partial
     try:
         for rec in load_devset():
             segmenter = Segmenter(SileroVAD(vad_model), SegmenterConfig())
@@ -531,9 +551,9 @@ async def test_a_first_partial_that_says_nothing_is_asked_again_soon(engine, vad
                 asked.setdefault((rec.id, seg.utterance), []).append(audio.size)
                 return ask(key, audio, language, first, **kw)
 
-            worker.partial = partial
+            pool.partial = partial
             events: list[dict] = []
-            stream = SpeechStream(worker, segmenter, StreamOptions(language="en", early_final_ms=0),
+            stream = SpeechStream(pool, segmenter, StreamOptions(language="en", early_final_ms=0),
                                   events.append)
             audio = padded(rec.audio)
             for i in range(0, audio.size, 320):
@@ -545,8 +565,8 @@ async def test_a_first_partial_that_says_nothing_is_asked_again_soon(engine, vad
                         shown.setdefault((rec.id, e["utterance"]), asked[rec.id, e["utterance"]][-1])
             await stream.finish()
     finally:
-        del worker.partial
-        await worker.close()
+        del pool.partial
+        await pool.close()
     retried = [sizes for key, sizes in asked.items() if key in shown and sizes[0] < shown[key]]
     assert retried, "every first partial said something, so the retry went untested"
     # 200 ms, in whole 32 ms VAD windows; longer only where the speaker paused, when no partial is asked.
@@ -560,9 +580,9 @@ async def test_a_first_partial_that_says_nothing_is_asked_again_soon(engine, vad
 
 async def test_a_partial_still_waiting_when_its_utterance_ends_is_never_decoded(engine, vad_model):
     """Its text could only come after speech.stopped, where the protocol has no place for it."""
-    worker = DecodeWorker(engine, max_finals=4)  # not started yet: every decode waits
+    pool = DecodePool(engine, max_finals=4)  # not started yet: every decode waits
     events: list[dict] = []
-    stream = SpeechStream(worker, Segmenter(SileroVAD(vad_model), SegmenterConfig()),
+    stream = SpeechStream(pool, Segmenter(SileroVAD(vad_model), SegmenterConfig()),
                           StreamOptions(language="en", early_final_ms=0), events.append)
     audio = padded(recording("ls-61-70968-0002").audio)
     try:
@@ -570,49 +590,49 @@ async def test_a_partial_still_waiting_when_its_utterance_ends_is_never_decoded(
             stream.feed(audio[i : i + 320])
             await asyncio.sleep(0)
         assert [e["type"] for e in events] == ["speech.started", "speech.stopped"], events
-        assert worker.depth == 1  # the final: the partial left the queue when its utterance ended
-        worker.start()
+        assert pool.depth == 1  # the final: the partial left the queue when its utterance ended
+        pool.start()
         await stream.finish()
     finally:
-        await worker.close()
+        await pool.close()
     assert [e["type"] for e in events][-1] == "transcript.final"
-    assert worker.decodes == 1  # the final alone
+    assert pool.decodes == 1  # the final alone
 
 
 @pytest.mark.parametrize("idle", [True, False])
-async def test_the_final_is_guessed_once_the_voice_pauses_if_the_worker_is_idle(engine, vad_model, monkeypatch, idle):
-    """An idle worker starts the speculative final 160 ms after the voice stopped, before Silero's
+async def test_the_early_final_starts_once_the_voice_pauses_if_the_pool_is_idle(engine, vad_model, monkeypatch, idle):
+    """An idle pool starts the early final 160 ms after the voice stopped, before Silero's
     probability has fallen; a busy one waits until the VAD has heard 160 ms of pause. Either way the
-    guess is the final, and a sentence ends after 400 ms of pause rather than the 500 ms endpoint."""
+    early final is the final, and a sentence ends after 400 ms of pause rather than the 500 ms endpoint."""
     if not idle:
-        monkeypatch.setattr(DecodeWorker, "idle", property(lambda self: False))
-    worker = DecodeWorker(engine, max_finals=4)
-    worker.start()
+        monkeypatch.setattr(DecodePool, "idle", property(lambda self: False))
+    pool = DecodePool(engine, max_finals=4)
+    pool.start()
     events: list[dict] = []
     segmenter = Segmenter(SileroVAD(vad_model), SegmenterConfig(endpoint_ms=500))
-    stream = SpeechStream(worker, segmenter, StreamOptions(language="en", partials=False), events.append)
-    guessed_at = stopped_at = None
+    stream = SpeechStream(pool, segmenter, StreamOptions(language="en", partials=False), events.append)
+    started_at = stopped_at = None
     audio = padded(recording("ls-1221-135766-0002").audio)
     try:
         for i in range(0, audio.size, 320):
             stream.feed(audio[i : i + 320])
             if stopped_at is None and any(e["type"] == "speech.stopped" for e in events):
                 stopped_at = (i + 320) / 16000
-            spec = stream._speculation
-            if spec is not None and guessed_at is None:
-                guessed_at = (segmenter.pause_ms, segmenter.vad_pause_ms)
-            if spec is not None:  # decodes take no audio time here
-                await asyncio.wait([spec.result])
+            early = stream._early_final
+            if early is not None and started_at is None:
+                started_at = (segmenter.pause_ms, segmenter.vad_pause_ms)
+            if early is not None:  # decodes take no audio time here
+                await asyncio.wait([early.result])
             await asyncio.sleep(0)
         await stream.finish()
     finally:
-        await worker.close()
-    assert guessed_at is not None
-    pause, vad_pause = guessed_at
+        await pool.close()
+    assert started_at is not None
+    pause, vad_pause = started_at
     if idle:
-        assert pause >= 160 > vad_pause, guessed_at
+        assert pause >= 160 > vad_pause, started_at
     else:
-        assert vad_pause >= 160, guessed_at
+        assert vad_pause >= 160, started_at
     stopped = [e for e in events if e["type"] == "speech.stopped"]
     finals = [e for e in events if e["type"] == "transcript.final"]
     assert len(stopped) == len(finals) == 1
@@ -622,8 +642,6 @@ async def test_the_final_is_guessed_once_the_voice_pauses_if_the_worker_is_idle(
 
 
 def test_cut_loop_keeps_one_copy_of_a_repeated_tail():
-    from asr.engine import cut_loop
-
     sentence = [11, 12, 13, 14, 15, 16]
     assert cut_loop([1, 2] + sentence * 2) == [1, 2] + sentence
     assert cut_loop([1, 2] + sentence * 4 + sentence[:3]) == [1, 2] + sentence  # cut by the cap
@@ -700,21 +718,21 @@ async def test_a_pause_mid_clause_does_not_end_the_utterance(engine, vad_model):
     end = int((words[spoken.index("others")].end + 0.1) * 16000)
     audio = padded(np.concatenate([rec.audio[:cut], np.zeros(int(0.7 * 16000), np.float32), rec.audio[cut:end]]))
     reference = rec.text[:rec.text.index("others") + len("others")]
-    worker = DecodeWorker(engine, max_finals=4)
-    worker.start()
+    pool = DecodePool(engine, max_finals=4)
+    pool.start()
     events: list[dict] = []
     segmenter = Segmenter(SileroVAD(vad_model), SegmenterConfig(endpoint_ms=500, unfinished_endpoint_ms=1000))
-    stream = SpeechStream(worker, segmenter, StreamOptions(language="en", partials=False), events.append)
+    stream = SpeechStream(pool, segmenter, StreamOptions(language="en", partials=False), events.append)
     try:
         for i in range(0, audio.size, 320):
             stream.feed(audio[i : i + 320])
             await asyncio.sleep(0)
-            while not worker.idle:
+            while not pool.idle:
                 await asyncio.sleep(0.002)
             await asyncio.sleep(0)
         await stream.finish()
     finally:
-        await worker.close()
+        await pool.close()
     finals = [e for e in events if e["type"] == "transcript.final"]
     assert len(finals) == 1, finals
     assert word_errors(reference, finals[0]["text"])[0] <= 3, finals[0]["text"]
@@ -724,21 +742,21 @@ async def test_a_streams_own_partial_is_no_company_for_its_final(engine):
     """A final is greedy beside other streams' decodes, but not beside its own stream's partial, which it
     makes obsolete: a lone speaker's partial was nearly always running when the final came."""
     audio = np.zeros(16000, np.float32)
-    worker = DecodeWorker(engine, max_finals=8, threads=3)  # not started: this test takes the jobs itself
-    worker.partial("a", audio, "en")
-    (own,) = worker._next()
-    worker.final(audio, "en", key="a")
-    (alone,) = worker._next()
-    assert not alone.greedy and not alone.short_window
-    worker._done(0.1, alone)
-    worker.partial("b", audio, "en")
-    (other,) = worker._next()
-    worker.final(audio, "en", key="a")
-    (beside,) = worker._next()
-    assert beside.greedy and not beside.short_window
+    pool = DecodePool(engine, max_finals=8, workers=3)  # not started: this test takes the jobs itself
+    pool.partial("a", audio, "en")
+    (own,) = pool._next()
+    pool.final(audio, "en", key="a")
+    (alone,) = pool._next()
+    assert not alone.greedy and not alone.busy_window
+    pool._done(0.1, alone)
+    pool.partial("b", audio, "en")
+    (other,) = pool._next()
+    pool.final(audio, "en", key="a")
+    (beside,) = pool._next()
+    assert beside.greedy and not beside.busy_window
     for job in (beside, other, own):
-        worker._done(0.1, job)
-    assert worker.idle
+        pool._done(0.1, job)
+    assert pool.idle
 
 
 def test_a_stream_keeps_its_language_where_a_short_piece_is_unsure(vad_model):

@@ -101,10 +101,10 @@ async def test_metrics_and_audit_log_follow_a_session(server):
     assert grew(before, after, "stt_decodes_total") >= len(finals) + len(partials)
     # One stream: partials and finals seldom meet, and no burst of finals ever queues.
     decodes = grew(before, after, "stt_decodes_total")
-    short = grew(before, after, "stt_decodes_short_window_total")
+    busy_window = grew(before, after, "stt_decodes_short_window_total")
     greedy = grew(before, after, "stt_decodes_greedy_total")
-    print(f"decodes {decodes}, short window {short}, greedy {greedy}, finals {len(finals)}")
-    assert short < decodes
+    print(f"decodes {decodes}, busy window {busy_window}, greedy {greedy}, finals {len(finals)}")
+    assert busy_window < decodes
     # Exported, though one stream cannot pin its value: a final meeting its own stream's last partial,
     # still running when the pause began, is greedy (test_asr tests when a final is greedy).
     assert ("stt_decodes_greedy_total", frozenset()) in after

@@ -177,16 +177,6 @@ def test_every_end_reason_the_server_uses_is_in_the_protocol():
     assert used <= set(protocol.END_REASONS), used - set(protocol.END_REASONS)
 
 
-def test_the_speech_package_imports_nothing_of_the_server():
-    server = {p.stem for p in ROOT.glob("*.py")} | {"rtc", "ops", "tests", "bench"}
-    for path in ROOT.glob("asr/*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
-            for name in names:
-                assert name.split(".")[0] not in server, f"{path.relative_to(ROOT)} imports {name}"
-
-
 # The client messages, parsed without a server.
 
 def _refused(parse, data) -> tuple[str, int | None]:

@@ -390,7 +390,7 @@ async def test_faster_than_real_time_keeps_memory_flat_and_every_final(private_n
         most = max(most, waiting)
     assert most <= 3, f"{most} utterances were waiting for their finals at once"
     # The first passes over the devset meet every utterance length (so every decode buffer size,
-    # on each decode thread); the repeats after them may not need more memory than they did.
+    # on each decode worker); the repeats after them may not need more memory than they did.
     # (A coarse check: all this audio is only ~24 MB as float32. The waiting-finals count above
     # is the direct proof that the server stops reading instead of buffering.)
     warm = max(1, len(samples) * 2 // 5)

@@ -1,0 +1,74 @@
+"""How the decode pool spends its workers under load. As the load grows, work gives way in this order:
+
+- a final with company (another decode running or waiting) is decoded greedily instead of with beam
+  search, and a partial with company attends over the busy window;
+- partials never take the last idle worker: it stays free for the next final or early final;
+- a partial that waited past STALE_PARTIAL_S is dropped, unless it is its utterance's first;
+- (streams ask for no partials or early finals while finals wait: asr/stream.py;)
+- a final or early final with as many of its kind waiting behind it as there are workers is in a
+  burst: its worker takes its share of the burst and decodes them in one batch, greedily over the
+  busy window.
+
+Pure functions of the queues' state, so that each rule can be read and tested without threads or a
+model; asr/worker.py holds the queues and the workers, and asks these.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Collection, Hashable, NamedTuple
+
+# A partial that waited this long describes speech the speaker has moved past: drop it, unless it is
+# its utterance's first, the only text the speaker would see before the final.
+STALE_PARTIAL_S = 1.0
+# The most finals of a burst decoded together. A larger batch decodes a burst sooner in all, but each
+# of its finals waits for the whole batch's decode, and its buffers raise the peak memory.
+MAX_BATCH = 4
+
+
+class Mode(NamedTuple):
+    """How the engine decodes one job."""
+
+    greedy: bool  # greedy search for a final instead of beam search (partials always are greedy)
+    busy_window: bool  # attend over the busy window (--busy-decode-window-s) instead of the full one
+
+
+def mode(final: bool, burst: bool, company: bool) -> Mode:
+    """A final with company is greedy; one in a burst also takes the busy window; a partial takes it
+    whenever it has company. Beam search over the full window is the most accurate and the dearest."""
+    return Mode(greedy=final and (burst or company), busy_window=burst or (company and not final))
+
+
+def has_company(key: Hashable, final: bool, busy: int, busy_partials: list[Hashable], finals: int,
+                early_finals: int, partials: Collection[Hashable]) -> bool:
+    """Another decode runs (`busy` workers, of which those in `busy_partials` decode the partials of
+    those streams) or waits (`finals`, `early_finals`, and the partials of the streams in `partials`).
+
+    A final's own stream's partials are no company: the final makes them obsolete, and a lone
+    speaker's partial is nearly always running when the final comes.
+    """
+    mine = final and key is not None
+    own = busy_partials.count(key) if mine else 0
+    return bool(busy - own or finals or early_finals or any(not mine or k != key for k in partials))
+
+
+def in_burst(behind: int, workers: int) -> bool:
+    """A final (or early final) with as many of its kind waiting behind it as there are workers."""
+    return behind >= workers
+
+
+def burst_share(behind: int, workers: int, busy: int) -> int:
+    """How many finals of a burst one worker takes, the one at the head included: its share of the
+    burst among the idle workers (`workers - busy`, itself included), at most MAX_BATCH."""
+    return min(math.ceil((behind + 1) / max(1, workers - busy)), MAX_BATCH)
+
+
+def partial_may_start(busy: int, workers: int) -> bool:
+    """Partials never take the last idle worker, so that a final or early final never waits behind a
+    partial that started just before it. With one worker there is nothing to keep free."""
+    return busy < max(1, workers - 1)
+
+
+def stale(first: bool, waited_s: float) -> bool:
+    """A partial to shed rather than decode (see STALE_PARTIAL_S)."""
+    return not first and waited_s > STALE_PARTIAL_S

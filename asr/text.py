@@ -1,0 +1,120 @@
+"""What Whisper's output is judged and tidied by, and the prompt it continues: loops cut, lone digits
+spelt, silence, hallucinations and a repeated prompt rejected. asr/engine.py decodes; this module
+holds the rules for the text that comes out and the tokens that go in."""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from faster_whisper.tokenizer import Tokenizer
+from faster_whisper.transcribe import get_compression_ratio
+
+_NO_SPEECH = 0.6  # faster-whisper's thresholds: no speech when both hold
+_LOW_LOGPROB = -1.0
+_REPETITIVE = 2.4  # compression ratio of a repetition loop
+# What Whisper tends to say over near-silence; dropped only when the model itself is unsure.
+_HALLUCINATIONS = {
+    "you", "thank you", "thanks for watching", "thank you for watching", "bye", "so",
+    "please subscribe", "subtitles by the amara org community", "okay", "oh", "uh", "um",
+}
+_LONE_DIGIT = re.compile(r"(\d)([.!?]?)")
+_DIGIT_NAMES = ("Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine")
+
+
+class Decoded(NamedTuple):
+    """One generated sequence, as the rules below judge it."""
+
+    tokens: list[int]
+    avg_logprob: float
+    no_speech_prob: float
+
+
+def silent(avg_logprob: float, no_speech_prob: float) -> bool:
+    """Whisper's own verdict of no speech: the no-speech token likely and the text improbable."""
+    return no_speech_prob > _NO_SPEECH and avg_logprob < _LOW_LOGPROB
+
+
+def settled(decoded: Decoded, tokenizer: Tokenizer) -> bool:
+    """No fallback needed: confidently silent, or neither a loop nor improbable."""
+    if silent(decoded.avg_logprob, decoded.no_speech_prob):
+        return True
+    return (get_compression_ratio(tokenizer.decode(decoded.tokens)) <= _REPETITIVE
+            and decoded.avg_logprob >= _LOW_LOGPROB)
+
+
+def rejected(text: str, avg_logprob: float, no_speech_prob: float) -> bool:
+    """No credible speech: nothing, silence, a loop left after every fallback, or a stock phrase of
+    near-silence that the model is unsure of."""
+    if not text:
+        return True
+    if silent(avg_logprob, no_speech_prob):
+        return True
+    if get_compression_ratio(text) > _REPETITIVE:  # still a loop after every fallback
+        return True
+    if normalize(text) in _HALLUCINATIONS:
+        return no_speech_prob > 0.3 or avg_logprob < -0.7
+    return False
+
+
+def cut_loop(tokens: list[int], min_period: int = 5) -> list[int]:
+    """Whisper's loop: the output ends with the same block of tokens two or more times. Keep one.
+
+    A speaker rarely repeats five or more tokens verbatim back to back; the decoder, given a
+    little trailing silence, does it readily. A last copy cut short by the length cap counts too,
+    and so does a copy whose first token differs (a sentence said again with a capital, "yet
+    these thoughts ... Yet these thoughts ...").
+    """
+    n, keep = len(tokens), len(tokens)
+    for period in range(min_period, n // 2 + 1):
+        i = n - 1
+        while i >= period and tokens[i] == tokens[i - period]:
+            i -= 1
+        # tokens[i + 1 - period : n] repeats with this period; its first copy ends at i + 1.
+        repeated = n - (i + 1 - period)
+        if repeated >= 2 * period:
+            keep = min(keep, i + 1)
+        elif repeated == 2 * period - 1:  # tokens[i] starts the second copy, in another spelling
+            keep = min(keep, i)
+    return tokens[:keep]
+
+
+def spell_lone_digit(text: str) -> str:
+    """A digit said on its own, as its word: "3" becomes "Three", "1." "One.".
+
+    With no sentence around it, Whisper writes a lone number as a digit about as often as a word:
+    "one", "two", "three" said with pauses came out "1.", "Two.", "3", where offline, over the
+    whole recording, it wrote "One, two, three." Streaming cuts speech at pauses, so it meets lone
+    numbers that offline never does; spelling them restores the offline text and the style
+    (AP's) that writes single digits as words.
+    """
+    lone = _LONE_DIGIT.fullmatch(text)
+    return _DIGIT_NAMES[int(lone[1])] + lone[2] if lone else text
+
+
+def normalize(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9' ]", " ", text.lower()).split())
+
+
+def repeats(tokenizer: Tokenizer, tokens: list[int], context: list[int]) -> bool:
+    """The decoded text is nothing but words of the context, in its order: Whisper said the prompt again."""
+    said = normalize(tokenizer.decode(tokens))
+    return bool(said) and f" {said} " in f" {normalize(tokenizer.decode(context))} "
+
+
+def previous_tokens(tokenizer: Tokenizer, text: str, limit: int) -> list[int]:
+    """The last `limit` tokens of `text`, as faster-whisper keeps the previous text."""
+    if not (limit and text.strip()):
+        return []
+    return tokenizer.encode(" " + text.strip())[-limit:]
+
+
+def prompt(tokenizer: Tokenizer, previous: list[int] = ()) -> list[int]:
+    """The decoder's prompt: the previous text, if any, then the start of a transcript without timestamps."""
+    head = [tokenizer.sot_prev, *previous] if previous else []
+    return head + list(tokenizer.sot_sequence) + [tokenizer.no_timestamps]
+
+
+def max_length(tokenizer: Tokenizer, seconds: float, previous: list[int] = ()) -> int:
+    # Speech runs under ~5 tokens a second: a longer output is a loop, cut short. The prompt counts.
+    return min(448, len(prompt(tokenizer, previous)) + min(224, 16 + int(12 * seconds)))

@@ -1,0 +1,52 @@
+"""The decode pool's load policy, as pure rules: no threads, no model (asr/policy.py)."""
+
+from __future__ import annotations
+
+from asr import policy
+from asr.policy import Mode
+
+
+def test_beam_search_over_the_full_window_goes_to_decodes_alone():
+    assert policy.mode(final=True, burst=False, company=False) == Mode(greedy=False, busy_window=False)
+    assert policy.mode(final=True, burst=False, company=True) == Mode(greedy=True, busy_window=False)
+    assert policy.mode(final=True, burst=True, company=True) == Mode(greedy=True, busy_window=True)
+    assert policy.mode(final=False, burst=False, company=False) == Mode(greedy=False, busy_window=False)
+    assert policy.mode(final=False, burst=False, company=True) == Mode(greedy=False, busy_window=True)
+
+
+def test_a_finals_own_streams_partials_are_no_company():
+    def company(key="a", final=True, busy=0, busy_partials=(), finals=0, early_finals=0, partials=()):
+        return policy.has_company(key, final, busy, list(busy_partials), finals, early_finals, partials)
+
+    assert not company()
+    assert not company(busy=1, busy_partials=["a"])  # its own partial, running
+    assert not company(partials=["a"])  # its own partial, waiting
+    assert company(busy=2, busy_partials=["a"])  # its own partial and another decode
+    assert company(busy=1, busy_partials=["b"])
+    assert company(partials=["b"])
+    assert company(finals=1) and company(early_finals=1)
+    # A partial, and a final of no stream, have company in any other decode.
+    assert company(final=False, busy=1, busy_partials=["a"]) and company(final=False, partials=["a"])
+    assert company(key=None, busy=1, busy_partials=[None])
+
+
+def test_a_burst_is_shared_among_the_idle_workers():
+    assert not policy.in_burst(behind=1, workers=2) and policy.in_burst(behind=2, workers=2)
+    # 5 finals waiting, 2 idle workers: the first takes 3 of them (test_asr checks the pool does).
+    assert policy.burst_share(behind=4, workers=2, busy=0) == 3
+    assert policy.burst_share(behind=4, workers=2, busy=1) == policy.MAX_BATCH
+    assert policy.burst_share(behind=40, workers=8, busy=0) == policy.MAX_BATCH
+
+
+def test_partials_leave_the_last_idle_worker_free():
+    assert policy.partial_may_start(busy=0, workers=1)
+    assert not policy.partial_may_start(busy=1, workers=1)
+    assert policy.partial_may_start(busy=0, workers=2) and not policy.partial_may_start(busy=1, workers=2)
+    assert policy.partial_may_start(busy=2, workers=4) and not policy.partial_may_start(busy=3, workers=4)
+
+
+def test_a_partial_is_shed_once_stale_unless_it_is_its_utterances_first():
+    waited = policy.STALE_PARTIAL_S + 0.1
+    assert policy.stale(first=False, waited_s=waited)
+    assert not policy.stale(first=True, waited_s=waited)
+    assert not policy.stale(first=False, waited_s=policy.STALE_PARTIAL_S / 2)
