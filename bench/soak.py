@@ -69,6 +69,7 @@ async def ws_session(url: str, audio: bytes, ending: str) -> bool:
         async with http.ws_connect(url + "/v1/ws") as ws:
             finals: list[str] = []
             started: asyncio.Future = asyncio.get_running_loop().create_future()
+            heard = asyncio.Event()  # a final has come
 
             async def read() -> None:
                 async for message in ws:
@@ -77,9 +78,7 @@ async def ws_session(url: str, audio: bytes, ending: str) -> bool:
                         started.set_result(event["session_id"])
                     elif event["type"] == "transcript.final" and event["text"]:
                         finals.append(event["text"])
-                        if ending == "delete":
-                            async with http.delete(f"{url}/v1/rtc/{started.result()}") as r:
-                                assert r.status in (200, 404), await r.text()
+                        heard.set()
                     elif event["type"] == "session.ended":
                         return
 
@@ -93,6 +92,10 @@ async def ws_session(url: str, audio: bytes, ending: str) -> bool:
                     return True
                 if ending == "stop":
                     await ws.send_str(json.dumps({"type": "stop"}))
+                else:  # DELETE once all is sent and a final has come: the session ends with speech heard
+                    await asyncio.wait_for(heard.wait(), 60)
+                    async with http.delete(f"{url}/v1/rtc/{started.result()}") as r:
+                        assert r.status in (200, 404), await r.text()
                 await asyncio.wait_for(asyncio.shield(reader), 60)
             finally:
                 reader.cancel()
