@@ -22,10 +22,10 @@ from asr.engine import DecodeOptions, WhisperEngine
 from asr.threads import on_daemon_thread
 from asr.vad import SileroModel
 from asr.worker import DecodePool
-import auth
-import connections
-import fdlimit
-import metrics
+from ops import auth
+from ops import connections
+from ops import fdlimit
+from ops import metrics
 import sse
 import ws
 from config import Config
@@ -33,7 +33,7 @@ from errors import ApiError, json_errors
 from ops import storage
 from rtc import signaling
 from sessions import REGISTRY, SessionRegistry
-from tls import ssl_context
+from ops.tls import ssl_context
 
 log = logging.getLogger("server")
 

@@ -18,7 +18,7 @@ from asr.audio import SAMPLE_RATE
 from asr.stream import SpeechStream, StreamOptions
 from asr.vad import WINDOW, SileroModel, SileroVAD, VadBatch
 from asr.worker import DecodePool
-import metrics
+from ops import metrics
 import protocol
 from config import Config
 from errors import ApiError

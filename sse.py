@@ -7,7 +7,7 @@ import asyncio
 
 from aiohttp import web
 
-import auth
+from ops import auth
 import protocol
 from errors import ApiError
 from sessions import REGISTRY, EventQueue, write_or_drop

@@ -9,8 +9,8 @@ from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
 
 from asr.audio import SAMPLE_RATE, Resampler, WebmDecoder
-import auth
-import metrics
+from ops import auth
+from ops import metrics
 import protocol
 from errors import ApiError
 from protocol import ClientError

@@ -14,7 +14,7 @@ from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
-import metrics
+from ops import metrics
 import protocol
 from asr.audio import Resampler
 from sessions import Session

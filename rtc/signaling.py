@@ -7,7 +7,7 @@ import logging
 from aiohttp import web
 from aiortc.sdp import SessionDescription
 
-import auth
+from ops import auth
 import protocol
 from errors import ApiError
 from sessions import REGISTRY

@@ -447,7 +447,7 @@ def _closed_port() -> int:
 
 
 def test_health_probe_over_https_with_the_development_certificate(stub_server, tmp_path):
-    from tls import self_signed_certificate
+    from ops.tls import self_signed_certificate
     cert, key = self_signed_certificate("127.0.0.1", tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)

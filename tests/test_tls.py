@@ -7,7 +7,7 @@ import urllib.request
 
 from cryptography import x509
 
-import tls
+from ops import tls
 from client import ServerProcess
 
 

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Awaitable, Callable
 
-import metrics
+from ops import metrics
 from ops.storage.files import why, write_atomic
 from ops.storage.writer import Writer
 

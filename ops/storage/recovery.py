@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import metrics
+from ops import metrics
 from ops.storage.files import (AUDIO, FINALS, META, Unreadable, folder_time, is_regular, iso, json_bytes,
                                last_write, once, parse_iso, read_finals, read_meta, session_folders, why,
                                write_atomic)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-import auth
+from ops import auth
 from errors import ApiError
 from ops.storage.catalog import unknown
 from ops.storage.files import AUDIO, SESSION_ID, Unreadable, is_regular, once

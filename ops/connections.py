@@ -27,7 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
-import metrics
+from ops import metrics
 from config import Config
 from errors import BodyTimeout, error_body, error_response
 
