@@ -420,7 +420,7 @@ async def main(args: argparse.Namespace) -> None:
     started = time.time()
     report: dict = {"machine": machine(), "model": "tiny.en", "compute_type": "int8", "quick": args.quick,
                     "devset": args.devset, "complete": complete(args),
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(),
                     "programme_s": round(programmes[0].seconds, 1),
                     "start_spread_s": round(start_spread(programmes[0]), 1), "server_args": args.server_args,
                     "levels": []}
@@ -463,6 +463,31 @@ def write(report: dict) -> None:
     print((RESULTS / "report.md").read_text())
     if report["complete"]:
         update_performance(report)
+        append_history(report)
+
+
+def commit() -> str | None:
+    """The commit measured, with "+" when the tree has changes beside it."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+" if dirty else "")
+
+
+def append_history(report: dict) -> None:
+    """bench/results/history.md gains one line a full run: the record that prose used to keep."""
+    levels = "; ".join(f"{lv['transport']} {_streams(lv)}: p50 {lv['final_p50_s'] or 0:.2f} s, "
+                       f"p95 {lv['final_p95_s'] or 0:.2f} s, WER {lv['wer'] or 0:.3f}" for lv in report["levels"])
+    commit = report.get("commit") or "-"
+    with (RESULTS / "history.md").open("a") as f:
+        f.write(f"\n- {report['date']} ({commit}, {report['machine']['cpu']}, {report['machine']['cores']} cores): "
+                f"{levels}; offline WER {report['offline_wer']:.3f}.\n")
 
 
 def update_performance(report: dict) -> None:
