@@ -35,7 +35,8 @@ from speech import data_recording, pcm16  # noqa: E402
 
 SPEECH = ["arctic-aew-a0003", "fleurs-en-005", "quiet40-arctic-aew-a0003"]
 ENDINGS = ("stop", "delete", "vanish")  # how each session ends, in turn
-WARM_UP = 0.1  # share of each transport's sessions run before the baseline is taken
+# Share of each transport's sessions run before the baseline: by then the allocator's high-water mark is reached.
+WARM_UP = 0.2
 
 
 def rss_mb(proc: ServerProcess) -> float:
