@@ -43,6 +43,8 @@ WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 def build_app(config: Config) -> web.Application:
     """The app without its model: serve() loads it while the server already answers (GET /ready)."""
     registry = SessionRegistry(config, None, SileroModel())  # the decode pool comes with the model
+    release = MemoryRelease()
+    registry.idle_hooks.append(lambda: release.soon(registry))
     metrics.watch_vad(registry.vad_batch)
     app = web.Application(middlewares=[json_errors, auth.guard, ready_gate])
     app[REGISTRY] = registry
@@ -212,6 +214,35 @@ def cap_malloc_arenas(arenas: int = 2) -> None:
         return
     m_arena_max = -8
     libc.mallopt(m_arena_max, arenas)
+
+
+class MemoryRelease:
+    """Once no session is left, glibc gives the memory it holds free back to the system (malloc_trim).
+
+    glibc keeps the freed buffers of the busiest moment in its arenas; trimmed when the server is idle,
+    its size returns to what it uses. Called a moment after the last session ends, so that a session
+    that follows at once does not pay for it.
+    """
+
+    def __init__(self, delay_s: float = 1.0) -> None:
+        self._delay_s = delay_s
+        self._timer: asyncio.TimerHandle | None = None
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to trim
+            self._trim = None
+
+    def soon(self, registry: SessionRegistry) -> None:
+        if self._trim is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._release, registry)
+
+    def _release(self, registry: SessionRegistry) -> None:
+        self._timer = None
+        if not len(registry):
+            self._trim(0)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -305,6 +305,7 @@ class SessionRegistry:
         self.accepting = True
         self._sessions: dict[str, Session] = {}
         self.observers: list[Callable[[Session], None]] = []  # told of each new session (storage)
+        self.idle_hooks: list[Callable[[], None]] = []  # called when the last session has ended
         self._segmenter_config = SegmenterConfig(
             threshold=config.vad_threshold,
             neg_threshold=max(0.05, config.vad_threshold - 0.15),
@@ -391,6 +392,9 @@ class SessionRegistry:
 
     def remove(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
+        if not self._sessions:
+            for idle in self.idle_hooks:
+                idle()
 
     async def close_all(self, reason: str) -> None:
         self.accepting = False
