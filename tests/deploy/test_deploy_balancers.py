@@ -126,6 +126,20 @@ async def test_webrtc_delete_and_sse_reach_the_replica_that_owns_the_session(clu
             await w.close()
 
 
+async def until_draining(url: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            try:
+                async with http.get(url + "/ready") as r:
+                    if r.status == 503:
+                        return
+            except aiohttp.ClientError:
+                return  # already gone
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} did not start draining")
+
+
 async def open_and_stop(url: str) -> str:
     """A new WebSocket session and a new WebRTC session through the balancer; the replicas that took them."""
     ws = WSClient(url, headers=AUTH)
@@ -162,6 +176,9 @@ async def test_stopping_a_replica_drains_it_and_new_sessions_land_on_the_other(c
         for c in on_a:
             await c.wait_type("transcript.partial", timeout=20)
         cluster.replicas["a"].signal()  # SIGTERM: replica a drains
+        # From the moment it handles the signal: a socket upgraded in the instant before that, and
+        # started after, is ended with shutting_down like every session of a replica that stops.
+        await until_draining(cluster.replicas["a"].url)
 
         # New sessions while a drains and after it has gone: every one succeeds, on b.
         landed, errors = [], []

@@ -48,7 +48,7 @@ async def test_compose_runs_the_server_and_coturn(private_network, image):
         wait_ready(f"http://{HOST}:{port}", container="livestt_stt_1")
         assert stun_binding(HOST, 3478)[:2] == b"\x01\x01"
 
-        speech = recording("ls-1221-135766-0002")
+        speech = recording("ls-61-70968-0000")
         client = WSClient(f"http://{HOST}:{port}")
         try:
             await client.connect()
@@ -58,7 +58,7 @@ async def test_compose_runs_the_server_and_coturn(private_network, image):
             await client.close()
         text = " ".join(e["text"] for e in client.of_type("transcript.final"))
         errors, words = word_errors(speech.text, text)
-        assert errors / words < 0.25, (speech.text, text)
+        assert errors / words < 0.3, (speech.text, text)
         # The named volume keeps the session: compose's STT_DATA_DIR is /data, whatever the host says.
         listed = podman("exec", "livestt_stt_1", "ls", "/data").stdout
         assert any(line.endswith(client.of_type("session.started")[0]["session_id"]) for line in listed.split())
