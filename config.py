@@ -133,6 +133,10 @@ class Config:
                 "empty: the server's own origin only", "parse": _list})
     max_sessions_per_key: int = field(default=0, metadata={
         "help": "concurrent sessions per API key and the tokens it minted; more get 429 (0: no limit)"})
+    replica_id: str = field(default="", metadata={
+        "help": "1 to 8 hex digits that start every session id of this replica, so that a load balancer routes a "
+                "session's DELETE and SSE to it ([Deployment](deployment.md#several-replicas-behind-a-load-balancer));"
+                " give every replica one of the same length"})
     trusted_proxies: int = field(default=0, metadata={
         "help": "reverse proxies in front whose `X-Forwarded-For` names the client in logs (0: the peer address)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
@@ -176,6 +180,8 @@ class Config:
             raise ValueError("max_pending_connections must be at least 1")
         if self.token_secret and len(self.token_secret) < 16:
             raise ValueError("token_secret must have at least 16 characters")
+        if self.replica_id and not re.fullmatch(r"[0-9a-f]{1,8}", self.replica_id):
+            raise ValueError("replica_id must be 1 to 8 lowercase hex digits")
         if self.token_max_ttl_s < 1:
             raise ValueError("token_max_ttl_s must be at least 1")
         if self.max_sessions_per_key < 0 or self.trusted_proxies < 0:

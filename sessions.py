@@ -92,13 +92,18 @@ def parse_options(raw: Mapping[str, Any], config: Config, languages: frozenset[s
     return SessionOptions(language, partials, endpoint_ms)
 
 
+def new_session_id(replica_id: str = "") -> str:
+    """32 hex digits, as storage expects, that start with the replica's id: a balancer routes on it."""
+    return replica_id + uuid.uuid4().hex[len(replica_id):]
+
+
 class Session:
     """One live stream: audio in through feed(), events out to its sinks, ended exactly once."""
 
     def __init__(self, registry: "SessionRegistry", transport: str, options: SessionOptions,
                  stream_factory: Callable[[Sink], SpeechStream], hold_events: bool,
                  client: Client = Client()) -> None:
-        self.id = uuid.uuid4().hex
+        self.id = new_session_id(registry.config.replica_id)
         self.transport = transport
         self.client = client
         self.meter = metrics.SessionMeter(transport)

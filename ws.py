@@ -31,6 +31,9 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
     registry = request.app[REGISTRY]
     query = dict(request.query)
     auth.session_options(request, query)  # a bad (or, for a token, another) option: no upgrade
+    if not registry.accepting:
+        # Draining: 503 before the upgrade, which a load balancer can still send to another replica.
+        registry.check_capacity(auth.client(request))
     ws = _Socket(
         protocols=auth.ws_protocols(request),  # echoes "livestt" when a browser sent a token with it
         heartbeat=max(1.0, registry.config.idle_timeout_s / 3),  # pings; no pong closes the socket

@@ -223,9 +223,10 @@ class RTCClient(EventLog):
     track: MediaStreamTrack | None = None
     data_channel: bool = True
     events: list[Received] = field(default_factory=list)
+    configuration: RTCConfiguration | None = None  # ICE servers and policy; none by default
 
     def __post_init__(self) -> None:
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc = RTCPeerConnection(self.configuration or RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("events") if self.data_channel else None
         self._changed = asyncio.Event()
         if self.channel is not None:
