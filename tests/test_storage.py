@@ -391,7 +391,7 @@ async def test_a_final_is_on_disk_before_a_transport_attached_first_has_it(tmp_p
     from sessions import Session, SessionOptions
     from ops.storage import Storage
 
-    registry = SimpleNamespace(config=SimpleNamespace(idle_timeout_s=60, max_session_s=60),
+    registry = SimpleNamespace(config=SimpleNamespace(idle_timeout_s=60, max_session_s=60, replica_id=""),
                                worker=SimpleNamespace(engine=SimpleNamespace(name="tiny.en")),
                                remove=lambda session: None)
     session = Session(registry, "websocket", SessionOptions("en", True, 500), lambda emit: _SilentStream(),
