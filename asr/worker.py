@@ -1,4 +1,4 @@
-"""The threads that run Whisper: finals first, then speculative finals, then partials."""
+"""The threads that run Whisper: finals first, then speculative finals, then partials, then files."""
 
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ class _Job:
     # How the engine is to decode it, set when a thread takes it (see `_take`).
     greedy: bool = False
     short_window: bool = False
+    # A file's pieces, decoded together at offline accuracy (`audio` is unused); `befores` one per piece.
+    pieces: list[np.ndarray] | None = None
+    befores: list[Before] | None = None
 
 
 class DecodeWorker:
@@ -67,6 +70,10 @@ class DecodeWorker:
         self._finals: deque[_Job] = deque()
         self._speculative: OrderedDict[Hashable, _Job] = OrderedDict()
         self._partials: OrderedDict[Hashable, _Job] = OrderedDict()
+        self._files: deque[_Job] = deque()  # file pieces: only what live streams leave
+        # Whether live streams are open (the server sets it): while they are, file pieces never take the
+        # last idle thread, so that a live final never waits behind a file's decode.
+        self.live: Callable[[], bool] = lambda: True
         self._closed = False
         self._busy = 0  # threads decoding now
         self._busy_partials: list[Hashable] = []  # the streams whose partials are being decoded
@@ -141,6 +148,20 @@ class DecodeWorker:
         return self._keyed(self._partials, key,
                            self._job(audio, language, final=False, first=first, before=before, key=key))
 
+    def pieces(self, audios: list[np.ndarray], language: str | None, befores: list[Before]) -> asyncio.Future:
+        """A file's pieces, decoded together after every live request (engine.transcribe_pieces); resolves to
+        their transcripts. Bounded by its callers: each file keeps a few of these in flight."""
+        job = self._job(np.zeros(0, np.float32), language, final=True)
+        job.pieces, job.befores = audios, befores
+        with self._cond:
+            self._files.append(job)
+            self._cond.notify()
+        return job.future
+
+    @property
+    def files_waiting(self) -> int:
+        return len(self._files)
+
     def _keyed(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job) -> asyncio.Future:
         with self._cond:
             stale = queue.pop(key, None)
@@ -181,8 +202,10 @@ class DecodeWorker:
     def _pick(self) -> list[_Job]:
         """Under the lock: waits for work this thread may take; [] once the worker closes."""
         while True:
-            while not (self._closed or self._finals or self._speculative or self._partials_allowed()):
-                self._cond.wait()
+            while not (self._closed or self._finals or self._speculative or self._partials_allowed()
+                       or self._files_allowed()):
+                # `live` changes without a notify: a waiting file piece looks again now and then.
+                self._cond.wait(0.5 if self._files else None)
             if self._finals:
                 job = self._finals.popleft()
                 return self._take_finals(job, list(self._finals), self._finals.popleft)
@@ -197,6 +220,8 @@ class DecodeWorker:
                     job.loop.call_soon_threadsafe(_resolve, job.future, None)
                     continue
                 return [self._take(job, burst=False)]
+            if self._files_allowed():
+                return [self._files.popleft()]
             return []
 
     def _take_finals(self, job: _Job, behind: list[_Job], pop: Callable[[], _Job]) -> list[_Job]:
@@ -229,6 +254,12 @@ class DecodeWorker:
     def _partials_allowed(self) -> bool:
         return bool(self._partials) and self._busy < self._partial_threads
 
+    def _files_allowed(self) -> bool:
+        """After every live request, and while streams are open, never on the last idle thread."""
+        if not self._files or self._partials_allowed():
+            return False
+        return self._busy < (self._partial_threads if self.live() else len(self._threads))
+
     def _run(self) -> None:
         while taken := self._next():
             jobs = [job for job in taken if not job.abandoned]  # nobody awaits them: no decode
@@ -255,7 +286,10 @@ class DecodeWorker:
                 yield job, e
 
     def _decode(self, jobs: list[_Job]) -> Iterator[tuple[_Job, Transcript | None]]:
-        if len(jobs) == 1:
+        if len(jobs) == 1 and jobs[0].pieces is not None:
+            job = jobs[0]
+            yield job, self.engine.transcribe_pieces(job.pieces, job.language, job.befores)
+        elif len(jobs) == 1:
             job = jobs[0]
             yield job, self.engine.transcribe(job.audio, job.language, job.final, greedy=job.greedy,
                                               short_window=job.short_window, before=job.before)
