@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+import adapters
 from asr.engine import DecodeOptions, WhisperEngine
 from asr.vad import SileroModel
 from asr.worker import DecodeWorker
@@ -57,6 +58,7 @@ def build_app(config: Config) -> web.Application:
     ws.add_routes(app)
     sse.add_routes(app)
     storage.install(app, registry)  # --data-dir: saved sessions, their routes, retention
+    adapters.add_routes(app)  # files: OpenAI's /v1/audio/transcriptions, Deepgram's POST /v1/listen
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     if os.path.isfile(os.path.join(WEB_DIR, "index.html")):
@@ -131,6 +133,8 @@ async def load_model(app: web.Application, config: Config) -> None:
     # Finals are bounded per server: a few per session before the server calls itself overloaded.
     worker = DecodeWorker(engine, max_finals=4 * config.max_sessions, threads=config.decode_workers)
     metrics.watch_worker(worker)
+    registry = app[REGISTRY]
+    worker.live = lambda: len(registry) > 0  # files keep a thread free for live sessions
     worker.start()
     app[REGISTRY].worker = worker
 
