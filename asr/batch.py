@@ -46,6 +46,7 @@ class Segment:
     end: float
     text: str
     words: tuple[Word, ...]
+    language: str
 
     @property
     def avg_logprob(self) -> float:
@@ -111,14 +112,15 @@ def _segments(piece: _Piece, result: Transcript | None, language: str) -> list[S
     offset = piece.start / SAMPLE_RATE
     words = [Word(w.word, round(offset + w.start, 3), round(offset + w.end, 3), w.probability) for w in result.words]
     if not words:
-        return [Segment(piece.speech_start, piece.speech_end, result.text.strip(), ())]
+        return [Segment(piece.speech_start, piece.speech_end, result.text.strip(), (), language)]
     groups: list[list[Word]] = [[]]
     for word in words:
         group = groups[-1]
         if group and group[-1].word.endswith(_SENTENCE_END) and group[-1].end - group[0].start >= _MIN_SEGMENT_S:
             groups.append(group := [])
         group.append(word)
-    return [Segment(g[0].start, g[-1].end, join([w.word for w in g], language), tuple(g)) for g in groups if g]
+    return [Segment(g[0].start, g[-1].end, join([w.word for w in g], language), tuple(g), language)
+            for g in groups if g]
 
 
 class FileTranscriber:
