@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from adapters.jobs import FIELD_BYTES, FILE_JOBS, FileJobs, FileRequest, Raw, is_json, read_limited
+from adapters.jobs import FIELD_BYTES, FILE_JOBS, FileJobs, FileRequest, Raw, expect, is_json, read_limited
 from asr.batch import FileTranscript, Segment
 from asr.container import RAW_ENCODINGS
 from errors import ERROR_SHAPES, ApiError, client_json
@@ -41,7 +41,7 @@ def error(status: int, code: str, message: str, param: str | None = None) -> dic
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post(PATH, listen)
+    app.router.add_post(PATH, listen, expect_handler=expect)
     app.setdefault(ERROR_SHAPES, {})[PATH] = error
 
 

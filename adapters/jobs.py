@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import numpy as np
 from aiohttp import BodyPartReader, hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 import auth
 import connections
@@ -22,7 +23,7 @@ import metrics
 from asr import container
 from asr.batch import FileOptions, FileTranscriber, FileTranscript, Segment
 from config import Config
-from errors import ApiError
+from errors import ApiError, shape_of
 from sessions import REGISTRY, Client, SessionRegistry
 
 log = logging.getLogger("files")
@@ -121,7 +122,7 @@ class FileJobs:
                 except UnicodeDecodeError:
                     raise ApiError(400, "invalid_value", f"the field {part.name!r} is not UTF-8 text",
                                    param=part.name) from None
-        except (ValueError, AssertionError, KeyError):
+        except (ValueError, AssertionError, KeyError, HttpProcessingError):
             raise ApiError(400, "invalid_request", "the multipart form could not be parsed") from None
         return fields, data
 
@@ -278,6 +279,21 @@ async def _client_leaves(request: web.Request) -> None:
 
 
 FILE_JOBS = web.AppKey("file_jobs", FileJobs)
+
+
+async def expect(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue`: a body declared past the limit is refused before the client sends it."""
+    declared = request.content_length
+    jobs = request.app[FILE_JOBS]
+    if declared is not None and declared > jobs.max_bytes + _FORM_OVERHEAD:
+        response = jobs.too_large().response(shape_of(request))
+        response.force_close()
+        return response
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # as aiohttp's own: the answer proper has not begun
+    return None
 
 
 def setup(app: web.Application) -> FileJobs:

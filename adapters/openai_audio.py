@@ -14,9 +14,9 @@ from typing import Any
 
 from aiohttp import web
 
-from adapters.jobs import FILE_JOBS, FileJobs, FileRequest
+from adapters.jobs import FILE_JOBS, FileJobs, FileRequest, expect
 from adapters.languages import name as language_name
-from asr.batch import FileTranscript, Segment, join
+from asr.batch import FileTranscript, Segment, separator
 from errors import ERROR_SHAPES, ApiError, error_type, openai_error
 from ops.storage.formats import render_srt, render_vtt
 from sessions import REGISTRY, write_or_drop
@@ -42,7 +42,7 @@ class Asked:
 def add_routes(app: web.Application) -> None:
     for prefix in ("/v1/audio", "/v1/models"):
         app.setdefault(ERROR_SHAPES, {})[prefix] = openai_error
-    app.router.add_post("/v1/audio/transcriptions", transcriptions)
+    app.router.add_post("/v1/audio/transcriptions", transcriptions, expect_handler=expect)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
 
@@ -112,7 +112,7 @@ def _logprobs(result: FileTranscript) -> list[dict[str, Any]]:
 
 def _segment(i: int, s: Segment, language: str) -> dict[str, Any]:
     return {"id": i, "seek": int(s.start * 100), "start": s.start, "end": s.end,
-            "text": join(["", s.text], language), "tokens": [], "temperature": 0.0,
+            "text": separator(language) + s.text, "tokens": [], "temperature": 0.0,
             "avg_logprob": round(s.avg_logprob, 4), "compression_ratio": round(s.compression_ratio, 4),
             "no_speech_prob": 0.0}
 
@@ -168,7 +168,7 @@ async def _stream(request: web.Request, jobs: FileJobs, audio, asked: Asked) -> 
             finished = work.done()
             while sent < len(segments):
                 segment = segments[sent]
-                delta = join(["", segment.text], segment.language) if sent else segment.text
+                delta = separator(segment.language) + segment.text if sent else segment.text
                 if not await send({"type": "transcript.text.delta", "delta": delta}):
                     return response
                 sent += 1

@@ -91,8 +91,13 @@ class _Piece:
     speech_end: float
 
 
+def separator(language: str | None) -> str:
+    """What stands between two words or sentences of `language`."""
+    return "" if language in _NO_SPACES else " "
+
+
 def join(texts: list[str], language: str | None) -> str:
-    return ("" if language in _NO_SPACES else " ").join(t for t in texts if t)
+    return separator(language).join(t for t in texts if t)
 
 
 def cut(audio: np.ndarray, vad_model: SileroModel, config: SegmenterConfig, join_s: float = 0.0,
