@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install serve test test-deps test-deploy deploy-deps bench bench-accuracy bench-soak clean
+.PHONY: install serve test test-deps test-deploy deploy-deps bench bench-accuracy bench-files bench-soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,11 @@ bench: $(VENV)/.bench-installed $(BENCH_WL)/.installed
 # on ../shared/eval/devset-wide (about 12 minutes: every recording in real time, twice).
 bench-accuracy: $(VENV)/.bench-installed
 	tests/netns.sh $(BIN)/python bench/accuracy.py $(BENCH_ARGS)
+
+# Files (asr/batch.py) beside faster-whisper's BatchedInferencePipeline and transcribe() on devset-wide's
+# long-form recordings, taking turns; writes bench/results/files.{json,md} (about 6 minutes).
+bench-files: $(VENV)/.bench-installed
+	$(BIN)/python bench/files.py --base $(BENCH_ARGS)
 
 # 1,000 WebSocket and 200 WebRTC sessions with speech, churned; then the sessions, gauges, RSS and
 # descriptors the server kept (about 10 minutes).

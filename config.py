@@ -139,6 +139,22 @@ class Config:
                 " give every replica one of the same length"})
     trusted_proxies: int = field(default=0, metadata={
         "help": "reverse proxies in front whose `X-Forwarded-For` names the client in logs (0: the peer address)"})
+    max_upload_mb: float = field(default=25.0, metadata={
+        "help": "largest [file](files.md) the transcription routes take, in MiB (a multipart form or a raw body); a "
+                "larger one gets 413 before it is read"})
+    max_file_s: float = field(default=3600.0, metadata={
+        "help": "longest audio of a file, in seconds; a longer one gets 413 as soon as decoding passes it"})
+    max_file_jobs: int = field(default=2, metadata={
+        "help": "files transcribed at once; more get 429 with `Retry-After`. Files decode on the threads live "
+                "sessions leave"})
+    file_batch: int = field(default=4, metadata={
+        "help": "utterances of a file decoded together in one batch; each file keeps two batches in flight"})
+    upload_timeout_s: float = field(default=300.0, metadata={
+        "help": "time for a file's body to arrive once its head has (instead of `--body-timeout-s`); a slower "
+                "one gets 408"})
+    fetch_url_hosts: list = field(default_factory=list, metadata={
+        "help": "hosts whose http(s) URLs `POST /v1/listen` may fetch for a client (`{\"url\": ...}`), "
+                "comma-separated; empty: every URL is refused and the server fetches nothing", "parse": _list})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     log_format: str = field(default="text", metadata={"help": "`text`, or `json`: one JSON object per line "
                                                                            "([Monitoring](operations.md#monitoring))"})
@@ -194,6 +210,10 @@ class Config:
             raise ValueError("self_signed and certfile exclude each other")
         if self.retention_days < 0:
             raise ValueError("retention_days must be 0 (keep) or more")
+        if self.max_upload_mb <= 0 or self.max_file_s <= 0 or self.upload_timeout_s <= 0:
+            raise ValueError("max_upload_mb, max_file_s and upload_timeout_s must be above 0")
+        if self.max_file_jobs < 1 or self.file_batch < 1:
+            raise ValueError("max_file_jobs and file_batch must be at least 1")
         if self.record_audio and not self.data_dir:
             raise ValueError("record_audio needs a data_dir")
 

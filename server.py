@@ -18,6 +18,7 @@ import time
 
 from aiohttp import web
 
+import adapters
 from asr.engine import DecodeOptions, WhisperEngine
 from asr.threads import on_daemon_thread
 from asr.vad import SileroModel
@@ -58,6 +59,7 @@ def build_app(config: Config) -> web.Application:
     ws.add_routes(app)
     sse.add_routes(app)
     storage.install(app, registry)  # --data-dir: saved sessions, their routes, retention
+    adapters.add_routes(app)  # files: OpenAI's /v1/audio/transcriptions, Deepgram's POST /v1/listen
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     if os.path.isfile(os.path.join(WEB_DIR, "index.html")):
@@ -134,8 +136,10 @@ async def load_model(app: web.Application, config: Config) -> None:
     pool = DecodePool(engine, max_finals=4 * config.max_sessions, workers=config.decode_workers,
                       on_partial=metrics.partial_answered)
     metrics.watch_decodes(pool)
+    registry = app[REGISTRY]
+    pool.live = lambda: len(registry) > 0  # files keep a decode worker free for live sessions
     pool.start()
-    app[REGISTRY].worker = pool
+    registry.worker = pool
 
 
 def load_engine(config: Config) -> WhisperEngine:

@@ -330,6 +330,11 @@ class SessionRegistry:
     def default_language(self) -> str | None:
         return self.config.language or self.worker.engine.default_language
 
+    @property
+    def segmenter_config(self) -> SegmenterConfig:
+        """How the server cuts speech into utterances (files are cut the same way)."""
+        return self._segmenter_config
+
     def __len__(self) -> int:
         return len(self._sessions)
 

@@ -187,6 +187,34 @@ class WhisperEngine:
                                      previous=previous[i], tried=tried[i])
             yield i, self._transcript(decoded, tokenizer, encoded[i], audios[i], True, quick_words=True)
 
+    def transcribe_pieces(self, audios: list[np.ndarray], language: str | None,
+                          befores: list[Before] | None = None) -> list[Transcript | None]:
+        """Pieces of one file, decoded together at offline accuracy: beam search over the full window in
+        one batch, each piece with its own previous text, word timings over the full window, and the
+        temperature fallback piece by piece for the doubtful. `language` None: detected on the first piece.
+        """
+        encoded = [self._encode(audio, self.options.window_s) for audio in audios]
+        if language is None:
+            token, _ = self._ct2.detect_language(get_ctranslate2_storage(encoded[0]))[0][0]
+            language = token[2:-2]
+        tokenizer = self._tokenizer(language)
+        # One batch puts its start-of-transcript token at one position: every context as long as the shortest.
+        previous = [text.previous_tokens(tokenizer, b.text, self.options.context_tokens)
+                    for b in befores or [Before()] * len(audios)]
+        shortest = min(len(p) for p in previous)
+        previous = [p[len(p) - shortest:] for p in previous]
+        caps = [text.max_length(tokenizer, audio.size / SAMPLE_RATE, p) for audio, p in zip(audios, previous)]
+        results = self._decode(get_ctranslate2_storage(np.concatenate(encoded)), tokenizer,
+                               [text.prompt(tokenizer, p) for p in previous], max(caps),
+                               beam_size=self.options.beam_size)
+        transcripts = []
+        for i, (result, cap) in enumerate(zip(results, caps)):
+            seconds = audios[i].size / SAMPLE_RATE
+            decoded = self._generate(encoded[i], tokenizer, seconds, final=True, greedy=False, previous=previous[i],
+                                     tried=self._outcome(result, tokenizer, cap))
+            transcripts.append(self._transcript(decoded, tokenizer, encoded[i], audios[i], True))
+        return transcripts
+
     def _transcript(self, decoded: Decoded, tokenizer: Tokenizer, encoded: np.ndarray,
                     audio: np.ndarray, final: bool, quick_words: bool = False) -> Transcript | None:
         said = tokenizer.decode(decoded.tokens).strip()

@@ -69,6 +69,12 @@ def partial_may_start(busy: int, workers: int) -> bool:
     return busy < max(1, workers - 1)
 
 
+def file_may_start(busy: int, workers: int, live: bool) -> bool:
+    """A file's pieces wait for every live request; while live streams are open they never take the last
+    idle worker either, so that a live final never waits behind a file's decode."""
+    return busy < (max(1, workers - 1) if live else workers)
+
+
 def stale(first: bool, waited_s: float) -> bool:
     """A partial to shed rather than decode (see STALE_PARTIAL_S)."""
     return not first and waited_s > STALE_PARTIAL_S

@@ -1,4 +1,5 @@
-"""The decode workers: the threads that run Whisper, finals first, then early finals, then partials."""
+"""The decode workers: the threads that run Whisper, finals first, then early finals, then partials,
+then files."""
 
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ class _Job:
     # How the engine is to decode it, set when a worker takes it (asr/policy.py).
     greedy: bool = False
     busy_window: bool = False
+    # A file's pieces, decoded together at offline accuracy (`audio` is unused); `befores` one per piece.
+    pieces: list[np.ndarray] | None = None
+    befores: list[Before] | None = None
 
 
 class DecodePool:
@@ -62,6 +66,10 @@ class DecodePool:
         self._finals: deque[_Job] = deque()
         self._early_finals: OrderedDict[Hashable, _Job] = OrderedDict()
         self._partials: OrderedDict[Hashable, _Job] = OrderedDict()
+        self._files: deque[_Job] = deque()  # file pieces: only what live streams leave
+        # Whether live streams are open (the server sets it): while they are, file pieces never take the
+        # last idle thread, so that a live final never waits behind a file's decode.
+        self.live: Callable[[], bool] = lambda: True
         self._closed = False
         self._busy = 0  # workers decoding now
         self._busy_partials: list[Hashable] = []  # the streams whose partials are being decoded
@@ -140,6 +148,20 @@ class DecodePool:
         if not future.cancelled() and future.exception() is None and future.result() is not None:
             self._on_partial(time.monotonic() - job.queued)
 
+    def pieces(self, audios: list[np.ndarray], language: str | None, befores: list[Before]) -> asyncio.Future:
+        """A file's pieces, decoded together after every live request (engine.transcribe_pieces); resolves to
+        their transcripts. Bounded by its callers: each file keeps a few of these in flight."""
+        job = self._job(np.zeros(0, np.float32), language, final=True)
+        job.pieces, job.befores = audios, befores
+        with self._cond:
+            self._files.append(job)
+            self._cond.notify()
+        return job.future
+
+    @property
+    def files_waiting(self) -> int:
+        return len(self._files)
+
     def _keyed(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job) -> asyncio.Future:
         with self._cond:
             stale = queue.pop(key, None)
@@ -180,8 +202,10 @@ class DecodePool:
     def _pick(self) -> list[_Job]:
         """Under the lock: waits for work this worker may take; [] once the pool closes."""
         while True:
-            while not (self._closed or self._finals or self._early_finals or self._partials_allowed()):
-                self._cond.wait()
+            while not (self._closed or self._finals or self._early_finals or self._partials_allowed()
+                       or self._files_allowed()):
+                # `live` changes without a notify: a waiting file piece looks again now and then.
+                self._cond.wait(0.5 if self._files else None)
             if self._finals:
                 job = self._finals.popleft()
                 return self._take_finals(job, list(self._finals), self._finals.popleft)
@@ -196,6 +220,8 @@ class DecodePool:
                     job.loop.call_soon_threadsafe(_resolve, job.future, None)
                     continue
                 return [self._take(job, burst=False)]
+            if self._files_allowed():
+                return [self._files.popleft()]
             return []
 
     def _take_finals(self, job: _Job, behind: list[_Job], pop: Callable[[], _Job]) -> list[_Job]:
@@ -219,6 +245,12 @@ class DecodePool:
 
     def _partials_allowed(self) -> bool:
         return bool(self._partials) and policy.partial_may_start(self._busy, len(self._workers))
+
+    def _files_allowed(self) -> bool:
+        """After every live request, and while streams are open, never on the last idle thread."""
+        if not self._files or self._partials_allowed():
+            return False
+        return policy.file_may_start(self._busy, len(self._workers), self.live())
 
     def _run(self) -> None:
         while taken := self._next():
@@ -246,7 +278,10 @@ class DecodePool:
                 yield job, e
 
     def _decode(self, jobs: list[_Job]) -> Iterator[tuple[_Job, Transcript | None]]:
-        if len(jobs) == 1:
+        if len(jobs) == 1 and jobs[0].pieces is not None:
+            job = jobs[0]
+            yield job, self.engine.transcribe_pieces(job.pieces, job.language, job.befores)
+        elif len(jobs) == 1:
             job = jobs[0]
             yield job, self.engine.transcribe(job.audio, job.language, job.final, greedy=job.greedy,
                                               busy_window=job.busy_window, before=job.before)

@@ -4,7 +4,7 @@ client is (for the per-key limits and the audit log).
 Off by default: with no API key configured, every route is open, as the server binds 127.0.0.1.
 With keys, every route under /v1/ needs a credential:
 
-- `Authorization: Bearer <API key>` on any /v1/ route;
+- `Authorization: Bearer <API key>` on any /v1/ route (or `Token <API key>`, the scheme Deepgram's SDKs send);
 - a session token (POST /v1/tokens, signed with --token-secret) as `Authorization: Bearer <token>`,
   and, on GET routes (WebSocket, Server-Sent Events), where browsers cannot set headers, as
   `?token=<token>` or as a `Sec-WebSocket-Protocol` value `bearer.<token>`. A token opens and watches
@@ -41,6 +41,11 @@ TOKEN_ROUTES = {
     ("DELETE", "/v1/rtc/{session_id}"),
     ("GET", "/v1/ws"),
     ("GET", "/v1/sessions/{session_id}/events"),
+    # Files: a page may transcribe one with its token, as it opens a session.
+    ("POST", "/v1/audio/transcriptions"),
+    ("POST", "/v1/listen"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model_id}"),
 }
 _PREFIX = "/v1/"
 _TOKENS = "/v1/tokens"
@@ -193,7 +198,8 @@ def _credential(request: web.Request) -> tuple[str | None, str]:
     header = request.headers.get(hdrs.AUTHORIZATION)
     if header is not None:
         scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
+        # Deepgram's SDKs send `Token <key>`, and a lowercase `bearer` with their access tokens.
+        if scheme.lower() not in ("bearer", "token") or not value.strip():
             raise _unauthorized("invalid_token", "use Authorization: Bearer <API key or token>")
         return value.strip(), "header"
     if request.method == "GET":

@@ -122,6 +122,12 @@ class GuardedHandler(RequestHandler):
         if self._messages:  # a head is complete (or refused as malformed): its request begins
             self._stop_head()
 
+    def allow_slow_body(self, payload: StreamReader, seconds: float) -> None:
+        """A route that takes large bodies (a file upload) gives its body `seconds` from now instead."""
+        self._stop_body()
+        if not payload.is_eof():
+            self._body_timer = self._loop.call_later(seconds, self._body_late, payload)
+
     def request_started(self, payload: StreamReader) -> None:
         """From here only the body's timeout applies, and only while the body is still coming."""
         self._stop_head()

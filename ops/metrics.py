@@ -48,6 +48,15 @@ STORAGE_OPS = ("create", "append", "fsync", "audio", "save", "recover", "probe")
 STORAGE_ERRORS = Counter("stt_storage_errors", "Writes to --data-dir that failed, by operation "
                          f"({', '.join(STORAGE_OPS)})", ["op"])
 
+FILES = Counter("stt_files", "Files sent to the transcription routes, by route (openai, deepgram) and outcome "
+                "(ok, or the error code)", ["route", "outcome"])
+FILES_ACTIVE = Gauge("stt_files_active", "Files being read, decoded or transcribed now")
+FILE_AUDIO_SECONDS = Counter("stt_file_audio_seconds", "Audio of the files transcribed, in seconds")
+FILE_SECONDS = Histogram("stt_file_transcription_seconds", "From a decoded file to its transcript",
+                         buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800))
+for _route in ("openai", "deepgram"):
+    FILES.labels(_route, "ok")
+
 for _reason in ("header_timeout", "pending_limit"):  # every series exists from the start, at 0
     CONNECTIONS_CLOSED.labels(_reason)
 for _transport in TRANSPORTS:
@@ -111,6 +120,15 @@ class SessionMeter:
         SESSIONS_ACTIVE.labels(self.transport).dec()
         SESSIONS_ENDED.labels(self.transport, reason).inc()
         SESSION_SECONDS.observe(duration_s)
+
+
+def file_done(route: str, outcome: str, audio_s: float = 0.0, seconds: float | None = None) -> None:
+    """A file request is answered: `outcome` is ok or its error code."""
+    FILES.labels(route, outcome).inc()
+    if outcome == "ok":
+        FILE_AUDIO_SECONDS.inc(audio_s)
+        if seconds is not None:
+            FILE_SECONDS.observe(seconds)
 
 
 def refused(code: str) -> None:

@@ -15,7 +15,8 @@ from protocol import ERRORS, ClientError
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = (ROOT / "docs" / "protocol.md").read_text()
-# The server's own modules: what tests, the benchmark and the virtualenv hold is not the server.
+# The server's own modules: what tests, the benchmark and the virtualenv hold is not the server, and
+# adapters/ speak their vendors' protocols, not this one.
 SERVER = sorted([*ROOT.glob("*.py"), *ROOT.glob("asr/*.py"), *ROOT.glob("rtc/*.py"), *ROOT.glob("ops/**/*.py")])
 EVENT_BUILDERS = {ROOT / "protocol.py", ROOT / "asr" / "events.py"}
 

@@ -40,7 +40,8 @@ async def test_a_relay_only_client_gets_its_transcript_through_coturn(private_ne
     log = open(tmp_path / "coturn.log", "w")
     coturn = subprocess.Popen(
         ["turnserver", "-n", "--no-cli", "--log-file=stdout", "--simple-log", "--no-tls", "--no-dtls",
-         f"--pidfile={tmp_path}/coturn.pid", f"--userdb={tmp_path}/turndb", f"--listening-ip={HOST}", f"--relay-ip={HOST}",
+         f"--pidfile={tmp_path}/coturn.pid", f"--userdb={tmp_path}/turndb", f"--listening-ip={HOST}",
+         f"--relay-ip={HOST}",
          f"--listening-port={port}", f"--min-port={low}", f"--max-port={low + 40}",
          # Peers on loopback are refused by default; here every peer is.
          "--allow-loopback-peers", "--lt-cred-mech", "--realm=livestt", f"--user={USER}:{password}"],

@@ -1,0 +1,148 @@
+"""Whole audio files (an upload) to 16 kHz mono float32: the container is told by its first bytes.
+
+Blocking: a caller on the event loop runs these on a thread. Only the demuxers of audio containers are
+ever opened, each named explicitly: letting FFmpeg probe an upload would also admit playlists (HLS,
+concat) that make it open other files or URLs.
+"""
+
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+
+from .audio import MAX_RATE, MIN_RATE, SAMPLE_RATE, Resampler
+
+# What OpenAI's API lists as accepted, for error messages.
+FORMATS = ("flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg", "wav", "webm")
+RAW_ENCODINGS = ("linear16", "mulaw", "alaw")
+
+
+class BadAudio(ValueError):
+    """The bytes are not audio this server decodes, or hold no audio at all."""
+
+
+class TooLong(ValueError):
+    """The audio runs past the duration limit; decoding stopped there."""
+
+    def __init__(self, limit_s: float) -> None:
+        super().__init__(f"the audio is longer than {limit_s:g} s, this server's limit")
+        self.limit_s = limit_s
+
+
+def _after_id3(data: bytes) -> bytes:
+    """The bytes after an ID3v2 tag, which MP3 and AAC files may begin with."""
+    if len(data) >= 10 and data[:3] == b"ID3":
+        size = (data[6] & 0x7F) << 21 | (data[7] & 0x7F) << 14 | (data[8] & 0x7F) << 7 | (data[9] & 0x7F)
+        return data[10 + size + (10 if data[5] & 0x10 else 0):]
+    return data
+
+
+def sniff(data: bytes) -> str | None:
+    """The FFmpeg demuxer for these bytes, by their signature; None when they are no audio container."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return "wav"
+    if data[:4] == b"OggS":
+        return "ogg"
+    if data[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"  # WebM too
+    if data[:4] == b"fLaC":
+        return "flac"
+    if data[4:8] == b"ftyp":
+        return "mov"  # MP4, M4A, 3GP
+    if data[:4] == b"FORM" and data[8:12] in (b"AIFF", b"AIFC"):
+        return "aiff"
+    body = _after_id3(data)
+    if len(body) >= 2 and body[0] == 0xFF and body[1] & 0xE0 == 0xE0:
+        # Frame sync: layer bits 00 are AAC's ADTS, the others MPEG audio layers I to III.
+        return "aac" if body[1] & 0x06 == 0 else "mp3"
+    if data[:3] == b"ID3":
+        return "mp3"  # a tag longer than what was sniffed
+    return None
+
+
+def decode(data: bytes, max_seconds: float) -> np.ndarray:
+    """A whole file in any container `sniff` knows, first audio stream, downmixed and resampled.
+
+    Raises BadAudio for anything else or for a file without decodable audio, TooLong past `max_seconds`.
+    A file cut short decodes up to where it breaks off.
+    """
+    fmt = sniff(data[:4096])
+    if fmt is None:
+        raise BadAudio("the file is not in an audio format this server decodes")
+    resampler = Resampler()
+    pieces: list[np.ndarray] = []
+    samples = 0
+    limit = int(max_seconds * SAMPLE_RATE)
+    try:
+        with av.open(io.BytesIO(data), mode="r", format=fmt) as container:
+            if not container.streams.audio:
+                raise BadAudio("the file has no audio stream")
+            try:
+                for frame in container.decode(audio=0):
+                    pcm = resampler.frame(frame)
+                    pieces.append(pcm)
+                    samples += pcm.size
+                    if samples > limit:
+                        raise TooLong(max_seconds)
+            except av.error.FFmpegError:
+                if not samples:  # broken from the start; a file cut short keeps what came before the cut
+                    raise
+            pieces.append(resampler.frame(None))
+    except (BadAudio, TooLong):
+        raise
+    except (av.error.FFmpegError, ValueError, OSError, IndexError) as e:
+        raise BadAudio(f"the file could not be decoded as {fmt}") from e
+    audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+    if not audio.size:
+        raise BadAudio("the file holds no audio")
+    return audio
+
+
+def _mulaw_sample(u: int) -> int:
+    u = ~u & 0xFF
+    magnitude = ((((u & 0x0F) << 3) + 0x84) << ((u >> 4) & 7)) - 0x84
+    return -magnitude if u & 0x80 else magnitude
+
+
+_MULAW = np.array([_mulaw_sample(i) for i in range(256)], np.float32) / 32768.0
+
+
+def _alaw_sample(a: int) -> int:
+    a ^= 0x55
+    magnitude = (a & 0x0F) << 4
+    exponent = (a >> 4) & 7
+    magnitude = magnitude + 8 if exponent == 0 else (magnitude + 0x108) << (exponent - 1)
+    return magnitude if a & 0x80 else -magnitude
+
+
+_ALAW = np.array([_alaw_sample(i) for i in range(256)], np.float32) / 32768.0
+
+
+def decode_raw(data: bytes, encoding: str, rate: int, channels: int, max_seconds: float) -> np.ndarray:
+    """Headerless audio: 16-bit little-endian PCM or G.711 (mu-law, A-law), interleaved channels."""
+    if encoding not in RAW_ENCODINGS:
+        raise BadAudio(f"encoding must be one of {', '.join(RAW_ENCODINGS)}")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise BadAudio(f"sample_rate must be between {MIN_RATE} and {MAX_RATE}")
+    if not 1 <= channels <= 8:
+        raise BadAudio("channels must be between 1 and 8")
+    width = 2 if encoding == "linear16" else 1
+    frame_bytes = width * channels
+    usable = len(data) - len(data) % frame_bytes
+    if not usable:
+        raise BadAudio("the body holds no audio")
+    if usable / frame_bytes / rate > max_seconds:
+        raise TooLong(max_seconds)
+    raw = np.frombuffer(data[:usable], "<i2" if width == 2 else np.uint8)
+    if encoding == "linear16":
+        samples = raw.astype(np.float32) / 32768.0
+    else:
+        samples = (_MULAW if encoding == "mulaw" else _ALAW)[raw]
+    mono = samples.reshape(-1, channels).mean(axis=1).astype(np.float32)
+    if rate == SAMPLE_RATE:
+        return mono
+    pcm = (np.clip(mono, -1, 1) * 32767).astype("<i2").tobytes()
+    resampler = Resampler()
+    return np.concatenate([resampler.pcm16(pcm, rate), resampler.frame(None)])
