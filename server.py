@@ -8,6 +8,9 @@ import os
 # feature extractor, and those threads spin between calls, taking CPU from the decode workers.
 # Parallelism here comes from the workers, so BLAS gets one thread.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# CTranslate2's oneDNN keeps a compiled kernel for every input shape it meets, and live audio comes in
+# every length: its cache is held to a size where it cannot grow the server's memory by much.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
 
 import asyncio
 import ctypes
