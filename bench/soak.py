@@ -230,7 +230,7 @@ def markdown(report: dict, failures: list[str]) -> list[str]:
         f"{report['concurrency']} at a time, ending in turn by {', '.join(report['endings'])}; "
         f"figures after a warm-up of the first {report['warm_up_share']:.0%} of each.", "",
         "| measure | after warm-up | at the end |", "|---|---:|---:|",
-        f"| RSS (MB) | {b['rss_mb']:.1f} | {a['rss_mb']:.1f} |",
+        f"| RSS with no session left (MB) | {b['rss_mb']:.1f} | {a['rss_mb']:.1f} |",
         f"| open descriptors | {b['descriptors']} | {a['descriptors']} |",
         f"| sessions counted | 0 | {a['sessions']} |",
         *(f"| `{k}` | 0 | {v:g} |" for k, v in a["gauges"].items()), "",
@@ -238,7 +238,7 @@ def markdown(report: dict, failures: list[str]) -> list[str]:
         f"WebRTC {report['rtc']['with_final']} of {report['rtc']['measured']} (a client that vanishes may "
         f"leave before its final); failed: {report['ws']['failed'] + report['rtc']['failed']}. "
         f"{report['seconds']} s of churn. Verdict: " + ("pass." if not failures else "; ".join(failures) + "."),
-        "", "RSS (MB) along the run, after each tenth of a transport's sessions: "
+        "", "RSS (MB) during the run, with sessions open, after each tenth of a transport's sessions: "
         + ", ".join(f"{t} {n}: {mb:g}" for t, n, mb in report["rss_samples"]) + ".",
     ]
 
