@@ -48,6 +48,7 @@ let delays = [];
 let paragraph = null; // the paragraph the last final went into
 let paragraphs = 0; // how many paragraphs have a final
 let paragraphStart = 0; // when the last paragraph's first final started
+let retry = null; // what Retry does
 
 // A new paragraph starts after a pause of more than PARAGRAPH_PAUSE_S between one final's end and the
 // next one's start, or after a final that ends a sentence once the paragraph is PARAGRAPH_LONG_S long:
@@ -87,10 +88,13 @@ function stop() {
   render();
 }
 
-function onState(state, detail) {
-  const indicator = $("state");
-  indicator.dataset.state = state;
+function setState(state) {
+  $("state").dataset.state = state;
   $("state-text").textContent = STATE_TEXT[state];
+}
+
+function onState(state, detail) {
+  setState(state);
   if (state === "connecting" && detail.fallback) {
     $("notice").textContent = "WebRTC did not connect: trying the WebSocket.";
   }
@@ -102,10 +106,11 @@ function onState(state, detail) {
     refreshMicrophones(); // labels are only readable once the microphone is allowed
   } else if (state === "error") {
     const { code, message } = detail.error;
-    showAlert(ERROR_TEXT[code] ?? `The session failed: ${message}`, RETRYABLE.has(code));
+    showAlert(ERROR_TEXT[code] ?? `The session failed: ${message}`,
+      RETRYABLE.has(code) ? () => start({ resume: true }) : null);
   } else if (state === "stopped") {
-    if (hidden) showAlert("Stopped because the page was hidden. Press Start to go on.", false);
-    else if (ENDED_TEXT[detail.reason]) showAlert(ENDED_TEXT[detail.reason], false);
+    if (hidden) showAlert("Stopped because the page was hidden. Press Start to go on.", null);
+    else if (ENDED_TEXT[detail.reason]) showAlert(ENDED_TEXT[detail.reason], null);
   }
   if (state === "stopped" || state === "error") {
     session = null;
@@ -121,43 +126,47 @@ function onPartial(event) {
 function onFinal(event, { delayMs }) {
   keepScrolledToEnd(() => {
     if (!event.text.trim()) return setPartial(""); // no credible speech in it: a cough, a door
-    const start = event.start + offset;
-    const target = paragraphAt(start);
-    if (target !== paragraph) {
-      paragraph = target;
-      paragraphs += 1;
-      paragraphStart = start;
-    }
-    const final = {
-      text: event.text.trim(), start, end: event.end + offset,
+    addFinal({
+      text: event.text.trim(), start: event.start + offset, end: event.end + offset,
       language: event.language, words: event.words,
       delay_ms: delayMs === null ? null : Math.round(delayMs),
-      paragraph: paragraphs - 1, // counted from 0
-    };
-    finals.push(final);
-    const line = document.createElement("span");
-    line.className = "final";
-    const text = document.createElement("span");
-    text.className = "text";
-    text.textContent = final.text;
-    line.append(stamp(final.start), " ", text);
-    // The partial of this very utterance is where its final goes.
-    const next = partial.parentElement === target ? partial : null;
-    if (target.querySelector(".final")) target.insertBefore(document.createTextNode(" "), next);
-    target.insertBefore(line, next);
-    setPartial("");
-    $("placeholder").hidden = true;
-    if (final.delay_ms !== null) {
-      delays.push(final.delay_ms);
-      const row = $("delays").insertRow();
-      row.insertCell().append(clock(final.start));
-      const delay = row.insertCell();
-      delay.className = "delay";
-      delay.textContent = seconds(final.delay_ms);
-      showDelays();
-    }
+    });
   });
   render();
+}
+
+/** A final into the transcript: its line, in the paragraph the rule gives, and its delay in the table.
+ * Live finals and a file's segments both come this way, so they read and save alike. */
+function addFinal(fields) {
+  const target = paragraphAt(fields.start);
+  if (target !== paragraph) {
+    paragraph = target;
+    paragraphs += 1;
+    paragraphStart = fields.start;
+  }
+  const final = { ...fields, paragraph: paragraphs - 1 }; // counted from 0
+  finals.push(final);
+  const line = document.createElement("span");
+  line.className = "final";
+  const text = document.createElement("span");
+  text.className = "text";
+  text.textContent = final.text;
+  line.append(stamp(final.start), " ", text);
+  // The partial of this very utterance is where its final goes.
+  const next = partial.parentElement === target ? partial : null;
+  if (target.querySelector(".final")) target.insertBefore(document.createTextNode(" "), next);
+  target.insertBefore(line, next);
+  setPartial("");
+  $("placeholder").hidden = true;
+  if (final.delay_ms !== null) {
+    delays.push(final.delay_ms);
+    const row = $("delays").insertRow();
+    row.insertCell().append(clock(final.start));
+    const delay = row.insertCell();
+    delay.className = "delay";
+    delay.textContent = seconds(final.delay_ms);
+    showDelays();
+  }
 }
 
 /** The time in the transcript where a final started, as 0:07 or 1:02:03. */
@@ -253,9 +262,11 @@ function seconds(ms) {
   return `${(ms / 1000).toFixed(2)} s`;
 }
 
-function showAlert(text, retry) {
+/** An alert; `again`, when given, is what its Retry button does. */
+function showAlert(text, again) {
   $("alert-text").textContent = text;
-  $("retry").hidden = !retry;
+  retry = again;
+  $("retry").hidden = !again;
   $("alert").hidden = false;
 }
 
@@ -349,7 +360,7 @@ async function loadServerInfo() {
 
 $("start").addEventListener("click", () => start());
 $("stop").addEventListener("click", stop);
-$("retry").addEventListener("click", () => start({ resume: true }));
+$("retry").addEventListener("click", () => retry?.());
 $("copy").addEventListener("click", copy);
 document.querySelectorAll("[data-format]").forEach((button) => {
   button.addEventListener("click", () => download(button.dataset.format));
