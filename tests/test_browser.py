@@ -12,7 +12,7 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 from client import ROOT, ServerProcess, launch_chromium
-from speech import load_devset, wer, write_wav
+from speech import DEVSET, load_devset, normalize, wer, write_wav
 
 # Chromium ignores loopback candidates: the page and the server meet on the veth that tests/netns.sh makes.
 BROWSER_HOST = "10.77.0.1"
@@ -24,6 +24,8 @@ LEAD_S, GAP_S, TAIL_S = 2.0, 3.0, 3.0  # capture starts at getUserMedia, before 
 # well under it: every recording is a paragraph of its own.
 PARAGRAPH_PAUSE_S, PARAGRAPH_LONG_S = 2.0, 30.0
 SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f\u2026][\"'\u201d\u2019\u00bb)\]]*$")
+# Small enough that a refused upload costs nothing, large enough for the test speech (about 1 MB).
+MAX_UPLOAD_MB = 2
 
 # Every change of the state indicator, in order, however quickly they follow one another.
 RECORD_STATES = """
@@ -77,6 +79,37 @@ document.addEventListener("DOMContentLoaded", () => {
 """
 
 
+# The file's progress as the page shows it, each time it changes: the state, the bar's position (-1 while it
+# is indeterminate), the line above it, and whether Start is held off meanwhile.
+RECORD_FILE_PROGRESS = """
+window.__file = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const bar = document.getElementById("file-progress");
+  const record = () => window.__file.push({
+    state: document.getElementById("state").dataset.state, position: bar.position,
+    status: document.getElementById("file-status").textContent,
+    start_disabled: document.getElementById("start").disabled,
+  });
+  new MutationObserver(record).observe(document.getElementById("file-work"),
+    { attributes: true, childList: true, subtree: true, characterData: true });
+});
+"""
+
+# A file dragged onto the page and dropped on the transcript, as a file manager's drag delivers it.
+DROP_FILE = """([name, text]) => {
+  const data = new DataTransfer();
+  data.items.add(new File([text], name, { type: "text/plain" }));
+  const on = (type, target) => target.dispatchEvent(
+    new DragEvent(type, { dataTransfer: data, bubbles: true, cancelable: true }));
+  const target = document.getElementById("transcript");
+  on("dragenter", target);
+  on("dragover", target);
+  const highlighted = document.getElementById("drop").classList.contains("dragging");
+  const taken = !on("drop", target);  // the page took it: the browser does not navigate to the file
+  return { highlighted, taken, after: document.getElementById("drop").classList.contains("dragging") };
+}"""
+
+
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> tuple[Path, float, str]:
     """The fake microphone's WAV, how long it plays, and what it says."""
@@ -94,7 +127,7 @@ def speech(tmp_path_factory) -> tuple[Path, float, str]:
 
 @pytest.fixture(scope="module")
 def page_server(private_network):
-    proc = ServerProcess("--ice-timeout-s", "5", host=BROWSER_HOST)
+    proc = ServerProcess("--ice-timeout-s", "5", "--max-upload-mb", str(MAX_UPLOAD_MB), host=BROWSER_HOST)
     yield proc
     assert proc.stop() == 0, proc.log()
 
@@ -288,12 +321,151 @@ def test_phone_layout(browser, page_server):
     expect(state(page)).to_have_attribute("data-state", "stopped", timeout=20_000)
     expect(page.locator("#alert")).to_contain_text("the page was hidden")
     wait_sessions(page, page_server, 0)
+    # A file on the phone: its progress and transcript fit the width as well.
+    throttle_upload(page, 100_000)
+    page.set_input_files("#file", DEVSET / "ls-61-70968-0002.wav")
+    expect(page.locator("#file-progress")).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    box = page.locator("#cancel").bounding_box()
+    assert box["height"] >= 44 and box["width"] >= 44, box
+    screenshot(page, "phone-file.png")
+    expect(state(page)).to_have_attribute("data-state", "done", timeout=60_000)
+    expect(page.locator("#transcript .final").first).to_be_visible()
     # In every state it went through, the status badge kept to one line, beside the title.
     badge = page.evaluate("window.__badge")
-    assert {"idle", "connecting", "listening", "stopping", "stopped"} <= {b["state"] for b in badge}, badge
+    assert {"idle", "connecting", "listening", "stopping", "stopped", "uploading", "transcribing",
+            "done"} <= {b["state"] for b in badge}, badge
     assert all(b["height"] <= b["one_line"] + 0.5 and b["beside_title"] for b in badge), badge
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     context.close()
+
+
+def throttle_upload(page: Page, bytes_per_s: int) -> None:
+    """Chromium's own network emulation: the upload takes long enough for its progress to be seen."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
+                                                  "uploadThroughput": bytes_per_s})
+
+
+def test_page_transcribes_a_file(page, page_server, speech):
+    wav, duration, reference = speech
+    recordings = {r.id: r for r in load_devset()}
+    starts, at = [], LEAD_S  # where each recording starts in the file
+    for i in SPEECH_IDS:
+        starts.append(at)
+        at += recordings[i].seconds + GAP_S
+    page.add_init_script(RECORD_FILE_PROGRESS)
+    page.goto(f"{page_server.url}/")
+    expect(page.locator("#model")).to_have_text("tiny.en")
+    throttle_upload(page, 400_000)  # the file is about 1 MB: a few seconds of progress
+    page.set_input_files("#file", wav)
+    expect(state(page)).to_have_attribute("data-state", "done", timeout=60_000)
+    screenshot(page, "desktop-file.png")
+    expect(page.locator("#file-work")).to_be_hidden()
+    assert in_order(["idle", "uploading", "transcribing", "done"], page.evaluate("window.__states"))
+
+    # The upload's progress climbed to the whole body, then the bar turned indeterminate while the server
+    # transcribed; Start was held off all along.
+    progress = page.evaluate("window.__file")
+    uploading = [p for p in progress if p["state"] == "uploading"]
+    print(f"\nupload progress: {[round(p['position'], 2) for p in uploading]}")
+    assert any(0 < p["position"] < 1 for p in uploading) and uploading[-1]["position"] == 1, uploading
+    assert [p["position"] for p in uploading] == sorted(p["position"] for p in uploading)
+    assert all(re.fullmatch(r"speech\.wav: uploading, \d+\s% of 1\.\d\sMB", p["status"]) for p in uploading), uploading
+    transcribing = [p for p in progress if p["state"] == "transcribing"]
+    assert transcribing and all(p["position"] == -1 for p in transcribing), progress
+    assert all(p["start_disabled"] for p in uploading + transcribing), progress
+    expect(page.locator("#start")).to_be_enabled()
+
+    finals = [t.strip() for t in page.locator("#transcript .final .text").all_inner_texts()]
+    text = " ".join(finals)
+    error_rate = wer([(reference, text)])
+    print(f"file: WER {error_rate:.3f}: {text}")
+    assert error_rate <= 0.12, text
+    expect(page.locator("#notice")).to_contain_text(f"speech.wav: {clock(duration)} transcribed")
+
+    # Saved as the microphone's transcript is, named after the file.
+    with page.expect_download() as info:
+        page.click("[data-format=json]")
+    assert info.value.suggested_filename == "speech.json"
+    saved = json.loads(Path(info.value.path()).read_text(encoding="utf-8"))
+    assert [f["text"] for f in saved["finals"]] == finals and saved["model"] == "tiny.en"
+    assert saved["file"] == "speech.wav" and abs(saved["duration"] - duration) < 0.1, saved
+    assert all(f["delay_ms"] is None for f in saved["finals"])
+    for f in saved["finals"]:  # each line has the words spoken in it, within its times
+        assert f["words"] and all(f["start"] - 0.01 <= w["start"] <= w["end"] <= f["end"] + 0.01
+                                  for w in f["words"]), f
+        assert normalize(" ".join(w["word"] for w in f["words"])) == normalize(f["text"]), f
+
+    # Each line shows where in the file it starts, in order; each recording is a paragraph, which starts
+    # where the recording does.
+    stamps = page.locator("#transcript .final .stamp").all_inner_texts()
+    assert stamps == [clock(f["start"]) for f in saved["finals"]], stamps
+    assert all(re.fullmatch(r"\d+:\d\d", s) for s in stamps), stamps
+    begins = [f["start"] for f in saved["finals"]]
+    assert begins == sorted(begins) and saved["finals"][-1]["end"] <= duration
+    paragraphs = [[t.strip() for t in p.locator(".final .text").all_inner_texts()]
+                  for p in page.locator("#transcript .paragraph").all()]
+    print(f"paragraphs: {paragraphs}")
+    assert paragraphs == paragraphs_by_the_rule(saved["finals"]) and len(paragraphs) == len(SPEECH_IDS)
+    firsts = [next(f["start"] for f in saved["finals"] if f["paragraph"] == i) for i in range(len(paragraphs))]
+    assert all(s - 0.5 <= first <= s + 1.5 for s, first in zip(starts, firsts)), (firsts, starts)
+    assert download(page, "txt") == "\n\n".join(" ".join(p) for p in paragraphs) + "\n"
+    srt = parse_cues(download(page, "srt"), ",")
+    assert [c[2] for c in srt] == finals and srt[-1][1] <= duration
+    assert all(abs(c[0] - f["start"]) < 0.0015 for c, f in zip(srt, saved["finals"]))
+    vtt = parse_cues(download(page, "vtt").removeprefix("WEBVTT\n\n"), ".")
+    assert [c[:2] for c in vtt] == [c[:2] for c in srt]
+
+    # A file the server refuses leaves the transcript as it was.
+    result = page.evaluate(DROP_FILE, ["notes.txt", "a shopping list, not a recording\n" * 20])
+    assert result == {"highlighted": True, "taken": True, "after": False}, result
+    expect(state(page)).to_have_attribute("data-state", "error", timeout=20_000)
+    expect(page.locator("#alert")).to_contain_text("notes.txt could not be transcribed")
+    assert [t.strip() for t in page.locator("#transcript .final .text").all_inner_texts()] == finals
+
+
+@pytest.mark.parametrize("case", ["not audio", "too large"])
+def test_a_refused_file_is_told_with_the_servers_message(page, page_server, case):
+    """The server's own message, as its OpenAI-shaped error body gives it, in the page's alert."""
+    page.goto(f"{page_server.url}/")
+    if case == "not audio":
+        # Dropped: a drop anywhere on the page is taken as a file to transcribe.
+        result = page.evaluate(DROP_FILE, ["notes.txt", "a shopping list, not a recording\n" * 20])
+        assert result["taken"], result
+        says = "notes.txt could not be transcribed. The file is not in an audio format this server decodes."
+    else:
+        page.set_input_files("#file", files=[{"name": "long.wav", "mimeType": "audio/wav",
+                                              "buffer": b"RIFF" + bytes(MAX_UPLOAD_MB * 1024 * 1024 + 100_000)}])
+        says = f"long.wav could not be transcribed. The file is larger than {MAX_UPLOAD_MB} MiB, this server's limit"
+    expect(state(page)).to_have_attribute("data-state", "error", timeout=20_000)
+    expect(page.locator("#alert")).to_contain_text(says)
+    expect(page.locator("#retry")).to_be_hidden()  # the same file would be refused again
+    expect(page.locator("#file-work")).to_be_hidden()
+    expect(page.locator("#start")).to_be_enabled()
+    expect(page.locator("#choose")).to_be_enabled()
+    expect(page.locator("#placeholder")).to_be_visible()
+    expect(page.locator("[data-format=json]")).to_be_disabled()
+
+
+def test_a_file_upload_can_be_cancelled(page, page_server, speech):
+    page.add_init_script(RECORD_FILE_PROGRESS)
+    page.goto(f"{page_server.url}/")
+    throttle_upload(page, 50_000)  # slow enough to cancel halfway
+    # The button opens the browser's file picker; from there on, focus follows the controls.
+    with page.expect_file_chooser() as chooser:
+        page.click("#choose")
+    chooser.value.set_files(speech[0])
+    expect(page.locator("#file-status")).to_contain_text("speech.wav: uploading")
+    expect(page.locator("#cancel")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(state(page)).to_have_attribute("data-state", "idle")
+    expect(page.locator("#notice")).to_contain_text("Cancelled: speech.wav was not transcribed")
+    expect(page.locator("#choose")).to_be_focused()
+    expect(page.locator("#file-work")).to_be_hidden()
+    expect(page.locator("#start")).to_be_enabled()
+    assert all(p["position"] < 1 for p in page.evaluate("window.__file")), "the upload finished before Cancel"
 
 
 def wait_sessions(page: Page, server: ServerProcess, count: int, timeout: float = 10) -> None:

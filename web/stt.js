@@ -1,6 +1,7 @@
 // Live transcription from the browser's microphone with a livestt server.
 // The audio goes over WebRTC, or over a WebSocket when WebRTC is missing or cannot connect;
-// transcripts come back as the events docs/protocol.md describes. An ES module: no build step.
+// transcripts come back as the events docs/protocol.md describes. Whole files go to the server's
+// OpenAI-compatible route (docs/files.md). An ES module: no build step.
 
 const CONNECT_TIMEOUT_MS = 5000;
 // The server waits up to 15 s for the last final before it ends a session.
@@ -331,6 +332,74 @@ async function openMicrophone(deviceId, constraints) {
         throw new TranscriptionError("microphone_unavailable", `The microphone could not be started (${error.name}).`);
     }
   }
+}
+
+/**
+ * Transcribes a whole recording (a File or Blob in any container the server decodes) with
+ * POST /v1/audio/transcriptions. Resolves with { text, language, duration, segments: [{ start, end, text,
+ * words }] }, times in seconds on the file's timeline. Reports onProgress({ phase: "uploading", loaded, total })
+ * while the body goes out, then onProgress({ phase: "transcribing" }). Rejects with a TranscriptionError:
+ * the server's code and message (file_too_large, invalid_value for what is not audio, file_limit...),
+ * `unreachable`, or `aborted` when `signal` aborts.
+ */
+export function transcribeFile(file, options = {}) {
+  const { server = "/", token = "", language = "", prompt = "", onProgress = () => {}, signal = null } = options;
+  const form = new FormData();
+  form.append("file", file, file.name || "audio");
+  form.append("model", "whisper-1");
+  // verbose_json is the only answer with each segment's times; word times fill the JSON download.
+  form.append("response_format", "verbose_json");
+  form.append("timestamp_granularities[]", "segment");
+  form.append("timestamp_granularities[]", "word");
+  if (language) form.append("language", language);
+  if (prompt) form.append("prompt", prompt);
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(new TranscriptionError("aborted", "The transcription was cancelled."));
+    // XMLHttpRequest, not fetch: only it reports how much of the body has gone out.
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", new URL("v1/audio/transcriptions", new URL(server, location.href)));
+    if (token) xhr.setRequestHeader("Authorization", `Bearer ${token}`);
+    xhr.responseType = "text";
+    const abort = () => xhr.abort();
+    signal?.addEventListener("abort", abort);
+    const settle = () => signal?.removeEventListener("abort", abort);
+    xhr.upload.onprogress = ({ loaded, total }) => onProgress({ phase: "uploading", loaded, total });
+    xhr.upload.onload = () => onProgress({ phase: "transcribing" });
+    xhr.onabort = () => {
+      settle();
+      reject(new TranscriptionError("aborted", "The transcription was cancelled."));
+    };
+    xhr.onerror = () => {
+      settle();
+      reject(unreachable());
+    };
+    xhr.onload = () => {
+      settle();
+      let body = null;
+      try {
+        body = JSON.parse(xhr.responseText);
+      } catch {
+        // Not the server's JSON: a proxy or another program answered.
+      }
+      if (xhr.status === 200 && Array.isArray(body?.segments)) return resolve(fileTranscript(body));
+      const error = body?.error ?? {};
+      reject(new TranscriptionError(error.code ?? `http_${xhr.status}`,
+        error.message ?? `The server answered ${xhr.status} ${xhr.statusText}.`));
+    };
+    xhr.send(form);
+  });
+}
+
+/** verbose_json as the page keeps finals: each segment with the words spoken in it. */
+function fileTranscript(body) {
+  const segments = body.segments.map((s) => ({ start: s.start, end: s.end, text: s.text.trim(), words: [] }));
+  // A segment starts where its first word does: a word belongs to the last segment started by its start.
+  let at = 0;
+  for (const word of body.words ?? []) {
+    while (at + 1 < segments.length && segments[at + 1].start <= word.start) at += 1;
+    segments[at]?.words.push(word);
+  }
+  return { text: body.text, language: body.language, duration: body.duration, segments };
 }
 
 function iceGathered(pc, timeoutMs) {
