@@ -173,12 +173,7 @@ class WhisperEngine:
         frames = max(e.shape[1] for e in encoded)
         batch = get_ctranslate2_storage(np.concatenate([self._pad(e, frames) for e in encoded]))
         tokenizer = self._tokenizer(language)
-        # One batch puts its start-of-transcript token at one position: every context as long as the shortest.
-        previous = [text.previous_tokens(tokenizer, b.text, self.options.context_tokens)
-                    for b in befores or [Before()] * len(audios)]
-        shortest = min(len(p) for p in previous)
-        previous = [p[len(p) - shortest:] for p in previous]
-        caps = [text.max_length(tokenizer, audio.size / SAMPLE_RATE, p) for audio, p in zip(audios, previous)]
+        previous, caps = self._batch_contexts(tokenizer, audios, befores)
         results = self._decode(batch, tokenizer, [text.prompt(tokenizer, p) for p in previous], max(caps), beam_size=1)
         tried = [self._outcome(result, tokenizer, cap) for result, cap in zip(results, caps)]
         for i in sorted(range(len(audios)), key=lambda i: not text.settled(tried[i], tokenizer)):
@@ -186,6 +181,17 @@ class WhisperEngine:
             decoded = self._generate(encoded[i], tokenizer, seconds, final=True, greedy=True,
                                      previous=previous[i], tried=tried[i])
             yield i, self._transcript(decoded, tokenizer, encoded[i], audios[i], True, quick_words=True)
+
+    def _batch_contexts(self, tokenizer: Tokenizer, audios: list[np.ndarray],
+                        befores: list[Before] | None) -> tuple[list[list[int]], list[int]]:
+        """Each piece's previous-text tokens and its token cap, for one batched decode. One batch puts its
+        start-of-transcript token at one position: every context is cut to the shortest."""
+        previous = [text.previous_tokens(tokenizer, b.text, self.options.context_tokens)
+                    for b in befores or [Before()] * len(audios)]
+        shortest = min(len(p) for p in previous)
+        previous = [p[len(p) - shortest:] for p in previous]
+        caps = [text.max_length(tokenizer, audio.size / SAMPLE_RATE, p) for audio, p in zip(audios, previous)]
+        return previous, caps
 
     def transcribe_pieces(self, audios: list[np.ndarray], language: str | None,
                           befores: list[Before] | None = None) -> list[Transcript | None]:
@@ -198,12 +204,7 @@ class WhisperEngine:
             token, _ = self._ct2.detect_language(get_ctranslate2_storage(encoded[0]))[0][0]
             language = token[2:-2]
         tokenizer = self._tokenizer(language)
-        # One batch puts its start-of-transcript token at one position: every context as long as the shortest.
-        previous = [text.previous_tokens(tokenizer, b.text, self.options.context_tokens)
-                    for b in befores or [Before()] * len(audios)]
-        shortest = min(len(p) for p in previous)
-        previous = [p[len(p) - shortest:] for p in previous]
-        caps = [text.max_length(tokenizer, audio.size / SAMPLE_RATE, p) for audio, p in zip(audios, previous)]
+        previous, caps = self._batch_contexts(tokenizer, audios, befores)
         results = self._decode(get_ctranslate2_storage(np.concatenate(encoded)), tokenizer,
                                [text.prompt(tokenizer, p) for p in previous], max(caps),
                                beam_size=self.options.beam_size)
