@@ -263,7 +263,7 @@ class EventQueue:
         self._limit = limit
         self._ready = asyncio.Event()
         self._on_overflow = on_overflow
-        self.overflowed = False
+        self._overflowed = False
 
     def put(self, event: Event) -> None:
         if len(self._events) >= self._limit and event["type"] != "session.ended":
@@ -273,9 +273,9 @@ class EventQueue:
             if event["type"] == "transcript.partial":
                 return
             if len(self._events) >= self._limit:
-                if not self.overflowed and self._on_overflow is not None:
+                if not self._overflowed and self._on_overflow is not None:
                     self._on_overflow()
-                self.overflowed = True
+                self._overflowed = True
                 return
         self._events.append(event)
         self._ready.set()

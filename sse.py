@@ -44,7 +44,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
                     break
                 continue
             data = protocol.encode(event)
-            if outbox.overflowed or not await write_or_drop(
+            if not await write_or_drop(
                     response.write(f"event: {event['type']}\ndata: {data}\n\n".encode()), request.transport):
                 break
             if event["type"] == "session.ended":

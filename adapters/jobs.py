@@ -162,7 +162,7 @@ class FileJobs:
         except container.TooLong as e:
             raise ApiError(413, "audio_too_long", f"{e} (--max-file-s)", param="file") from None
         except container.BadAudio as e:
-            raise ApiError(400, "invalid_value", f"{e}. Supported formats: {list(container.FORMATS)}",
+            raise ApiError(400, "invalid_value", f"{e}. Supported formats: {', '.join(container.FORMATS)}",
                            param="file") from None
 
     async def transcribe(self, request: web.Request, audio: np.ndarray, asked: FileRequest,

@@ -158,10 +158,6 @@ class DecodePool:
             self._cond.notify()
         return job.future
 
-    @property
-    def files_waiting(self) -> int:
-        return len(self._files)
-
     def _keyed(self, queue: OrderedDict[Hashable, _Job], key: Hashable, job: _Job) -> asyncio.Future:
         with self._cond:
             stale = queue.pop(key, None)
