@@ -47,8 +47,7 @@ WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 def build_app(config: Config) -> web.Application:
     """The app without its model: serve() loads it while the server already answers (GET /ready)."""
     registry = SessionRegistry(config, None, SileroModel())  # the decode pool comes with the model
-    release = MemoryRelease()
-    registry.idle_hooks.append(lambda: release.soon(registry))
+    registry.idle_hooks.append(MemoryRelease(registry).soon)
     metrics.watch_vad(registry.vad_batch)
     app = web.Application(middlewares=[json_errors, auth.guard, ready_gate])
     app[REGISTRY] = registry
@@ -231,7 +230,8 @@ class MemoryRelease:
     that follows at once does not pay for it.
     """
 
-    def __init__(self, delay_s: float = 1.0) -> None:
+    def __init__(self, registry: SessionRegistry, delay_s: float = 1.0) -> None:
+        self._registry = registry
         self._delay_s = delay_s
         self._timer: asyncio.TimerHandle | None = None
         try:
@@ -239,17 +239,18 @@ class MemoryRelease:
         except (OSError, AttributeError):  # not glibc: nothing to trim
             self._trim = None
 
-    def soon(self, registry: SessionRegistry) -> None:
+    def soon(self) -> None:
         if self._trim is None:
             return
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._release, registry)
+        self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._release)
 
-    def _release(self, registry: SessionRegistry) -> None:
+    def _release(self) -> None:
         self._timer = None
-        if not len(registry):
-            self._trim(0)
+        if not len(self._registry):
+            # On a thread: trimming a large heap walks it, and the loop may be serving requests meanwhile.
+            asyncio.get_running_loop().run_in_executor(None, self._trim, 0)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
