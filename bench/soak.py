@@ -39,15 +39,6 @@ ENDINGS = ("stop", "delete", "vanish")  # how each session ends, in turn
 WARM_UP = 0.2
 
 
-def rss_mb(proc: ServerProcess) -> float:
-    with open(f"/proc/{proc.proc.pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-
-
-def descriptors(proc: ServerProcess) -> int:
-    return len(os.listdir(f"/proc/{proc.proc.pid}/fd"))
-
-
 async def gauges(url: str) -> dict[str, float]:
     """Every gauge sample of /metrics that counts live things, summed over its labels."""
     names = ("stt_sessions_active", "stt_decode_queue_depth")
@@ -166,7 +157,7 @@ async def soak(args: argparse.Namespace) -> dict:
         await run_many(round(args.ws * WARM_UP), args.concurrency, ws)
         await run_many(round(args.rtc * WARM_UP), args.concurrency, rtc)
         await settle(url)
-        before = {"rss_mb": rss_mb(proc), "descriptors": descriptors(proc)}
+        before = {"rss_mb": proc.rss_mb(), "descriptors": proc.descriptors()}
         started = time.monotonic()
         samples: list[tuple[str, int, float]] = []  # (transport, sessions so far, RSS MB): a leak is a slope
         ws_heard = ws_failed = rtc_heard = rtc_failed = 0
@@ -176,14 +167,14 @@ async def soak(args: argparse.Namespace) -> dict:
                 step = min(left, max(args.concurrency, total // 10))
                 heard, failed = await run_many(step, args.concurrency, lambda i, base=done, one=one: one(base + i))
                 left, done = left - step, done + step
-                samples.append((transport, done, round(rss_mb(proc), 1)))
+                samples.append((transport, done, round(proc.rss_mb(), 1)))
                 if transport == "ws":
                     ws_heard, ws_failed = ws_heard + heard, ws_failed + failed
                 else:
                     rtc_heard, rtc_failed = rtc_heard + heard, rtc_failed + failed
         elapsed = time.monotonic() - started
         settled = await settle(url)
-        after = {"rss_mb": rss_mb(proc), "descriptors": descriptors(proc),
+        after = {"rss_mb": proc.rss_mb(), "descriptors": proc.descriptors(),
                  "sessions": (await health(url))["sessions"], "gauges": await gauges(url)}
     finally:
         code = proc.stop()

@@ -80,6 +80,15 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    def rss_mb(self) -> float:
+        """The server's resident memory now (Linux)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    def descriptors(self) -> int:
+        """The server's open file descriptors now (Linux)."""
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
     def audio_received_s(self) -> float:
         """Seconds of audio the server has received so far, every session and transport (GET /metrics)."""
         import urllib.request
@@ -361,6 +370,19 @@ class WSClient(EventLog):
             await self.ws.close()
             await self._reader
         await self._http.close()
+
+
+async def say_over_ws(base_url: str, pcm: bytes, timeout: float = 30) -> WSClient:
+    """One WebSocket session that says `pcm` as fast as the socket takes it, then half a second of silence,
+    then stop; the client, closed, with every event it got."""
+    client = WSClient(base_url)
+    try:
+        await client.connect()
+        await client.speak(pcm + bytes(16000), realtime=False)
+        await client.stop(timeout=timeout)
+    finally:
+        await client.close()
+    return client
 
 
 class SSEClient(EventLog):

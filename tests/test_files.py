@@ -12,7 +12,6 @@ import re
 import select
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -305,13 +304,6 @@ async def test_deepgram_errors_in_deepgram_shape(files_server):
                                 request=b"GIF89a" + b"\x00" * 999, model="nova-3")
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 def huge_upload(server: ServerProcess, path: str, chunked: bool) -> tuple[int, bytes]:
     """A 2 GB body, streamed until the server answers; returns (bytes sent, the answer's head and body)."""
     host, port = server.url.removeprefix("http://").split(":")
@@ -345,7 +337,7 @@ def huge_upload(server: ServerProcess, path: str, chunked: bool) -> tuple[int, b
 @pytest.mark.parametrize("path", ["/v1/audio/transcriptions", "/v1/listen"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_a_two_gigabyte_body_gets_413_before_it_is_read(files_server, path, chunked):
-    before = rss_mb(files_server.proc.pid)
+    before = files_server.rss_mb()
     sent, answer = await asyncio.to_thread(huge_upload, files_server, path, chunked)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), answer[:300]
@@ -354,7 +346,7 @@ async def test_a_two_gigabyte_body_gets_413_before_it_is_read(files_server, path
         error["err_code"] == "PAYLOAD_TOO_LARGE"), error
     # Refused from its declared length before the limit's worth was sent, or a few MiB past the limit if streamed.
     assert sent < (MAX_UPLOAD_MB << 20 if not chunked else (MAX_UPLOAD_MB + 16) << 20), sent
-    assert rss_mb(files_server.proc.pid) < before + 3 * MAX_UPLOAD_MB + 50
+    assert files_server.rss_mb() < before + 3 * MAX_UPLOAD_MB + 50
     async with aiohttp.ClientSession() as http, http.get(files_server.url + "/health") as r:
         assert r.status == 200
 

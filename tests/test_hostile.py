@@ -33,12 +33,6 @@ def one_slot(private_network):
     assert proc.stop() == 0, proc.log()
 
 
-def rss_mb(proc: ServerProcess) -> float:
-    with open(f"/proc/{proc.proc.pid}/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return kb / 1024
-
-
 def silence() -> SpeechTrack:
     return SpeechTrack(np.zeros(0, np.float32), lead_silence_s=0)
 
@@ -68,9 +62,9 @@ async def test_extra_audio_tracks_are_refused_in_the_answer_and_cost_no_memory(o
         await client.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         await client.heard_all()
         await asyncio.sleep(1)
-        before = rss_mb(one_slot)  # the decode's own buffers are in by now: only silence follows
+        before = one_slot.rss_mb()  # the decode's own buffers are in by now: only silence follows
         await asyncio.sleep(8)
-        grown = rss_mb(one_slot) - before
+        grown = one_slot.rss_mb() - before
         print(f"server RSS grew {grown:.1f} MB in 8 s of ten tracks sending")
         client.send({"type": "stop"})
         await client.wait_type("session.ended", timeout=15)
@@ -187,13 +181,9 @@ async def wait_count(url: str, count: int, timeout: float) -> float:
     return time.monotonic() - started
 
 
-def descriptors(proc: ServerProcess) -> int:
-    return len(os.listdir(f"/proc/{proc.proc.pid}/fd"))
-
-
 async def wait_descriptors(proc: ServerProcess, most: int, timeout: float) -> float:
     started = time.monotonic()
-    while (n := descriptors(proc)) > most:
+    while (n := proc.descriptors()) > most:
         assert time.monotonic() - started < timeout, f"{n} descriptors open, {most} before the clients came"
         await asyncio.sleep(0.5)
     return time.monotonic() - started
@@ -210,7 +200,7 @@ async def test_a_websocket_client_that_never_reads_still_ends_and_shutdown_is_pr
     proc = ServerProcess("--max-sessions", "2", "--idle-timeout-s", "600")
     clients = []
     try:
-        baseline = descriptors(proc)
+        baseline = proc.descriptors()
         for _ in range(2):
             client = RawWebSocket(proc.url)
             clients.append(client)

@@ -337,12 +337,6 @@ async def test_input_formats(server):
     await wait_sessions(server.url, 0, timeout=5)
 
 
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        line = next(line for line in f if line.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
-
-
 async def test_faster_than_real_time_keeps_memory_flat_and_every_final(private_network):
     """A client that sends the devset five times as fast as it can: backpressure, not a growing buffer."""
     recordings = load_devset() * 5
@@ -353,7 +347,7 @@ async def test_faster_than_real_time_keeps_memory_flat_and_every_final(private_n
 
     async def sample() -> None:
         while True:
-            samples.append(rss_mb(dedicated.proc.pid))
+            samples.append(dedicated.rss_mb())
             await asyncio.sleep(0.5)
 
     sampler = asyncio.create_task(sample())

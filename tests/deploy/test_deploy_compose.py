@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from client import HOST, WSClient, free_port
+from client import HOST, free_port, say_over_ws
 from podman import ENV, ROOT, podman, require, wait_ready
 from speech import pcm16, recording, word_errors
 
@@ -49,13 +49,7 @@ async def test_compose_runs_the_server_and_coturn(private_network, image):
         assert stun_binding(HOST, 3478)[:2] == b"\x01\x01"
 
         speech = recording("ls-61-70968-0000")
-        client = WSClient(f"http://{HOST}:{port}")
-        try:
-            await client.connect()
-            await client.speak(pcm16(speech.audio) + bytes(16000), realtime=False)
-            await client.stop(timeout=30)
-        finally:
-            await client.close()
+        client = await say_over_ws(f"http://{HOST}:{port}", pcm16(speech.audio))
         text = " ".join(e["text"] for e in client.of_type("transcript.final"))
         errors, words = word_errors(speech.text, text)
         assert errors / words < 0.3, (speech.text, text)

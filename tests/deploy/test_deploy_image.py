@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 
-from client import HOST, WSClient, free_port
+from client import HOST, WSClient, free_port, say_over_ws
 from podman import podman, wait_ready
 from speech import pcm16, recording, word_errors
 
@@ -43,13 +43,7 @@ async def test_container_serves_a_transcript_as_a_non_root_user_and_is_healthy(p
         podman("healthcheck", "run", name)
         assert state(name)["Health"]["Status"] == "healthy"
 
-        client = WSClient(url)
-        try:
-            await client.connect()
-            await client.speak(pcm16(speech.audio) + bytes(16000), realtime=False)
-            await client.stop(timeout=30)
-        finally:
-            await client.close()
+        client = await say_over_ws(url, pcm16(speech.audio))
         text = " ".join(e["text"] for e in client.of_type("transcript.final"))
         errors, words = word_errors(speech.text, text)
         assert errors / words < 0.3, (speech.text, text)
