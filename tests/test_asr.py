@@ -774,3 +774,92 @@ def test_a_stream_keeps_its_language_where_a_short_piece_is_unsure(vad_model):
     assert set(kept) == {"de"}, kept
     english = data_recording("arctic-aew-a0003").audio
     assert engine.transcribe(english, None, final=False, before=Before(language="de")).language == "en"
+
+
+async def _fed(stream: SpeechStream, audio: np.ndarray) -> None:
+    """`audio` in 20 ms packets, the loop turning between them as it does for a live client."""
+    for i in range(0, audio.size, 320):
+        stream.feed(audio[i : i + 320])
+        await asyncio.sleep(0)
+
+
+async def test_flush_ends_the_utterance_in_progress_and_the_stream_goes_on(engine, vad_model):
+    """Deepgram's Finalize and OpenAI's commit: the final of what was said so far comes now, with its cause,
+    and what follows is segmented as before, on the same timeline."""
+    pool = DecodePool(engine, max_finals=4)
+    pool.start()
+    events: list[dict] = []
+    stream = SpeechStream(pool, Segmenter(SileroVAD(vad_model), SegmenterConfig()),
+                          StreamOptions(language="en", partials=False), events.append)
+    first, second = recording("jfk-inaugural-ask-not"), recording("ls-61-70968-0000")
+    cut = int(first.audio.size * 0.6)
+    lead = np.zeros(8000, np.float32)
+    try:
+        await _fed(stream, np.concatenate([lead, first.audio[:cut]]))
+        assert stream.flush()
+        assert [e["type"] for e in events][-1] == "speech.stopped"  # at once, not after a pause
+        assert not stream.flush()  # nothing in progress any more
+        await stream.finals_sent()
+        flushed = events[-1]
+        assert flushed["type"] == "transcript.final" and flushed["cause"] == "flush"
+        assert word_errors(first.text, flushed["text"])[0] < len(first.text.split())  # words, not nothing
+        gap = np.zeros(16000, np.float32)
+        await _fed(stream, np.concatenate([gap, second.audio, gap, first.audio[:cut]]))
+        await stream.finish()
+    finally:
+        await pool.close()
+    finals = [e for e in events if e["type"] == "transcript.final"]
+    assert finals[-1]["cause"] == "end"
+    # Every sample fed counts on the timeline, the flush's odd window too.
+    onset = (lead.size + cut + gap.size) / 16000
+    after = next(f for f in finals if f["start"] > flushed["end"])
+    assert abs(after["start"] - onset) < 0.5 and after["cause"] == "endpoint", (after, onset)
+    assert wer([(second.text, after["text"])]) <= 0.2
+
+
+async def test_discard_forgets_the_utterance_in_progress_but_not_the_timeline(engine, vad_model):
+    """OpenAI's input_audio_buffer.clear: what was said is never transcribed; what follows is, at its time."""
+    pool = DecodePool(engine, max_finals=4)
+    pool.start()
+    events: list[dict] = []
+    stream = SpeechStream(pool, Segmenter(SileroVAD(vad_model), SegmenterConfig()),
+                          StreamOptions(language="en", partials=False), events.append)
+    dropped, kept = recording("ls-61-70968-0002"), recording("ls-61-70968-0000")
+    gap = np.zeros(16000, np.float32)
+    try:
+        await _fed(stream, dropped.audio[: dropped.audio.size // 2])
+        assert stream._segmenter.in_speech
+        stream.discard()
+        await _fed(stream, np.concatenate([gap, kept.audio, gap]))
+        await stream.finish()
+    finally:
+        await pool.close()
+    finals = [e for e in events if e["type"] == "transcript.final"]
+    assert len(finals) == 1 and finals[0]["cause"] == "endpoint", finals
+    assert wer([(kept.text, finals[0]["text"])]) <= 0.2
+    onset = (dropped.audio.size // 2 + gap.size) / 16000
+    assert abs(finals[0]["start"] - onset) < 0.5, (finals[0]["start"], onset)
+
+
+async def test_configure_changes_the_endpoint_for_what_comes_next(engine, vad_model):
+    """A session changed mid-stream (OpenAI's session.update): a pause that did not end an utterance does."""
+    pool = DecodePool(engine, max_finals=4)
+    pool.start()
+    events: list[dict] = []
+    long_endpoint = SegmenterConfig(endpoint_ms=3000, unfinished_endpoint_ms=3000)
+    options = StreamOptions(language="en", partials=False, early_final_ms=0)
+    stream = SpeechStream(pool, Segmenter(SileroVAD(vad_model), long_endpoint), options, events.append)
+    rec = recording("ls-61-70968-0000")
+    pause = np.zeros(int(1.5 * 16000), np.float32)
+    try:
+        await _fed(stream, np.concatenate([rec.audio, pause]))
+        assert not [e for e in events if e["type"] == "speech.stopped"]
+        stream.configure(options, SegmenterConfig(endpoint_ms=500))
+        await _fed(stream, np.zeros(1024, np.float32))
+        # The pause already heard is longer than the new endpoint: the utterance ends at the next window.
+        assert len([e for e in events if e["type"] == "speech.stopped"]) == 1
+        await _fed(stream, np.concatenate([rec.audio, pause]))
+        assert len([e for e in events if e["type"] == "speech.stopped"]) == 2
+        await stream.finish()
+    finally:
+        await pool.close()
