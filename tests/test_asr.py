@@ -863,3 +863,29 @@ async def test_configure_changes_the_endpoint_for_what_comes_next(engine, vad_mo
         await stream.finish()
     finally:
         await pool.close()
+
+
+def test_raw_audio_takes_g711_and_pcm_cut_anywhere():
+    """Vendors' clients send G.711 (8 bits a sample) or PCM at any rate and channel count, and cut their
+    messages at any byte: the audio comes out as if it had come whole."""
+    import warnings
+
+    from asr.audio import G711, RawAudio, sniff
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop  # the reference, while Python still has it
+    codes = bytes(range(256))
+    for name, expand in (("mulaw", audioop.ulaw2lin), ("alaw", audioop.alaw2lin)):
+        assert (np.frombuffer(expand(codes, 2), "<i2") == G711[name]).all(), name
+    speech = (recording("jfk-inaugural-ask-not").audio[:16000] * 32767).astype("<i2")
+    stereo = np.repeat(speech, 2).tobytes()
+    whole = RawAudio("pcm_s16le", 16000, channels=2).decode(stereo)
+    cut = RawAudio("pcm_s16le", 16000, channels=2)
+    pieces = [cut.decode(stereo[i : i + 999]) for i in range(0, len(stereo), 999)]  # 999: mid-sample, mid-frame
+    assert np.array_equal(np.concatenate(pieces), whole)
+    assert np.allclose(whole, speech / 32768.0, atol=1e-4)
+    assert 1500 < RawAudio("mulaw", 8000).decode(b"\xff" * 800).size <= 1600  # 100 ms at 16 kHz, less the filter delay
+    assert [sniff(h) for h in (b"RIFF\0\0\0\0WAVEfmt ", b"OggS\0\2" + bytes(6), b"\x1a\x45\xdf\xa3" + bytes(8),
+                               b"fLaC" + bytes(8), b"ID3\4" + bytes(8), b"\xff\xfb\x90\x00" + bytes(8),
+                               bytes(12))] == ["wav", "ogg", "matroska", "flac", "mp3", "mp3", None]
