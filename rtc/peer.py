@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any
+from typing import Any, Callable, Protocol
 
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCRtpReceiver
 from aiortc.codecs import get_decoder
@@ -17,6 +17,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from ops import metrics
 import protocol
 from asr.audio import Resampler
+from protocol import Event
 from sessions import Session
 
 from .opus import opus_decoder
@@ -102,13 +103,54 @@ def decode_on_loop(receiver: RTCRtpReceiver) -> bool:
     return True
 
 
+class ChannelProtocol(Protocol):
+    """What the data channel speaks: our protocol (NativeChannel), or a vendor's (adapters/)."""
+
+    def opening(self) -> list[str]:
+        """What the client hears first, once its channel opens."""
+
+    def encode(self, item: Event) -> list[str]:
+        """The messages one of the session's events (or an item the protocol posted) becomes."""
+
+    def receive(self, message: str | bytes) -> None:
+        """A message from the client."""
+
+
+Post = Callable[[Event], None]  # an item to encode and send, in order with the session's events
+
+
+class NativeChannel:
+    """Our protocol: every event as it is, and the client's stop."""
+
+    def __init__(self, session: Session, post: Post) -> None:
+        self.session, self.post = session, post
+
+    def opening(self) -> list[str]:
+        return [protocol.encode(self.session.started_event())]
+
+    def encode(self, item: Event) -> list[str]:
+        return [protocol.encode(item)]
+
+    def receive(self, message: str | bytes) -> None:
+        try:
+            protocol.channel_message(message)  # Stop, the one message a data channel carries
+        except protocol.ClientError as e:
+            metrics.error("event", e.code)
+            self.post(protocol.error(e.code, e.message))
+            return
+        self.session.end_soon("stop")
+
+
 class PeerSession:
     """Binds a session to its RTCPeerConnection; the session's lifecycle rules."""
 
-    def __init__(self, session: Session, ice_servers: list[dict[str, Any]], ice_timeout_s: float):
+    def __init__(self, session: Session, ice_servers: list[dict[str, Any]], ice_timeout_s: float,
+                 speaks: Callable[[Session, Post], ChannelProtocol] = NativeChannel):
         self.session = session
         self.pc = RTCPeerConnection(rtc_configuration(ice_servers))
         self.channel: RTCDataChannel | None = None
+        self._speaks = speaks
+        self.protocol: ChannelProtocol | None = None
         self._track: MediaStreamTrack | None = None  # the one audio track transcribed
         self._deaf = False  # the peer stopped acknowledging events
         self._reader: asyncio.Task | None = None
@@ -138,9 +180,11 @@ class PeerSession:
         if self.channel is not None:
             return  # the first channel the client opens carries the events
         self.channel = channel
-        channel.on("message", self._on_message)
+        self.protocol = self._speaks(self.session, self._send)
+        channel.on("message", self.protocol.receive)
         channel.on("close", lambda: self.session.end_soon("peer_closed"))
-        self._send(self.session.started_event())
+        for text in self.protocol.opening():
+            self._send_text(text)
         self.session.add_sink(self._send, replay=True)
 
     def _on_track(self, track: MediaStreamTrack) -> None:
@@ -175,16 +219,13 @@ class PeerSession:
             self.session.feed(resampler.frame(None))
             self.session.end_soon("peer_closed")
 
-    def _on_message(self, message: str | bytes) -> None:
-        try:
-            protocol.channel_message(message)  # Stop, the one message a data channel carries
-        except protocol.ClientError as e:
-            metrics.error("event", e.code)
-            self._send(protocol.error(e.code, e.message))
+    def _send(self, event: Event) -> None:
+        if self.protocol is None:
             return
-        self.session.end_soon("stop")
+        for text in self.protocol.encode(event):
+            self._send_text(text)
 
-    def _send(self, event: protocol.Event) -> None:
+    def _send_text(self, text: str) -> None:
         if self.channel is None or self.channel.readyState != "open":
             return
         if self.channel.bufferedAmount > _MAX_UNSENT:
@@ -194,7 +235,7 @@ class PeerSession:
                 log.info("session %s: the peer takes no events; ending it", self.session.id)
                 self.session.end_soon("not_reading")
             return
-        self.channel.send(protocol.encode(event))
+        self.channel.send(text)
 
     async def close(self) -> None:
         self._ice_timer.cancel()
