@@ -18,6 +18,7 @@ import time
 
 from aiohttp import web
 
+from adapters import http_errors, openai_realtime
 from asr.engine import DecodeOptions, WhisperEngine
 from asr.threads import on_daemon_thread
 from asr.vad import SileroModel
@@ -44,7 +45,8 @@ def build_app(config: Config) -> web.Application:
     """The app without its model: serve() loads it while the server already answers (GET /ready)."""
     registry = SessionRegistry(config, None, SileroModel())  # the decode pool comes with the model
     metrics.watch_vad(registry.vad_batch)
-    app = web.Application(middlewares=[json_errors, auth.guard, ready_gate])
+    # vendor_errors outermost: it gives the vendors' routes their errors in the vendor's shape.
+    app = web.Application(middlewares=[http_errors.vendor_errors, json_errors, auth.guard, ready_gate])
     app[REGISTRY] = registry
     access = auth.setup(app, config)  # POST /v1/tokens, CORS
     if access.enabled:
@@ -56,6 +58,7 @@ def build_app(config: Config) -> web.Application:
     ws.add_routes(app)
     sse.add_routes(app)
     storage.install(app, registry)  # --data-dir: saved sessions, their routes, retention
+    openai_realtime.add_routes(app)  # OpenAI Realtime: WebSocket, WebRTC calls, client secrets
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     if os.path.isfile(os.path.join(WEB_DIR, "index.html")):

@@ -66,6 +66,12 @@ class SpeechStream:
         self._said: deque[tuple[str, str, bool]] = deque()  # (language, text, cut for length) of the last finals
         self._key = id(self)  # this stream's slot in the pool's keyed queues
 
+    @property
+    def utterance(self) -> int:
+        """The number of the latest utterance begun (1, 2, 3...): once none is in progress, every utterance up
+        to it has ended, or was discarded."""
+        return self._segmenter.utterance
+
     async def wait_capacity(self, max_pending: int) -> None:
         """Until at most `max_pending` finals wait: a sender faster than real time pauses here."""
         while self._finals_pending > max_pending:

@@ -1,0 +1,1 @@
+"""The vendors' APIs and the legacy dialects, each a thin translation over the server's own sessions."""
