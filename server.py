@@ -18,7 +18,7 @@ import time
 
 from aiohttp import web
 
-from adapters import http_errors, openai_realtime
+from adapters import deepgram_live, http_errors, openai_realtime
 from asr.engine import DecodeOptions, WhisperEngine
 from asr.threads import on_daemon_thread
 from asr.vad import SileroModel
@@ -59,6 +59,7 @@ def build_app(config: Config) -> web.Application:
     sse.add_routes(app)
     storage.install(app, registry)  # --data-dir: saved sessions, their routes, retention
     openai_realtime.add_routes(app)  # OpenAI Realtime: WebSocket, WebRTC calls, client secrets
+    deepgram_live.add_routes(app)  # Deepgram's live GET /v1/listen
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     if os.path.isfile(os.path.join(WEB_DIR, "index.html")):
