@@ -18,7 +18,7 @@ import time
 
 from aiohttp import web
 
-from adapters import deepgram_live, http_errors, openai_realtime
+from adapters import deepgram_live, dialects, http_errors, openai_realtime
 from asr.engine import DecodeOptions, WhisperEngine
 from asr.threads import on_daemon_thread
 from asr.vad import SileroModel
@@ -60,6 +60,7 @@ def build_app(config: Config) -> web.Application:
     storage.install(app, registry)  # --data-dir: saved sessions, their routes, retention
     openai_realtime.add_routes(app)  # OpenAI Realtime: WebSocket, WebRTC calls, client secrets
     deepgram_live.add_routes(app)  # Deepgram's live GET /v1/listen
+    dialects.add_routes(app)  # the legacy WebSocket dialects: /ws/transcribe, /v1/transcriptions, /ws
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     if os.path.isfile(os.path.join(WEB_DIR, "index.html")):
