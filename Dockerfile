@@ -25,6 +25,7 @@ RUN pip install --no-cache-dir -r requirements.txt \
 # The application: every top-level module (new ones come along by themselves), the packages and
 # the page. .dockerignore keeps tests, bench, data and virtualenvs out of the build context.
 COPY *.py ./
+COPY adapters/ adapters/
 COPY asr/ asr/
 COPY ops/ ops/
 COPY rtc/ rtc/
