@@ -5,7 +5,7 @@ or, with no `encoding`, any container the first bytes tell: a WAV file streamed 
 what to send back; parameters it does not know are ignored, as Deepgram's SDKs send many. Out go
 `Results` (interim and final), `SpeechStarted`, `UtteranceEnd` and, at the end, `Metadata`; in come
 audio, `KeepAlive`, `Finalize` and `CloseStream`. Nothing is sent on open, and no message type the SDKs
-do not know.
+do not know. `POST /v1/auth/grant` mints the short-lived access tokens its browser clients use.
 """
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ from aiohttp import WSMessage, WSMsgType, web
 import ws
 from asr.audio import MAX_RATE, MIN_RATE, SAMPLE_RATE, RawAudio
 from errors import ApiError, client_json, quoted
-from ops import auth
+from ops import auth, metrics
 from protocol import Event
 from sessions import REGISTRY, SessionOptions
 
 from . import http_errors
 
 API = "deepgram"
+SCOPE = "deepgram"  # auth.TOKEN_SCOPES: what its granted tokens open
+GRANT_TTL_S = (1, 3600, 30)  # ttl_seconds: bounds and Deepgram's default
 MAX_FRAME_BYTES = 4 << 20  # one binary message: seconds of audio in any encoding
 _RAW = {"linear16": "pcm_s16le", "mulaw": "mulaw", "alaw": "alaw"}  # -> asr.audio.RawAudio
 _CONTAINED = {"opus": "ogg", "ogg-opus": "ogg"}  # Deepgram's Opus comes in Ogg pages
@@ -118,7 +120,29 @@ def _language(value: str | None, languages: frozenset[str]) -> str | None:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/listen", listen)
+    app.router.add_post("/v1/auth/grant", grant)
     http_errors.register(app, "/v1/listen", http_errors.deepgram_error)
+    http_errors.register(app, "/v1/auth/grant", http_errors.deepgram_error)
+
+
+async def grant(request: web.Request) -> web.Response:
+    """POST /v1/auth/grant {"ttl_seconds"}, with an API key: a token that opens Deepgram streams only."""
+    body = await request.read()
+    try:
+        data = client_json(body) if body.strip() else {}
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_json", "the body must be a JSON object")
+    low, high, default = GRANT_TTL_S
+    ttl = default if data.get("ttl_seconds") is None else data["ttl_seconds"]
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not low <= ttl <= high:
+        raise ApiError(400, "bad_option", f"ttl_seconds must be a number from {low} to {high}")
+    access = request.app[auth.ACCESS]
+    ttl = min(float(ttl), access.config.token_max_ttl_s)
+    token, _ = access.mint(auth.grant(request), ttl, {}, None, scope=SCOPE)
+    return web.json_response({"access_token": token, "expires_in": ttl},
+                             headers={"Cache-Control": "no-store"})
 
 
 async def listen(request: web.Request) -> web.StreamResponse:
@@ -202,6 +226,7 @@ class DeepgramSocket(ws.SocketSession):
                         "code": "CONFIGURE_KEYTERMS_NOT_SUPPORTED",
                         "description": "this server's model takes no keyterms"})
         else:
+            metrics.error("event", "bad_message")
             self._send({"type": "Error", "variant": "SchemaError", "message": message.data[:1000],
                         "description": "expected KeepAlive, Finalize, CloseStream or Configure, as JSON"})
         return False
@@ -286,6 +311,7 @@ class DeepgramSocket(ws.SocketSession):
         await self.fail(1009)
 
     def bad_audio(self, message: str) -> None:
+        metrics.error("event", "bad_audio")
         self._send({"type": "Error", "variant": "DataError", "message": "", "description": message})
         self._close_code = 1008
 

@@ -30,7 +30,7 @@ import protocol
 import ws
 from asr.audio import MAX_RATE, MIN_RATE, RawAudio
 from errors import ApiError, client_json
-from ops import auth
+from ops import auth, metrics
 from protocol import Event
 from sessions import Session, SessionOptions
 
@@ -78,6 +78,11 @@ class _Dialect(ws.SocketSession):
     def say(self, message: dict[str, Any]) -> None:
         self.put({"type": "dialect.message", "message": message})
 
+    def mistake(self, message: str) -> None:
+        """A client's mistake, in the dialect's error shape; the session goes on."""
+        metrics.error("event", "bad_message")
+        self.say(self.error_message(message))
+
     async def open(self, options: SessionOptions) -> bool:
         """The session; False, after the dialect's error and the close, past the limits."""
         try:
@@ -100,10 +105,12 @@ class _Dialect(ws.SocketSession):
         raise NotImplementedError
 
     async def too_large(self) -> None:
+        metrics.error("event", "too_large")
         self.say(self.error_message(f"audio messages must be at most {protocol.MAX_AUDIO_BYTES} bytes"))
         await self.fail(1009)
 
     def bad_audio(self, message: str) -> None:
+        metrics.error("event", "bad_audio")
         self.say(self.error_message(message))
         self._close_code = 1003
 
@@ -111,7 +118,7 @@ class _Dialect(ws.SocketSession):
         """PCM at `rate` when the message says one, else at the rate of the messages before it."""
         if rate is not None and self.raw is not None and rate != self.raw.rate:
             if isinstance(rate, bool) or not isinstance(rate, int) or not MIN_RATE <= rate <= MAX_RATE:
-                self.say(self.error_message(f"sampleRate must be an integer from {MIN_RATE} to {MAX_RATE}"))
+                self.mistake(f"sampleRate must be an integer from {MIN_RATE} to {MAX_RATE}")
                 return
             self.raw = RawAudio("pcm_s16le", rate)
         await self.audio(data)
@@ -143,11 +150,11 @@ class TranscribeSocket(_Dialect):
         if kind == "audio":
             audio = _base64(data.get("data"))
             if audio is None:
-                self.say(self.error_message("audio data must be base64 in 'data'"))
+                self.mistake("audio data must be base64 in 'data'")
             else:
                 await self.pcm(audio, data.get("sampleRate"))
             return False
-        self.say(self.error_message('expected binary PCM, {"type": "audio", "data": ...} or {"type": "stop"}'))
+        self.mistake('expected binary PCM, {"type": "audio", "data": ...} or {"type": "stop"}')
         return False
 
     def translate(self, event: Event) -> dict[str, Any] | None:
@@ -207,7 +214,7 @@ class TranscriptionsSocket(_Dialect):
         if isinstance(data, dict) and data.get("action") == "stop":
             await self.end("stop")
             return True
-        self.say(self.error_message("expected binary audio or {\"action\": \"stop\"}"))
+        self.mistake('expected binary audio or {"action": "stop"}')
         return False
 
     def translate(self, event: Event) -> dict[str, Any] | None:
@@ -243,12 +250,11 @@ class LegacySocket(_Dialect):
         if kind == "audio":
             audio = _base64(data.get("payload"))
             if audio is None:
-                self.say(self.error_message("audio payload must be base64 16 kHz 16-bit PCM"))
+                self.mistake("audio payload must be base64 16 kHz 16-bit PCM")
             else:
                 await self.pcm(audio)
             return False
-        self.say(self.error_message("expected {\"type\": \"audio\", \"payload\": ...} or "
-                                    "{\"type\": \"control\", \"action\": \"stop\"}"))
+        self.mistake('expected {"type": "audio", "payload": ...} or {"type": "control", "action": "stop"}')
         return False
 
     def translate(self, event: Event) -> dict[str, Any] | None:

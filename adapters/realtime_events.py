@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable
 
 from asr.audio import SAMPLE_RATE
 from errors import ApiError, client_json, quoted
+from ops import metrics
 from protocol import Event
 from sessions import Session, SessionOptions
 
@@ -57,6 +58,7 @@ def _error(code: str, message: str, param: str | None = None, event_id: str | No
 
 def error_note(code: str, message: str, param: str | None = None, kind: str = "invalid_request_error") -> Event:
     """An `error` event for the outbox, from a transport."""
+    metrics.error("event", code)
     return _note("event", event=_error(code, message, param, kind=kind))
 
 
@@ -116,6 +118,7 @@ class Realtime:
             self._refuse(e, event_id)
 
     def _refuse(self, e: SettingsError, event_id: str | None = None) -> None:
+        metrics.error("event", e.code)
         self._post(_note("event", event=_error(e.code, e.message, e.param, event_id)))
 
     def _reported(self) -> dict[str, Any]:

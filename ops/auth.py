@@ -57,6 +57,7 @@ TOKEN_ROUTES = {
 TOKEN_SCOPES = {
     "openai-realtime": {("GET", "/v1/realtime"), ("POST", "/v1/realtime"), ("POST", "/v1/realtime/calls"),
                         ("POST", "/v1/realtime/calls/{call_id}/hangup")},
+    "deepgram": {("GET", "/v1/listen")},
 }
 # Routes outside /v1/ that are guarded as /v1/ is: the legacy dialects, at the paths their pages use.
 API_PATHS = frozenset({"/ws", "/ws/transcribe"})

@@ -191,8 +191,9 @@ async def test_a_wav_file_streamed_with_its_header_by_the_sync_client(server):
 
 
 async def test_token_scheme_access_tokens_and_the_browser_subprotocol(private_network):
-    """With keys: `Authorization: Token <key>` (the SDK's api_key), `bearer <token>` (its access_token), and
-    a browser's subprotocol pair token, <token>, echoed; a wrong key is refused before the upgrade."""
+    """With keys: `Authorization: Token <key>` (the SDK's api_key), `bearer <token>` (its access_token, from
+    its auth.v1.tokens.grant or ours), and a browser's subprotocol pair token, <token>, echoed; a wrong key is
+    refused before the upgrade."""
     keyed = ServerProcess("--api-key", KEY, "--data-dir", "")
     try:
         env = environment(keyed)
@@ -204,7 +205,15 @@ async def test_token_scheme_access_tokens_and_the_browser_subprotocol(private_ne
             async with AsyncDeepgramClient(api_key="wrong", environment=env).listen.v1.connect(model="nova-3"):
                 pass
         assert refused.value.status_code == 401
+        granted = await AsyncDeepgramClient(api_key=KEY, environment=env).auth.v1.tokens.grant(ttl_seconds=60)
+        assert granted.expires_in == 60
+        async with AsyncDeepgramClient(access_token=granted.access_token, environment=env).listen.v1.connect(
+                model="nova-3", encoding="linear16", sample_rate="16000") as connection:
+            await connection.send_close_stream()
+            assert [m.type async for m in connection] == ["Metadata"]
         async with aiohttp.ClientSession() as http:
+            r = await http.get(keyed.url + "/v1/ws", headers={"Authorization": f"bearer {granted.access_token}"})
+            assert r.status == 403  # a granted token opens Deepgram streams only
             r = await http.post(keyed.url + "/v1/tokens", headers={"Authorization": f"Token {KEY}"})
             token = (await r.json())["token"]
             async with AsyncDeepgramClient(access_token=token, environment=env).listen.v1.connect(
