@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any, Callable, Protocol
+
+import numpy as np
 
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCRtpReceiver
 from aiortc.codecs import get_decoder
@@ -16,7 +19,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from ops import metrics
 import protocol
-from asr.audio import Resampler
+from asr.audio import SAMPLE_RATE, Resampler
 from protocol import Event
 from sessions import Session
 
@@ -26,6 +29,14 @@ log = logging.getLogger(__name__)
 
 _FLUSH_TIMEOUT_S = 2.0
 _MAX_UNSENT = 1 << 20  # bytes of events the peer may leave unacknowledged before its session ends
+# A peer that sends no audio for this long sends silence: its file has ended (aiortc's MediaPlayer goes
+# quiet and sends no BYE), or it sends nothing while nobody speaks (Opus DTX). The time is heard as
+# silence, so an utterance in progress ends at its endpoint as if the speaker had paused...
+_GAP_S = 0.25
+_GAP_CHECK_S = 0.1
+# ... up to this much beyond the endpoint: past it, a peer that still sends nothing is left to the
+# idle timeout.
+_GAP_FILL_BEYOND_S = 1.5
 
 
 def rtc_configuration(ice_servers: list[dict[str, Any]]) -> RTCConfiguration:
@@ -154,6 +165,9 @@ class PeerSession:
         self._track: MediaStreamTrack | None = None  # the one audio track transcribed
         self._deaf = False  # the peer stopped acknowledging events
         self._reader: asyncio.Task | None = None
+        self._gaps: asyncio.Task | None = None
+        self._heard = 0.0  # when the last frame came (monotonic); 0: none yet
+        self._filled = 0.0  # seconds of silence fed since then
         self._ice_timer = asyncio.create_task(self._ice_deadline(ice_timeout_s))
         session.on_close(self.close)
         self.pc.on("datachannel", self._on_datachannel)
@@ -196,6 +210,7 @@ class PeerSession:
                     release_audio_promptly(transceiver.receiver)
                     decode_on_loop(transceiver.receiver)
             self._reader = asyncio.create_task(self._read(track))
+            self._gaps = asyncio.create_task(self._fill_gaps())
 
     async def _on_state(self) -> None:
         state = self.pc.connectionState
@@ -214,10 +229,23 @@ class PeerSession:
         try:
             while True:
                 frame = await track.recv()  # promptly: aiortc queues unread frames without bound
+                self._heard, self._filled = time.monotonic(), 0.0
                 self.session.feed(resampler.frame(frame))
         except MediaStreamError:
             self.session.feed(resampler.frame(None))
             self.session.end_soon("peer_closed")
+
+    async def _fill_gaps(self) -> None:
+        """The time a peer sends nothing, as silence (_GAP_S)."""
+        while True:
+            await asyncio.sleep(_GAP_CHECK_S)
+            if not self._heard:
+                continue
+            limit = self.session.options.endpoint_ms / 1000 + _GAP_FILL_BEYOND_S
+            silent = min(time.monotonic() - self._heard, limit)
+            if silent >= _GAP_S and silent - self._filled >= _GAP_CHECK_S / 2:
+                self.session.feed(np.zeros(int((silent - self._filled) * SAMPLE_RATE), np.float32))
+                self._filled = silent
 
     def _send(self, event: Event) -> None:
         if self.protocol is None:
@@ -240,8 +268,9 @@ class PeerSession:
     async def close(self) -> None:
         self._ice_timer.cancel()
         await self._flush()
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (self._reader, self._gaps):
+            if task is not None:
+                task.cancel()
         await self.pc.close()
 
     async def _flush(self) -> None:

@@ -339,6 +339,39 @@ async def test_webrtc_call_with_the_sdk_and_events_on_oai_events(server):
     await wait_sessions(server.url, 0, timeout=15)
 
 
+async def test_webrtc_a_file_that_ends_is_transcribed_to_its_end(server, tmp_path):
+    """aiortc's MediaPlayer plays a WAV file and then sends nothing, not even a BYE: the server hears the
+    quiet as silence, so the last sentence, said with no pause after it, still gets its completed."""
+    from aiortc.contrib.media import MediaPlayer
+
+    from speech import write_wav
+
+    said = recording("ls-61-70968-0000")
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, np.concatenate([np.zeros(8000, np.float32), said.audio]))
+    player = MediaPlayer(str(wav))
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    channel = pc.createDataChannel("oai-events")
+    received: list[dict[str, Any]] = []
+    channel.on("message", lambda m: received.append(json.loads(m)))
+    pc.addTrack(player.audio)
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        answer = await sdk(server).realtime.calls.create(sdp=pc.localDescription.sdp,
+                                                         session=transcription({"type": "server_vad"}))
+        await pc.setRemoteDescription(RTCSessionDescription(answer.text, "answer"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + said.seconds + 0.5 + 6  # the file, then the endpoint and a decode
+        while loop.time() < deadline and not [
+                e for e in received if e["type"] == "conversation.item.input_audio_transcription.completed"]:
+            await asyncio.sleep(0.1)
+    finally:
+        await pc.close()
+    completed = [e for e in received if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert completed, [e["type"] for e in received]
+    assert wer([(said.text, completed[0]["transcript"])]) <= 0.2
+
+
 async def test_webrtc_raw_sdp_and_json_offers(server):
     """The browser form (raw SDP, as openai-agents-js posts it) and the older JSON form get the same answer;
     the call hangs up through its Location."""
