@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install serve test test-deps bench bench-accuracy bench-soak clean
+.PHONY: install serve test test-deps bench bench-accuracy bench-dialects bench-soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ bench: $(VENV)/.bench-installed $(BENCH_WL)/.installed
 # on ../shared/eval/devset-wide (about 12 minutes: every recording in real time, twice).
 bench-accuracy: $(VENV)/.bench-installed
 	tests/netns.sh $(BIN)/python bench/accuracy.py $(BENCH_ARGS)
+
+# Every API the server speaks (OpenAI Realtime, Deepgram, the legacy dialects) beside its own protocol, at 1 and
+# 16 streams; writes bench/results/dialects.md (BENCH_ARGS=--quick: short sentences, about 10 minutes).
+bench-dialects: $(VENV)/.test-installed
+	tests/netns.sh $(BIN)/python bench/dialects.py $(BENCH_ARGS)
 
 # 1,000 WebSocket and 200 WebRTC sessions with speech, churned; then the sessions, gauges, RSS and
 # descriptors the server kept (about 10 minutes).
