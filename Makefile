@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install serve test test-deps test-deploy deploy-deps bench bench-accuracy bench-files bench-soak clean
+.PHONY: install serve test test-deps test-deploy deploy-deps bench bench-accuracy bench-files bench-dialects bench-soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,11 @@ bench-accuracy: $(VENV)/.bench-installed
 # long-form recordings, taking turns; writes bench/results/files.{json,md} (about 6 minutes).
 bench-files: $(VENV)/.bench-installed
 	$(BIN)/python bench/files.py --base $(BENCH_ARGS)
+
+# Every API the server speaks (OpenAI Realtime, Deepgram, the legacy dialects) beside its own protocol, at 1 and
+# 16 streams; writes bench/results/dialects.md (BENCH_ARGS=--quick: short sentences, about 10 minutes).
+bench-dialects: $(VENV)/.test-installed
+	tests/netns.sh $(BIN)/python bench/dialects.py $(BENCH_ARGS)
 
 # 1,000 WebSocket and 200 WebRTC sessions with speech, churned; then the sessions, gauges, RSS and
 # descriptors the server kept (about 10 minutes).

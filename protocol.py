@@ -130,6 +130,7 @@ ERRORS: dict[str, ErrorUse] = {
     "token_expired": _http("a session token past its expiry", 401),
     "forbidden_origin": _http("a page of an origin not in --allowed-origins", 403),
     "key_required": _http("a session token on a route that needs an API key", 403),
+    "token_not_allowed": _http("a token minted for one API (an OpenAI client secret) on another API's route", 403),
     "unknown_session": _http("a session that is unknown, ended, or another key's", 404),
     "storage_off": _http("saved sessions asked of a server with an empty --data-dir", 404),
     "not_found": _http("a route that does not exist", 404),

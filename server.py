@@ -61,7 +61,7 @@ def build_app(config: Config) -> web.Application:
     ws.add_routes(app)
     sse.add_routes(app)
     storage.install(app, registry)  # --data-dir: saved sessions, their routes, retention
-    adapters.add_routes(app)  # files: OpenAI's /v1/audio/transcriptions, Deepgram's POST /v1/listen
+    adapters.add_routes(app)  # the vendors' APIs and the legacy dialects
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     if os.path.isfile(os.path.join(WEB_DIR, "index.html")):
@@ -96,11 +96,16 @@ def state(app: web.Application) -> str:
     return "storage_failing" if storage.health(app)["storage"] == "failing" else "ready"
 
 
+# Where sessions are opened, our protocol's and the vendors': a refusal there is a session refused.
+SESSION_PATHS = frozenset({"/v1/rtc", "/v1/ws", "/v1/realtime", "/v1/realtime/calls", "/v1/listen",
+                           "/v1/transcriptions", "/ws", "/ws/transcribe"})
+
+
 @web.middleware
 async def ready_gate(request: web.Request, handler):
     """Until the model is loaded, the API answers 503 (GET /health and /ready answer already)."""
-    if request.path.startswith("/v1/") and request.app[REGISTRY].worker is None:
-        if request.path in ("/v1/rtc", "/v1/ws"):
+    if auth.guarded(request.path) and request.app[REGISTRY].worker is None:
+        if request.path in SESSION_PATHS:
             metrics.refused("not_ready")
         raise ApiError(503, "not_ready", "the model is still loading; try again shortly",
                        {"Retry-After": "2"})

@@ -47,6 +47,10 @@ class SessionOptions:
     language: str | None
     partials: bool
     endpoint_ms: int
+    # Set by the vendors' APIs (adapters/), which take them from their own session settings.
+    prompt: str = ""  # Whisper's initial prompt
+    vad_threshold: float | None = None  # None: --vad-threshold
+    preroll_ms: int | None = None  # None: --preroll-ms
 
 
 def parse_options(raw: Mapping[str, Any], config: Config, languages: frozenset[str],
@@ -102,11 +106,13 @@ class Session:
 
     def __init__(self, registry: "SessionRegistry", transport: str, options: SessionOptions,
                  stream_factory: Callable[[Sink], SpeechStream], hold_events: bool,
-                 client: Client = Client()) -> None:
+                 client: Client = Client(), api: str = "livestt") -> None:
         self.id = new_session_id(registry.config.replica_id)
         self.transport = transport
+        self.api = api  # the protocol its client speaks: ours, or a vendor's (adapters/)
         self.client = client
         self.meter = metrics.SessionMeter(transport)
+        metrics.api_session(api)
         self.options = options
         self.started = time.monotonic()
         self.last_audio = self.started
@@ -161,6 +167,15 @@ class Session:
     def on_finish(self, finisher: Callable[[], Awaitable[None]]) -> None:
         """Awaited once the last final is out, before session.ended (storage: session.saved)."""
         self._finishers.append(finisher)
+
+    def configure(self, options: SessionOptions) -> None:
+        """New options for the audio that comes next: a vendor's client may change its session."""
+        self.options = options
+        self.stream.configure(*self._registry.stream_config(options))
+
+    def touch(self) -> None:
+        """A client's keep-alive: the idle clock starts again, as if audio had come."""
+        self.last_audio = time.monotonic()
 
     def add_audio_tap(self, tap: Callable[[np.ndarray], None]) -> None:
         """Gets every 16 kHz mono block that feed() takes (storage: --record-audio)."""
@@ -224,12 +239,12 @@ class Session:
         duration = time.monotonic() - self.started
         self.meter.ended(reason, duration)
         # The audit line: never the transcript's text.
-        log.info("session %s ended: transport=%s client=%s key=%s reason=%s duration=%.1fs "
-                 "audio=%.1fs utterances=%d", self.id, self.transport, self.client.address or "-",
+        log.info("session %s ended: transport=%s api=%s client=%s key=%s reason=%s duration=%.1fs "
+                 "audio=%.1fs utterances=%d", self.id, self.transport, self.api, self.client.address or "-",
                  self.client.key or "-", reason, duration, self.meter.samples / SAMPLE_RATE,
                  self.stream.utterances,
                  extra={"event": "session.ended", "session_id": self.id, "transport": self.transport,
-                        "client": self.client.address, "key": self.client.key, "reason": reason,
+                        "api": self.api, "client": self.client.address, "key": self.client.key, "reason": reason,
                         "duration_s": round(duration, 3),
                         "audio_s": round(self.meter.samples / SAMPLE_RATE, 3),
                         "utterances": self.stream.utterances})
@@ -366,20 +381,31 @@ class SessionRegistry:
                            f"this API key has {limit} session(s) open, its limit; try again later",
                            {"Retry-After": "5"})
 
-    def stream_factory(self, options: SessionOptions) -> Callable[[Sink], SpeechStream]:
-        """How a session with these options builds its speech pipeline around its event sink."""
-        # A session's own endpoint moves the unfinished-clause endpoint by as much.
+    def stream_config(self, options: SessionOptions) -> tuple[StreamOptions, SegmenterConfig]:
+        """What a session's options make of its speech pipeline's settings."""
         segmenter_config = replace(
             self._segmenter_config, endpoint_ms=options.endpoint_ms,
+            # A session's own endpoint moves the unfinished-clause endpoint by as much.
             unfinished_endpoint_ms=options.endpoint_ms
             + max(0, self.config.unfinished_endpoint_ms - self.config.endpoint_ms))
+        if options.vad_threshold is not None:
+            segmenter_config = replace(segmenter_config, threshold=options.vad_threshold,
+                                       neg_threshold=max(0.05, options.vad_threshold - 0.15))
+        if options.preroll_ms is not None:
+            segmenter_config = replace(segmenter_config, preroll_ms=options.preroll_ms)
         stream_options = StreamOptions(
             language=options.language, partials=options.partials,
             partial_interval_ms=self.config.partial_interval_ms,
             early_final_ms=self.config.early_final_ms,
             sentence_endpoint_ms=round(options.endpoint_ms * self.config.sentence_endpoint),
             context_chars=self.config.context_chars,
+            prompt=options.prompt,
         )
+        return stream_options, segmenter_config
+
+    def stream_factory(self, options: SessionOptions) -> Callable[[Sink], SpeechStream]:
+        """How a session with these options builds its speech pipeline around its event sink."""
+        stream_options, segmenter_config = self.stream_config(options)
 
         def stream(emit: Sink) -> SpeechStream:
             segmenter = Segmenter(SileroVAD(self.vad_model, self._vad_refresh_windows), segmenter_config)
@@ -388,16 +414,16 @@ class SessionRegistry:
         return stream
 
     def create(self, transport: str, options: SessionOptions, hold_events: bool = False,
-               client: Client = Client()) -> Session:
+               client: Client = Client(), api: str = "livestt") -> Session:
         self.check_capacity(client)
-        session = Session(self, transport, options, self.stream_factory(options), hold_events, client)
+        session = Session(self, transport, options, self.stream_factory(options), hold_events, client, api)
         self._sessions[session.id] = session
         for observe in self.observers:
             observe(session)
-        log.info("session %s started: transport=%s client=%s key=%s", session.id, transport,
+        log.info("session %s started: transport=%s api=%s client=%s key=%s", session.id, transport, api,
                  client.address or "-", client.key or "-",
                  extra={"event": "session.started", "session_id": session.id, "transport": transport,
-                        "client": client.address, "key": client.key})
+                        "api": api, "client": client.address, "key": client.key})
         return session
 
     def remove(self, session: Session) -> None:

@@ -1,26 +1,35 @@
-"""WebSocket transport: the same sessions and events for clients that cannot do WebRTC."""
+"""WebSocket transport: one socket bound to one session, whatever protocol the client speaks.
+
+SocketSession keeps the rules every WebSocket protocol shares: reading pauses while finals wait, the
+outbox is bounded and a client that does not read is cut off, every write has a timeout, a message too
+large ends the session after the finals of what came before, and the close frame follows the last event.
+Our own protocol (GET /v1/ws) is NativeSession here; the vendors' (adapters/) are its siblings.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
+import numpy as np
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
 
-from asr.audio import SAMPLE_RATE, Resampler, WebmDecoder
+from asr.audio import SAMPLE_RATE, SNIFF_BYTES, RawAudio, StreamDecoder, sniff
 from ops import auth
 from ops import metrics
 import protocol
 from errors import ApiError
-from protocol import ClientError
-from sessions import REGISTRY, Client, EventQueue, Session, SessionRegistry, write_or_drop
+from protocol import ClientError, Event
+from sessions import REGISTRY, Client, EventQueue, Session, SessionOptions, SessionRegistry, write_or_drop
 
 log = logging.getLogger(__name__)
 
-_MAX_PENDING_FINALS = 2  # past this, a sender faster than real time waits: the socket is not read
+MAX_PENDING_FINALS = 2  # past this, a sender faster than real time waits: the socket is not read
 _FEED_SLICE = SAMPLE_RATE // 2  # feed big messages in slices so the loop stays responsive
 _CLOSE_FLUSH_S = 5.0  # longest wait for a slow reader to take the last events
+_CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 
 
 def add_routes(app: web.Application) -> None:
@@ -28,27 +37,29 @@ def add_routes(app: web.Application) -> None:
 
 
 async def websocket_session(request: web.Request) -> web.StreamResponse:
-    registry = request.app[REGISTRY]
     query = dict(request.query)
     auth.session_options(request, query)  # a bad (or, for a token, another) option: no upgrade
+    return await serve(request, lambda ws: NativeSession(ws, request, query),
+                       protocols=auth.ws_protocols(request),  # echoes "livestt" when a browser sent a token
+                       max_msg_size=4 * protocol.MAX_AUDIO_BYTES)
+
+
+async def serve(request: web.Request, make: Callable[["Socket"], "SocketSession"], *,
+                protocols: tuple[str, ...], max_msg_size: int) -> web.WebSocketResponse:
+    """Upgrades the request and runs one SocketSession over the socket until it is done."""
+    registry = request.app[REGISTRY]
     if not registry.accepting:
         # Draining: 503 before the upgrade, which a load balancer can still send to another replica.
         registry.check_capacity(auth.client(request))
-    ws = _Socket(
-        protocols=auth.ws_protocols(request),  # echoes "livestt" when a browser sent a token with it
+    ws = Socket(
+        protocols=protocols,
         heartbeat=max(1.0, registry.config.idle_timeout_s / 3),  # pings; no pong closes the socket
-        max_msg_size=4 * protocol.MAX_AUDIO_BYTES,  # aiohttp stops reading a message past this; below, we answer
+        max_msg_size=max_msg_size,  # aiohttp stops reading a message past this; below, the protocol answers
         timeout=_CLOSE_FLUSH_S,  # for the client's answer to our close frame
     )
     await ws.prepare(request)
-    client = auth.client(request)
     try:
-        try:
-            registry.check_capacity(client)
-        except ApiError as e:
-            await ws.close(code=protocol.ERRORS[e.code].close, message=e.message.encode())
-            return ws
-        await WebSocketSession(ws, registry, query, request, client).run()
+        await make(ws).run()
     finally:
         ws.stop_heartbeat()
         # Whatever the client left unread by now it will never read; closing would wait for it for ever.
@@ -57,11 +68,11 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-class _Socket(web.WebSocketResponse):
+class Socket(web.WebSocketResponse):
     """aiohttp's socket, with two of its habits changed.
 
     - A message over max_msg_size: aiohttp would close with 1009 at once. The session ends first, as for
-      any message too large: an error event, the finals of what came before, session.ended, then the close.
+      any message too large: an error, the finals of what came before, the end, then the close.
     - Its heartbeat timer is re-armed when the client's close frame arrives after ours, and that timer
       holds the whole connection until it fires: once the socket is done, it is stopped for good.
     """
@@ -81,146 +92,187 @@ class _Socket(web.WebSocketResponse):
             cancel()
 
 
-class WebSocketSession:
-    """Reads one socket into a session; writes the session's events back in order."""
+def too_big(message: WSMessage) -> bool:
+    """The message aiohttp stopped reading past max_msg_size."""
+    return (message.type == WSMsgType.ERROR and isinstance(message.data, WebSocketError)
+            and message.data.code == WSCloseCode.MESSAGE_TOO_BIG)
 
-    def __init__(self, ws: web.WebSocketResponse, registry: SessionRegistry, query: dict[str, str],
-                 request: web.Request, client: Client):
+
+class SocketSession:
+    """Reads one socket into a session; writes the session's events back in order.
+
+    A protocol says how a message becomes audio or an action (`dispatch`), how each item of the outbox
+    becomes messages (`encode`: the session's events, and whatever the protocol put there itself, in
+    order), and how the socket closes (`close_frame`).
+    """
+
+    transport = "websocket"
+    api = "livestt"
+
+    def __init__(self, ws: Socket, request: web.Request) -> None:
         self.ws = ws
-        self.registry = registry
-        self.query = query
         self.request = request  # its credential decides the options a token allows
-        self.client = client
+        self.registry: SessionRegistry = request.app[REGISTRY]
+        self.client: Client = auth.client(request)
         self.session: Session | None = None
         self.outbox = EventQueue(on_overflow=self._not_reading)
-        self.rate = SAMPLE_RATE
-        self.resampler = Resampler()
-        self.decoder: WebmDecoder | None = None
+        self.raw: RawAudio | None = RawAudio()
+        self.decoder: StreamDecoder | None = None
+        self._sniffed: bytearray | None = None  # the stream's first bytes, while its container is unknown
+        self._fallback: RawAudio | None = None  # what the stream is if those bytes begin no container
         self._close_code = 1000
         self._decoder_error = False
         self._dropped = False  # the client stopped reading and its connection was cut
         self._writer: asyncio.Task | None = None
 
-    async def run(self) -> None:
-        try:
-            # Not receive(timeout=...): each pong the heartbeat brings would restart that timer.
-            first = await asyncio.wait_for(self.ws.receive(), self.registry.config.idle_timeout_s)
-        except asyncio.TimeoutError:
-            # Nothing was ever sent, so no session watches this socket: it must not stay open forever.
-            await self.ws.close(code=1000, message=b"idle_timeout")
-            return
-        if first.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-            return
-        try:
-            start = protocol.ws_start(first.data)
-            self._start(start or protocol.Start())
-        except ClientError as e:
-            await self._refuse(e)
-            return
-        if start is not None:
-            first = None
-        self._writer = asyncio.create_task(self._write())
-        try:
-            await self._read(first)
-        finally:
-            await self._writer
+    # What a protocol defines ---------------------------------------------------------------------
 
-    def _start(self, start: protocol.Start) -> None:
-        raw = {**self.query, **start.options}
-        try:
-            options = auth.session_options(self.request, raw)
-            self.registry.check_capacity(self.client)
-        except ApiError as e:
-            raise ClientError(e.code, e.message) from None
-        self.rate = start.sample_rate
-        self.session = session = self.registry.create("websocket", options, client=self.client)
-        if start.encoding == "webm":
-            self.decoder = WebmDecoder(session.feed, self._decoder_failed)
-        self.outbox.put(session.started_event())
+    async def run(self) -> None:
+        raise NotImplementedError
+
+    async def dispatch(self, message: WSMessage) -> bool:
+        """Acts on one text or binary message; True when the session is over and reading must stop."""
+        raise NotImplementedError
+
+    def opening(self, session: Session) -> list[Event]:
+        """What the client hears first, before any event of its session."""
+        return []
+
+    def encode(self, item: Event) -> list[str]:
+        """The messages an outbox item becomes."""
+        return [protocol.encode(item)]
+
+    async def too_large(self) -> None:
+        """A message over the socket's max_msg_size: it cannot be read, so the session ends."""
+        raise NotImplementedError
+
+    def bad_audio(self, message: str) -> None:
+        """Audio that cannot be decoded: the protocol's error. The session then ends (`error`)."""
+        raise NotImplementedError
+
+    def close_frame(self, reason: str) -> tuple[int, str]:
+        """The close code and reason that follow the session's end."""
+        return protocol.WS_CLOSE_ON_END.get(reason, self._close_code), reason
+
+    # The session ---------------------------------------------------------------------------------
+
+    def start(self, options: SessionOptions) -> Session:
+        """The session, within the limits (ApiError past them); its opening goes out before its events."""
+        self.session = session = self.registry.create(self.transport, options, client=self.client, api=self.api)
+        for item in self.opening(session):
+            self.outbox.put(item)
         session.add_sink(self.outbox.put)
         session.on_close(self._close)
+        self._writer = asyncio.create_task(self._write())
+        return session
 
-    async def _read(self, first: WSMessage | None) -> None:
-        """`first`: the message that started the session, when it was not a start message."""
+    async def read(self, first: WSMessage | None = None) -> None:
+        """Until the session is over; `first`: a message already received that is yet to be acted on."""
         assert self.session is not None
-        if first is not None and await self._dispatch(first):
-            return
-        while not self.session.ended:
-            await self.session.stream.wait_capacity(_MAX_PENDING_FINALS)
-            if await self._dispatch(await self.ws.receive()):
+        try:
+            if first is not None and await self._dispatch(first):
                 return
+            while not self.session.ended:
+                await self.session.stream.wait_capacity(MAX_PENDING_FINALS)
+                if await self._dispatch(await self.ws.receive()):
+                    return
+        finally:
+            if self._writer is not None:
+                await self._writer
 
     async def _dispatch(self, message: WSMessage) -> bool:
-        """Acts on one message; True when the session is over and reading must stop."""
-        if message.type == WSMsgType.ERROR and isinstance(message.data, WebSocketError) \
-                and message.data.code == WSCloseCode.MESSAGE_TOO_BIG:
-            return await self._client_error(protocol.too_large())
-        if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-            await self._end("not_reading" if self._dropped else "peer_closed")
+        if too_big(message):
+            await self.too_large()
+            return True
+        if message.type in _CLOSED:
+            await self.end("not_reading" if self._dropped else "peer_closed")
             return True
         if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
             return False
-        try:
-            received = protocol.ws_message(message.data)
-            if isinstance(received, protocol.Stop):
-                await self._end("stop")
-                return True
-            await self._audio(received.data)
-        except ClientError as e:
-            return await self._client_error(e)
-        return False
+        return await self.dispatch(message)
 
-    async def _client_error(self, e: ClientError) -> bool:
-        """Its error event; True when the session ends on it, as the code says (ClientError.close)."""
-        self._error(e)
-        if e.close is None:
-            return False
-        # The session itself ends: what was said before the refused message still gets its finals.
-        self._close_code = e.close
-        await self._end("error")
-        return True
-
-    async def _audio(self, data: bytes) -> None:
-        assert self.session is not None
-        if self.decoder is not None:
-            await self.decoder.write(data)
-            return
-        if len(data) % 2:
-            raise ClientError("odd_length", "16-bit PCM needs an even number of bytes; message dropped")
-        pcm = self.resampler.pcm16(data, self.rate)
-        for i in range(0, pcm.size, _FEED_SLICE):
-            self.session.feed(pcm[i : i + _FEED_SLICE])
-            await asyncio.sleep(0)
-
-    def _decoder_failed(self, message: str) -> None:
-        e = ClientError("bad_audio", message)
-        self._error(e)
-        self._close_code = e.close
-        self._decoder_error = True
-        self.session.end_soon("error")  # no decoder to drain: it has just stopped
-
-    async def _end(self, reason: str) -> None:
+    async def end(self, reason: str) -> None:
+        """Every byte received is transcribed first, unless the audio itself failed."""
         assert self.session is not None
         if self.decoder is not None and reason != "error":
-            await self.decoder.close()  # every byte received is transcribed before the end
+            await self.decoder.close()
             # The decoder may have failed meanwhile; its end_soon("error") may not have run yet.
             reason = "error" if self._decoder_error else reason
         await self.session.end(reason)
 
-    def _error(self, e: ClientError) -> None:
-        metrics.error("event", e.code)
-        self.outbox.put(protocol.error(e.code, e.message))
+    async def fail(self, close_code: int) -> None:
+        """The stream cannot go on: the finals of what came before, then the end and this close."""
+        self._close_code = close_code
+        await self.end("error")
+
+    def put(self, item: Event) -> None:
+        """A message of the protocol's own, in order with the session's events."""
+        self.outbox.put(item)
+
+    # Audio ---------------------------------------------------------------------------------------
+
+    def expect_container(self, fallback: RawAudio | None = None) -> None:
+        """The stream's container is told by its first bytes (WAV, Ogg, WebM, FLAC, MP3); with none of them,
+        the audio is `fallback`, or, with no fallback, cannot be decoded."""
+        self.raw, self._fallback = None, fallback
+        self._sniffed = bytearray()
+
+    def use_container(self, format: str) -> None:
+        assert self.session is not None
+        self.raw = None
+        self.decoder = StreamDecoder(self.session.feed, self._decoder_failed, format=format)
+
+    async def audio(self, data: bytes) -> None:
+        """Audio as the client sent it, cut anywhere, to the session in order."""
+        if self._sniffed is not None:
+            self._sniffed += data
+            if len(self._sniffed) < SNIFF_BYTES:
+                return
+            data, self._sniffed = bytes(self._sniffed), None
+            found = sniff(data)
+            if found is not None:
+                self.use_container(found)
+            elif self._fallback is not None:
+                self.raw = self._fallback
+            else:
+                self._decoder_failed("the audio is in no container the server knows (WAV, Ogg, WebM, FLAC, "
+                                     "MP3); raw audio needs its encoding and sample rate")
+                return
+        if self.decoder is not None:
+            if not self._decoder_error:
+                await self.decoder.write(data)
+        elif self.raw is not None:
+            await self.feed(self.raw.decode(data))
+
+    async def feed(self, pcm: np.ndarray) -> None:
+        """16 kHz audio to the session in slices, so the loop stays responsive and finals keep up."""
+        assert self.session is not None
+        for i in range(0, pcm.size, _FEED_SLICE):
+            self.session.feed(pcm[i : i + _FEED_SLICE])
+            await asyncio.sleep(0)
+            if i + _FEED_SLICE < pcm.size:
+                await self.session.stream.wait_capacity(MAX_PENDING_FINALS)
+
+    def _decoder_failed(self, message: str) -> None:
+        assert self.session is not None
+        self._decoder_error = True
+        self.bad_audio(message)
+        self.session.end_soon("error")  # no decoder to drain: it has just stopped
+
+    # Writing and closing -------------------------------------------------------------------------
 
     async def _write(self) -> None:
         while True:
-            event = await self.outbox.get()
+            item = await self.outbox.get()
             if not self.ws.closed and not self._dropped:
-                try:
-                    if not await write_or_drop(self.ws.send_str(protocol.encode(event)), self.request.transport):
-                        self._not_reading()
-                except ConnectionError:
-                    pass
-            if event["type"] == "session.ended":
+                for text in self.encode(item):
+                    try:
+                        if not await write_or_drop(self.ws.send_str(text), self.request.transport):
+                            self._not_reading()
+                            break
+                    except ConnectionError:
+                        break
+            if item["type"] == "session.ended":
                 return
 
     def _not_reading(self) -> None:
@@ -238,20 +290,100 @@ class WebSocketSession:
 
     async def _close(self) -> None:
         assert self.session is not None
-        code = protocol.WS_CLOSE_ON_END.get(self.session.reason or "", self._close_code)
-        # session.ended is the last event queued: the writer sends it, then the close frame goes.
-        try:
-            await asyncio.wait_for(asyncio.shield(self._writer), _CLOSE_FLUSH_S)
-        except asyncio.TimeoutError:
-            pass
-        if not await write_or_drop(self.ws.close(code=code, message=(self.session.reason or "").encode()),
-                                   self.request.transport):
+        code, reason = self.close_frame(self.session.reason or "")
+        # session.ended is the last item queued: the writer sends what precedes it, then the close goes.
+        if self._writer is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._writer), _CLOSE_FLUSH_S)
+            except asyncio.TimeoutError:
+                pass
+        if not await write_or_drop(self.ws.close(code=code, message=reason.encode()[:120]), self.request.transport):
             self._dropped = True
 
-    async def _refuse(self, e: ClientError) -> None:
-        """A start the server does not take: the error event, then the close, and no session."""
+    async def refuse(self, texts: list[str], code: int, reason: str) -> None:
+        """No session: these messages, then the close."""
+        for text in texts:
+            if self.ws.closed or not await write_or_drop(self.ws.send_str(text), self.request.transport):
+                return
+        await write_or_drop(self.ws.close(code=code, message=reason.encode()[:120]), self.request.transport)
+
+
+class NativeSession(SocketSession):
+    """GET /v1/ws: our own protocol (protocol.py), the same events as on the data channel."""
+
+    def __init__(self, ws: Socket, request: web.Request, query: dict[str, str]) -> None:
+        super().__init__(ws, request)
+        self.query = query
+
+    async def run(self) -> None:
+        try:
+            self.registry.check_capacity(self.client)
+        except ApiError as e:
+            await self.ws.close(code=protocol.ERRORS[e.code].close, message=e.message.encode())
+            return
+        try:
+            # Not receive(timeout=...): each pong the heartbeat brings would restart that timer.
+            first = await asyncio.wait_for(self.ws.receive(), self.registry.config.idle_timeout_s)
+        except asyncio.TimeoutError:
+            # Nothing was ever sent, so no session watches this socket: it must not stay open forever.
+            await self.ws.close(code=1000, message=b"idle_timeout")
+            return
+        if first.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            return
+        try:
+            start = protocol.ws_start(first.data)
+            self._start(start or protocol.Start())
+        except ClientError as e:
+            metrics.error("event", e.code)
+            await self.refuse([protocol.encode(protocol.error(e.code, e.message))], e.close, e.message)
+            return
+        await self.read(None if start is not None else first)
+
+    def _start(self, start: protocol.Start) -> None:
+        raw = {**self.query, **start.options}
+        try:
+            options = auth.session_options(self.request, raw)
+            self.registry.check_capacity(self.client)
+        except ApiError as e:
+            raise ClientError(e.code, e.message) from None
+        self.raw = RawAudio("pcm_s16le", start.sample_rate)
+        self.start(options)
+        if start.encoding == "webm":
+            self.use_container("matroska")
+
+    def opening(self, session: Session) -> list[Event]:
+        return [session.started_event()]
+
+    async def dispatch(self, message: WSMessage) -> bool:
+        try:
+            received = protocol.ws_message(message.data)
+            if isinstance(received, protocol.Stop):
+                await self.end("stop")
+                return True
+            if self.decoder is None and len(received.data) % 2:
+                raise ClientError("odd_length", "16-bit PCM needs an even number of bytes; message dropped")
+            await self.audio(received.data)
+        except ClientError as e:
+            return await self._client_error(e)
+        return False
+
+    async def _client_error(self, e: ClientError) -> bool:
+        """Its error event; True when the session ends on it, as the code says (ClientError.close)."""
+        self._error(e)
+        if e.close is None:
+            return False
+        # The session itself ends: what was said before the refused message still gets its finals.
+        await self.fail(e.close)
+        return True
+
+    async def too_large(self) -> None:
+        await self._client_error(protocol.too_large())
+
+    def bad_audio(self, message: str) -> None:
+        e = ClientError("bad_audio", message)
+        self._error(e)
+        self._close_code = e.close
+
+    def _error(self, e: ClientError) -> None:
         metrics.error("event", e.code)
-        if not self.ws.closed and await write_or_drop(
-                self.ws.send_str(protocol.encode(protocol.error(e.code, e.message))), self.request.transport):
-            await write_or_drop(self.ws.close(code=e.close, message=e.message.encode()[:120]),
-                                self.request.transport)
+        self.outbox.put(protocol.error(e.code, e.message))

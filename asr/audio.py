@@ -30,12 +30,79 @@ class Resampler:
 
     def pcm16(self, data: bytes, rate: int) -> np.ndarray:
         """Little-endian 16-bit mono PCM at `rate`."""
-        samples = np.frombuffer(data, dtype="<i2")
+        return self.samples(np.frombuffer(data, dtype="<i2"), rate)
+
+    def samples(self, samples: np.ndarray, rate: int) -> np.ndarray:
+        """16-bit mono samples at `rate`."""
         if rate == SAMPLE_RATE:
             return samples.astype(np.float32) / 32768.0
-        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples, "<i2").reshape(1, -1),
+                                           format="s16", layout="mono")
         frame.sample_rate = rate
         return self.frame(frame)
+
+
+def _ulaw() -> np.ndarray:
+    """ITU-T G.711 mu-law: each of the 256 codes as its 16-bit sample."""
+    u = ~np.arange(256, dtype=np.int32) & 0xFF
+    magnitude = (((u & 0x0F) << 3) + 0x84) << ((u >> 4) & 7)
+    return np.where(u & 0x80, 0x84 - magnitude, magnitude - 0x84).astype(np.int16)
+
+
+def _alaw() -> np.ndarray:
+    """ITU-T G.711 A-law: each of the 256 codes as its 16-bit sample."""
+    a = np.arange(256, dtype=np.int32) ^ 0x55
+    segment = (a >> 4) & 7
+    magnitude = ((a & 0x0F) << 4) + np.where(segment == 0, 8, 0x108)
+    magnitude = np.where(segment > 1, magnitude << np.maximum(segment - 1, 0), magnitude)
+    return np.where(a & 0x80, magnitude, -magnitude).astype(np.int16)
+
+
+G711 = {"mulaw": _ulaw(), "alaw": _alaw()}  # a table per encoding: decoding one is an index
+RAW_ENCODINGS = ("pcm_s16le", *G711)
+
+
+class RawAudio:
+    """Raw audio as a client cuts it, at any byte: 16-bit little-endian PCM or G.711 (8 bits a sample), at
+    any rate and channel count, to 16 kHz mono. A sample (or frame) cut in two waits for its other half."""
+
+    def __init__(self, encoding: str = "pcm_s16le", rate: int = SAMPLE_RATE, channels: int = 1) -> None:
+        if encoding not in RAW_ENCODINGS:
+            raise ValueError(f"encoding must be one of {', '.join(RAW_ENCODINGS)}")
+        self.encoding, self.rate, self.channels = encoding, rate, channels
+        self._width = 2 if encoding == "pcm_s16le" else 1
+        self._carry = b""
+        self._resampler = Resampler()
+
+    def decode(self, data: bytes) -> np.ndarray:
+        if self._carry:
+            data = self._carry + data
+        frame = self._width * self.channels
+        whole = len(data) // frame * frame
+        self._carry = data[whole:]
+        if self._width == 2:
+            samples = np.frombuffer(data, "<i2", whole // 2)
+        else:
+            samples = G711[self.encoding][np.frombuffer(data, np.uint8, whole)]
+        if self.channels > 1:
+            samples = samples.reshape(-1, self.channels).astype(np.int32).mean(axis=1).astype(np.int16)
+        return self._resampler.samples(samples, self.rate)
+
+
+# The first bytes of each container a client may stream, and the demuxer that reads it.
+_MAGIC = ((b"RIFF", 0, "wav"), (b"OggS", 0, "ogg"), (b"\x1a\x45\xdf\xa3", 0, "matroska"), (b"fLaC", 0, "flac"),
+          (b"ID3", 0, "mp3"))
+SNIFF_BYTES = 12
+
+
+def sniff(head: bytes) -> str | None:
+    """The container `head` (at least SNIFF_BYTES of a stream's start) begins, by its magic bytes."""
+    for magic, at, name in _MAGIC:
+        if head[at:at + len(magic)] == magic:
+            return "wav" if name == "wav" and head[8:12] != b"WAVE" else name
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:  # an MPEG audio frame's sync word
+        return "mp3"
+    return None
 
 
 class _Pipe(io.RawIOBase):
@@ -64,20 +131,22 @@ class _Pipe(io.RawIOBase):
         return n
 
 
-class WebmDecoder:
-    """Decodes the continuous WebM/Opus stream that MediaRecorder emits in chunks.
+class StreamDecoder:
+    """Decodes a container streamed in chunks: the WebM/Opus that MediaRecorder emits, or a file sent as
+    it is read (WAV, Ogg, FLAC, MP3), `format` naming libavformat's demuxer.
 
     libavformat's demuxer pulls bytes synchronously, so it runs on its own thread; decoded audio
     comes back to the loop through `on_audio`, and an exception (bad data) through `on_error`.
     """
 
     def __init__(self, on_audio: Callable[[np.ndarray], None], on_error: Callable[[str], None],
-                 max_chunks: int = 32) -> None:
+                 max_chunks: int = 32, format: str = "matroska") -> None:
         self._loop = asyncio.get_running_loop()
         self._on_audio, self._on_error = on_audio, on_error
+        self._format = format
         self._pipe = _Pipe(max_chunks)
         self._done = self._loop.create_future()
-        threading.Thread(target=self._run, name="webm-decode", daemon=True).start()
+        threading.Thread(target=self._run, name=f"{format}-decode", daemon=True).start()
 
     async def write(self, data: bytes) -> None:
         try:
@@ -94,12 +163,13 @@ class WebmDecoder:
         resampler = Resampler()
         error = None
         try:
-            with av.open(self._pipe, mode="r", format="matroska") as container:
+            with av.open(self._pipe, mode="r", format=self._format) as container:
                 for frame in container.decode(audio=0):
                     self._deliver(resampler.frame(frame))
             self._deliver(resampler.frame(None))
-        except Exception as e:  # corrupt or non-WebM input ends this stream, not the server
-            error = f"could not decode WebM/Opus: {e}"
+        except Exception as e:  # corrupt or other input ends this stream, not the server
+            name = "WebM/Opus" if self._format == "matroska" else self._format.upper()
+            error = f"could not decode {name}: {e}"
         finally:
             while self._pipe.chunks.qsize():  # unblock a writer waiting on a dead decoder
                 self._pipe.chunks.get_nowait()

@@ -47,6 +47,9 @@ class TranscriptFinalEvent(TypedDict):
     end: float
     language: str | None
     words: list[Word]
+    # Why the utterance ended: "endpoint" (its pause), "split" (the length limit, the speaker went on),
+    # "flush" (the client asked for its final at once) or "end" (of the session).
+    cause: str
 
 
 class ErrorEvent(TypedDict):
@@ -72,9 +75,9 @@ def word(text: str, start: float, end: float, probability: float) -> Word:
 
 
 def transcript_final(utterance: int, text: str, start: float, end: float, language: str | None,
-                     words: list[Word]) -> TranscriptFinalEvent:
+                     words: list[Word], cause: str = "endpoint") -> TranscriptFinalEvent:
     return {"type": "transcript.final", "utterance": utterance, "text": text, "start": start, "end": end,
-            "language": language, "words": words}
+            "language": language, "words": words, "cause": cause}
 
 
 def error(code: str, message: str) -> ErrorEvent:

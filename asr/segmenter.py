@@ -12,6 +12,10 @@ from .vad import WINDOW, SileroVAD
 
 _WINDOW_S = WINDOW / SAMPLE_RATE
 
+# Why an utterance ended: its endpoint silence, the length limit (split), the client asking for its final
+# now (flush), or the end of the stream. A transport may say so: Deepgram's speech_final and from_finalize.
+CAUSES = ("endpoint", "split", "flush", "end")
+
 
 @dataclass(frozen=True)
 class SegmenterConfig:
@@ -50,6 +54,7 @@ class SpeechEnded:
     audio: np.ndarray  # pre-roll + speech + tail
     audio_start: float  # timeline position of audio[0]
     continued: bool = False  # cut for length while the speaker went on, not ended by a pause
+    cause: str = "endpoint"  # one of CAUSES
 
 
 SegmentEvent = SpeechStarted | SpeechEnded
@@ -60,19 +65,11 @@ class Segmenter:
 
     def __init__(self, vad: SileroVAD, config: SegmenterConfig) -> None:
         self.vad = vad
-        self.config = config
-        self._preroll_windows = max(1, round(config.preroll_ms / 1000 / _WINDOW_S))
-        self._endpoint_windows = max(1, round(config.endpoint_ms / 1000 / _WINDOW_S))
-        self._unfinished_windows = max(self._endpoint_windows, round(config.unfinished_endpoint_ms / 1000 / _WINDOW_S))
+        self._recent: deque[np.ndarray] = deque()
+        self.configure(config)
         self.unfinished = False  # set by the stream for the pause in progress; cleared when speech resumes
-        self._min_speech_windows = max(1, round(config.min_speech_ms / 1000 / _WINDOW_S))
-        self._tail_windows = min(self._endpoint_windows, round(config.tail_ms / 1000 / _WINDOW_S))
-        self._split_pause_windows = max(1, round(config.split_pause_ms / 1000 / _WINDOW_S))
-        self._max_windows = int(config.max_utterance_s / _WINDOW_S)
-        self._max_hangover_windows = round(config.max_hangover_ms / 1000 / _WINDOW_S)
         self._unprocessed = np.zeros(0, dtype=np.float32)
         self._position = 0  # windows seen since the stream began
-        self._recent: deque[np.ndarray] = deque(maxlen=self._preroll_windows)
         self._utterance = 0
         self._windows: list[np.ndarray] = []  # current (candidate) utterance, pre-roll included
         self._probs: list[float] = []
@@ -84,6 +81,19 @@ class Segmenter:
         self._quiet = 0  # trailing windows quieter than quiet_db under it
         self._confirmed = False
         self._active = False
+
+    def configure(self, config: SegmenterConfig) -> None:
+        """New settings, from the next window on; the utterance in progress keeps what it has heard."""
+        self.config = config
+        self._preroll_windows = max(1, round(config.preroll_ms / 1000 / _WINDOW_S))
+        self._endpoint_windows = max(1, round(config.endpoint_ms / 1000 / _WINDOW_S))
+        self._unfinished_windows = max(self._endpoint_windows, round(config.unfinished_endpoint_ms / 1000 / _WINDOW_S))
+        self._min_speech_windows = max(1, round(config.min_speech_ms / 1000 / _WINDOW_S))
+        self._tail_windows = min(self._endpoint_windows, round(config.tail_ms / 1000 / _WINDOW_S))
+        self._split_pause_windows = max(1, round(config.split_pause_ms / 1000 / _WINDOW_S))
+        self._max_windows = int(config.max_utterance_s / _WINDOW_S)
+        self._max_hangover_windows = round(config.max_hangover_ms / 1000 / _WINDOW_S)
+        self._recent = deque(self._recent, maxlen=self._preroll_windows)
 
     @property
     def in_speech(self) -> bool:
@@ -149,16 +159,28 @@ class Segmenter:
             self._position += 1
         return events
 
-    def flush(self) -> list[SegmentEvent]:
-        """End of stream: whatever confirmed speech is in progress becomes an utterance."""
+    def flush(self, cause: str = "end") -> list[SegmentEvent]:
+        """Whatever confirmed speech is in progress becomes an utterance now: at the end of the stream, or
+        when a client asks for its final ("flush"). Segmenting goes on from the next audio."""
         events: list[SegmentEvent] = []
+        # Mid-stream, the samples short of a whole window stay for the next one: positions on the
+        # timeline are counted in windows, and must keep counting every sample the stream was fed.
+        terminal = cause == "end"
         if self._confirmed:
-            if self._unprocessed.size:
+            if terminal and self._unprocessed.size:
                 self._windows.append(self._unprocessed)
-            events.append(self._end(self._kept()))
-        self._unprocessed = np.zeros(0, dtype=np.float32)
+            events.append(self._end(self._kept(), cause=cause))
+        if terminal:
+            self._unprocessed = np.zeros(0, dtype=np.float32)
         self._reset()
         return events
+
+    def discard(self) -> None:
+        """Forgets the audio heard so far, the utterance in progress and its pre-roll among it; no event.
+        Its samples still count on the timeline (as silence)."""
+        self._unprocessed = np.zeros_like(self._unprocessed)
+        self._recent.clear()
+        self._reset()
 
     def _step(self, window: np.ndarray, prob: float, level: float, events: list[SegmentEvent]) -> None:
         c = self.config
@@ -221,7 +243,7 @@ class Segmenter:
         """Windows an ending utterance keeps: through the VAD's end of speech, and the tail after it."""
         return len(self._windows) - self._silence + min(self._tail_windows, self._silence)
 
-    def _end(self, keep: int, continued: bool = False) -> SpeechEnded:
+    def _end(self, keep: int, continued: bool = False, cause: str = "endpoint") -> SpeechEnded:
         return SpeechEnded(
             utterance=self._utterance,
             start=round(self._onset * _WINDOW_S, 3),
@@ -229,6 +251,7 @@ class Segmenter:
             audio=np.concatenate(self._windows[:keep]),
             audio_start=round(self._first * _WINDOW_S, 3),
             continued=continued,
+            cause="split" if continued else cause,
         )
 
     def _quietest_point(self) -> int:

@@ -14,7 +14,7 @@ from . import events
 from .audio import SAMPLE_RATE
 from .engine import Before, Transcript
 from .events import Event
-from .segmenter import Segmenter, SpeechEnded, SpeechStarted
+from .segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
 from .vad import VadBatch
 from .worker import DecodePool, Overloaded
 
@@ -34,6 +34,7 @@ class StreamOptions:
     # A pause this long ends the utterance when its early final already ends a sentence.
     sentence_endpoint_ms: int = 400
     context_chars: int = 200  # of the last finals, continued after one that stopped mid-clause; 0: never
+    prompt: str = ""  # Whisper's initial prompt: before every utterance, the names and style to expect
 
 
 @dataclass
@@ -65,6 +66,12 @@ class SpeechStream:
         self._said: deque[tuple[str, str, bool]] = deque()  # (language, text, cut for length) of the last finals
         self._key = id(self)  # this stream's slot in the pool's keyed queues
 
+    @property
+    def utterance(self) -> int:
+        """The number of the latest utterance begun (1, 2, 3...): once none is in progress, every utterance up
+        to it has ended, or was discarded."""
+        return self._segmenter.utterance
+
     async def wait_capacity(self, max_pending: int) -> None:
         """Until at most `max_pending` finals wait: a sender faster than real time pauses here."""
         while self._finals_pending > max_pending:
@@ -91,12 +98,41 @@ class SpeechStream:
 
     async def finish(self) -> None:
         """End of input: close the utterance in progress and wait until its final is sent."""
-        if self._vad_batch is not None and self._vad_batch.pending(self._segmenter.vad):
-            self._vad_batch.run()
-        for event in self._segmenter.flush():
+        self.flush("end")
+        await self.finals_sent()
+
+    def flush(self, cause: str = "flush") -> bool:
+        """Ends the utterance in progress now, whatever its pause: its speech.stopped comes at once, its
+        final once decoded. The stream goes on. True when there was one to end."""
+        self._decide_waiting_windows()
+        ended = self._segmenter.flush(cause)
+        for event in ended:
             self._on_segment(event)
+        return bool(ended)
+
+    async def finals_sent(self) -> None:
+        """Until every utterance ended so far has had its final emitted."""
         if self._last_final is not None:
             await asyncio.shield(self._last_final)
+
+    def discard(self) -> None:
+        """Forgets the audio fed so far that no utterance has taken: the utterance in progress ends with
+        neither speech.stopped nor a final, and no partial of it comes after. Finals of utterances
+        already ended still come."""
+        self._decide_waiting_windows()  # what came before is heard first: an endpoint in it stands
+        if self._partial_task is not None and not self._partial_task.done():
+            self._partial_task.cancel()
+        self._drop_early_final()
+        self._segmenter.discard()
+
+    def configure(self, options: StreamOptions, segmenter: SegmenterConfig) -> None:
+        """New options for the audio that comes next (a client changed its session)."""
+        self.options = options
+        self._segmenter.configure(segmenter)
+
+    def _decide_waiting_windows(self) -> None:
+        if self._vad_batch is not None and self._vad_batch.pending(self._segmenter.vad):
+            self._vad_batch.run()
 
     def close(self) -> None:
         if self._vad_batch is not None:
@@ -203,15 +239,16 @@ class SpeechStream:
         """What this stream said last. Its text is continued only where its last final stopped mid-clause
         (cut for length, or a pause after "including"): after a whole sentence, tiny.en tends to say a
         prompt again ("You can call me Abigail Klaflin."). Its language stands where detection is unsure."""
+        prompt = self.options.prompt.strip()
         if not self._said:
-            return Before()
+            return Before(prompt)
         language, text, continued = self._said[-1]
         prior = language if self.options.language is None else None
         if (not self.options.context_chars or not (continued or unfinished(text, language))
                 or (self.options.language or language) != language):
-            return Before(language=prior)
+            return Before(prompt, language=prior)
         text = " ".join(t for lang, t, _ in self._said if lang == language)[-self.options.context_chars:]
-        return Before(text, prior)
+        return Before(f"{prompt} {text}".strip(), prior)
 
     @property
     def _no_words_shown(self) -> bool:
@@ -294,8 +331,9 @@ def _common_prefix(a: list[str], b: list[str]) -> list[str]:
 
 def _final_event(event: SpeechEnded, result: Transcript | None, language: str | None) -> Event:
     if result is None:
-        return events.transcript_final(event.utterance, "", event.start, event.end, language, [])
+        return events.transcript_final(event.utterance, "", event.start, event.end, language, [], event.cause)
     offset = event.audio_start
     words = [events.word(w.word, round(offset + w.start, 3), round(offset + w.end, 3), w.probability)
              for w in result.words]
-    return events.transcript_final(event.utterance, result.text, event.start, event.end, result.language, words)
+    return events.transcript_final(event.utterance, result.text, event.start, event.end, result.language, words,
+                                   event.cause)

@@ -2,13 +2,15 @@
 client is (for the per-key limits and the audit log).
 
 Off by default: with no API key configured, every route is open, as the server binds 127.0.0.1.
-With keys, every route under /v1/ needs a credential:
+With keys, every route under /v1/ (and the legacy WebSocket routes of API_PATHS) needs a credential:
 
 - `Authorization: Bearer <API key>` on any /v1/ route (or `Token <API key>`, the scheme Deepgram's SDKs send);
 - a session token (POST /v1/tokens, signed with --token-secret) as `Authorization: Bearer <token>`,
   and, on GET routes (WebSocket, Server-Sent Events), where browsers cannot set headers, as
-  `?token=<token>` or as a `Sec-WebSocket-Protocol` value `bearer.<token>`. A token opens and watches
-  live sessions only (TOKEN_ROUTES); the rest of /v1/ needs the key itself.
+  `?token=<token>` or as a `Sec-WebSocket-Protocol` value: `bearer.<token>`, or the vendors' forms,
+  OpenAI's `openai-insecure-api-key.<token>` and Deepgram's pair `token`, `<token>`. A token opens and
+  watches live sessions only (TOKEN_ROUTES); the rest of /v1/ needs the key itself. A token minted by a
+  vendor's API (an OpenAI `ek_` client secret) works on that API's routes only (TOKEN_SCOPES).
 
 Browser origins are checked on every /v1/ route, WebSocket included: the server's own origin, and
 those of --allowed-origins. CORS headers go on every response to an allowed origin.
@@ -29,7 +31,7 @@ from aiohttp import hdrs, web
 
 from config import Config
 from errors import ApiError, client_json
-from sessions import REGISTRY, Client, Session, SessionOptions
+from sessions import REGISTRY, Client, Session, SessionOptions, SessionRegistry
 
 AUDIENCE = "livestt"  # a token of this server, not some other service's JWT signed with the same secret
 WS_PROTOCOL = "livestt"  # the subprotocol a browser offers beside bearer.<token>; echoed when offered
@@ -46,11 +48,28 @@ TOKEN_ROUTES = {
     ("POST", "/v1/listen"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model_id}"),
+    # The vendors' live APIs and the legacy WebSocket dialects (adapters/).
+    ("GET", "/v1/realtime"),
+    ("POST", "/v1/realtime"),
+    ("POST", "/v1/realtime/calls"),
+    ("POST", "/v1/realtime/calls/{call_id}/hangup"),
+    ("GET", "/v1/listen"),
+    ("GET", "/v1/transcriptions"),
+    ("GET", "/ws"),
+    ("GET", "/ws/transcribe"),
 }
+# A token minted for one API (its scope) is usable on that API's routes only.
+TOKEN_SCOPES = {
+    "openai-realtime": {("GET", "/v1/realtime"), ("POST", "/v1/realtime"), ("POST", "/v1/realtime/calls"),
+                        ("POST", "/v1/realtime/calls/{call_id}/hangup")},
+    "deepgram": {("GET", "/v1/listen"), ("POST", "/v1/listen")},
+}
+# Routes outside /v1/ that are guarded as /v1/ is: the legacy dialects, at the paths their pages use.
+API_PATHS = frozenset({"/ws", "/ws/transcribe"})
 _PREFIX = "/v1/"
 _TOKENS = "/v1/tokens"
 _ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
-_ALLOW_HEADERS = "Authorization, Content-Type"
+_ALLOW_HEADERS = "Authorization, Content-Type"  # and whatever else a preflight asks for (an SDK's own)
 _EXPOSE_HEADERS = "Location, Retry-After, WWW-Authenticate"
 _PREFLIGHT_MAX_AGE = "600"
 
@@ -63,6 +82,8 @@ class Grant:
     token: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)  # session options the token fixes
     max_session_s: float | None = None  # a token's own session length limit
+    scope: str = ""  # of TOKEN_SCOPES: the API it was minted for; "" for any of TOKEN_ROUTES
+    settings: Mapping[str, Any] = field(default_factory=dict)  # the vendor session a token starts (not fixes)
 
 
 OPEN = Grant()
@@ -152,9 +173,14 @@ class Access:
             raise ApiError(403, "key_required", "this route needs an API key; a session token "
                            "only opens and watches sessions",
                            {hdrs.WWW_AUTHENTICATE: 'Bearer realm="livestt", error="insufficient_scope"'})
+        if grant.scope and (request.method, name) not in TOKEN_SCOPES.get(grant.scope, ()):
+            raise ApiError(403, "token_not_allowed", f"this token was minted for the {grant.scope} API "
+                           "and works on its routes only",
+                           {hdrs.WWW_AUTHENTICATE: 'Bearer realm="livestt", error="insufficient_scope"'})
         return grant
 
     def verify(self, token: str) -> Grant:
+        token = token.removeprefix(CLIENT_SECRET_PREFIX)
         try:
             claims = jwt.decode(token, self._secret, algorithms=["HS256"], audience=AUDIENCE,
                                 options={"require": ["exp", "iat", "sub", "aud"]})
@@ -166,12 +192,16 @@ class Access:
             raise _unauthorized("invalid_token", "the key that minted this token is no longer valid")
         options = claims.get("options") or {}
         max_s = claims.get("max_session_s")
+        settings = claims.get("settings") or {}
         return Grant(key_id=str(claims["sub"]), token=True,
                      options=options if isinstance(options, dict) else {},
-                     max_session_s=float(max_s) if isinstance(max_s, (int, float)) else None)
+                     max_session_s=float(max_s) if isinstance(max_s, (int, float)) else None,
+                     scope=str(claims.get("scope") or ""),
+                     settings=settings if isinstance(settings, dict) else {})
 
     def mint(self, grant: Grant, ttl_s: float, options: Mapping[str, Any],
-             max_session_s: float | None) -> tuple[str, int]:
+             max_session_s: float | None, scope: str = "",
+             settings: Mapping[str, Any] | None = None) -> tuple[str, int]:
         now = time.time()
         expires = math.ceil(now + ttl_s)
         claims: dict[str, Any] = {"aud": AUDIENCE, "sub": grant.key_id or "open", "iat": int(now),
@@ -180,10 +210,18 @@ class Access:
             claims["options"] = dict(options)
         if max_session_s is not None:
             claims["max_session_s"] = max_session_s
+        if scope:
+            claims["scope"] = scope
+        if settings:
+            claims["settings"] = dict(settings)
         return jwt.encode(claims, self._secret, algorithm="HS256"), expires
 
 
 ACCESS = web.AppKey("access", Access)
+# OpenAI's client secrets start so, and its browser SDKs refuse any other; the token follows.
+CLIENT_SECRET_PREFIX = "ek_"
+OPENAI_KEY_PROTOCOL = "openai-insecure-api-key."  # OpenAI's browser form: the credential in a subprotocol
+_PAIR_SCHEMES = ("token", "bearer")  # Deepgram's browser form: the scheme, then the credential
 
 
 def _unauthorized(code: str, message: str) -> ApiError:
@@ -203,9 +241,14 @@ def _credential(request: web.Request) -> tuple[str | None, str]:
             raise _unauthorized("invalid_token", "use Authorization: Bearer <API key or token>")
         return value.strip(), "header"
     if request.method == "GET":
-        for protocol in _offered_protocols(request):
-            if protocol.startswith(TOKEN_PROTOCOL):
-                return protocol[len(TOKEN_PROTOCOL):], "protocol"
+        offered = _offered_protocols(request)
+        for protocol in offered:
+            for prefix in (TOKEN_PROTOCOL, OPENAI_KEY_PROTOCOL):
+                if protocol.startswith(prefix):
+                    return protocol[len(prefix):], "protocol"
+        for scheme, value in zip(offered, offered[1:]):
+            if scheme.lower() in _PAIR_SCHEMES:
+                return value, "protocol"
         if "token" in request.query:
             return request.query["token"], "query"
     return None, ""
@@ -216,15 +259,20 @@ def _offered_protocols(request: web.Request) -> list[str]:
             for p in value.split(",") if p.strip()]
 
 
-def ws_protocols(request: web.Request) -> tuple[str, ...]:
+def ws_protocols(request: web.Request, named: str = WS_PROTOCOL) -> tuple[str, ...]:
     """The subprotocols the WebSocket may answer with (RFC 6455: one the client offered).
 
-    A browser offers ["livestt", "bearer.<token>"] and gets "livestt" back. A client that offered
-    only its token protocol gets that back: a browser fails a handshake that echoes none.
+    A browser offers ["livestt", "bearer.<token>"] and gets "livestt" back; OpenAI's offers ["realtime",
+    "openai-insecure-api-key.<token>"] and gets `named` "realtime" back; Deepgram's offers ["token",
+    "<token>"] and gets "token" back. A client that offered only its token protocol gets that back: a
+    browser fails a handshake that echoes none.
     """
     offered = _offered_protocols(request)
-    if WS_PROTOCOL in offered:
-        return (WS_PROTOCOL,)
+    if named in offered:
+        return (named,)
+    pair = [p for p in offered[:-1] if p.lower() in _PAIR_SCHEMES]
+    if pair:
+        return (pair[0],)
     return tuple(p for p in offered if p.startswith(TOKEN_PROTOCOL))[:1]
 
 
@@ -254,8 +302,12 @@ def client_address(request: web.Request, trusted_proxies: int) -> str:
 
 def session_options(request: web.Request, raw: Mapping[str, Any]) -> SessionOptions:
     """The session's options; a token's options are fixed: asking for another value is a 403."""
-    registry = request.app[REGISTRY]
-    bound = grant(request).options
+    return options_within(request.app[REGISTRY], grant(request), raw)
+
+
+def options_within(registry: SessionRegistry, grant: Grant, raw: Mapping[str, Any]) -> SessionOptions:
+    """session_options for a grant already read (a session whose options change after its request)."""
+    bound = grant.options
     if not bound:
         return registry.options(raw)
     asked, fixed = registry.options(raw), registry.options(bound)
@@ -280,7 +332,7 @@ async def guard(request: web.Request, handler):
     access = request.app[ACCESS]
     if request.method == "OPTIONS" and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers:
         return _preflight(request, access)
-    if not request.path.startswith(_PREFIX):
+    if not guarded(request.path):
         return await handler(request)
     if not access.origin_allowed(request):
         raise ApiError(403, "forbidden_origin",
@@ -292,13 +344,20 @@ async def guard(request: web.Request, handler):
     return await handler(request)
 
 
+def guarded(path: str) -> bool:
+    """The API's routes: /v1/, and the legacy dialects' paths outside it."""
+    return path.startswith(_PREFIX) or path in API_PATHS
+
+
 def _preflight(request: web.Request, access: Access) -> web.Response:
     if not access.origin_allowed(request):
         raise ApiError(403, "forbidden_origin",
                        f"origin {request.headers.get(hdrs.ORIGIN)!r} is not allowed (--allowed-origins)")
+    # The vendors' browser SDKs add headers of their own (X-Stainless-*, OpenAI-Beta): what is asked is allowed.
+    asked = request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, "")
     return web.Response(status=204, headers={
         hdrs.ACCESS_CONTROL_ALLOW_METHODS: _ALLOW_METHODS,
-        hdrs.ACCESS_CONTROL_ALLOW_HEADERS: _ALLOW_HEADERS,
+        hdrs.ACCESS_CONTROL_ALLOW_HEADERS: ", ".join(filter(None, [_ALLOW_HEADERS, asked])),
         hdrs.ACCESS_CONTROL_MAX_AGE: _PREFLIGHT_MAX_AGE,
     })
 

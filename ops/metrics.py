@@ -24,6 +24,8 @@ prometheus_client.disable_created_metrics()  # no *_created series: counters sta
 
 SESSIONS_ACTIVE = Gauge("stt_sessions_active", "Sessions open now", ["transport"])
 SESSIONS = Counter("stt_sessions", "Sessions opened", ["transport"])
+API_SESSIONS = Counter("stt_api_sessions", "Sessions opened, by the API their client speaks (livestt, or a "
+                       "vendor's: openai-realtime, deepgram, ...)", ["api"])
 SESSIONS_ENDED = Counter("stt_sessions_ended", "Sessions ended, by reason", ["transport", "reason"])
 SESSIONS_REFUSED = Counter("stt_sessions_refused", "Sessions refused for capacity, by code "
                            "(session_limit, key_session_limit, shutting_down, not_ready)", ["code"])
@@ -129,6 +131,10 @@ def file_done(route: str, outcome: str, audio_s: float = 0.0, seconds: float | N
         FILE_AUDIO_SECONDS.inc(audio_s)
         if seconds is not None:
             FILE_SECONDS.observe(seconds)
+
+
+def api_session(api: str) -> None:
+    API_SESSIONS.labels(api).inc()
 
 
 def refused(code: str) -> None:

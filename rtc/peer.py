@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any
+import time
+from typing import Any, Callable, Protocol
+
+import numpy as np
 
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCRtpReceiver
 from aiortc.codecs import get_decoder
@@ -16,7 +19,8 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from ops import metrics
 import protocol
-from asr.audio import Resampler
+from asr.audio import SAMPLE_RATE, Resampler
+from protocol import Event
 from sessions import Session
 
 from .opus import opus_decoder
@@ -25,6 +29,14 @@ log = logging.getLogger(__name__)
 
 _FLUSH_TIMEOUT_S = 2.0
 _MAX_UNSENT = 1 << 20  # bytes of events the peer may leave unacknowledged before its session ends
+# A peer that sends no audio for this long sends silence: its file has ended (aiortc's MediaPlayer goes
+# quiet and sends no BYE), or it sends nothing while nobody speaks (Opus DTX). The time is heard as
+# silence, so an utterance in progress ends at its endpoint as if the speaker had paused...
+_GAP_S = 0.25
+_GAP_CHECK_S = 0.1
+# ... up to this much beyond the endpoint: past it, a peer that still sends nothing is left to the
+# idle timeout.
+_GAP_FILL_BEYOND_S = 1.5
 
 
 def rtc_configuration(ice_servers: list[dict[str, Any]]) -> RTCConfiguration:
@@ -102,16 +114,60 @@ def decode_on_loop(receiver: RTCRtpReceiver) -> bool:
     return True
 
 
+class ChannelProtocol(Protocol):
+    """What the data channel speaks: our protocol (NativeChannel), or a vendor's (adapters/)."""
+
+    def opening(self) -> list[str]:
+        """What the client hears first, once its channel opens."""
+
+    def encode(self, item: Event) -> list[str]:
+        """The messages one of the session's events (or an item the protocol posted) becomes."""
+
+    def receive(self, message: str | bytes) -> None:
+        """A message from the client."""
+
+
+Post = Callable[[Event], None]  # an item to encode and send, in order with the session's events
+
+
+class NativeChannel:
+    """Our protocol: every event as it is, and the client's stop."""
+
+    def __init__(self, session: Session, post: Post) -> None:
+        self.session, self.post = session, post
+
+    def opening(self) -> list[str]:
+        return [protocol.encode(self.session.started_event())]
+
+    def encode(self, item: Event) -> list[str]:
+        return [protocol.encode(item)]
+
+    def receive(self, message: str | bytes) -> None:
+        try:
+            protocol.channel_message(message)  # Stop, the one message a data channel carries
+        except protocol.ClientError as e:
+            metrics.error("event", e.code)
+            self.post(protocol.error(e.code, e.message))
+            return
+        self.session.end_soon("stop")
+
+
 class PeerSession:
     """Binds a session to its RTCPeerConnection; the session's lifecycle rules."""
 
-    def __init__(self, session: Session, ice_servers: list[dict[str, Any]], ice_timeout_s: float):
+    def __init__(self, session: Session, ice_servers: list[dict[str, Any]], ice_timeout_s: float,
+                 speaks: Callable[[Session, Post], ChannelProtocol] = NativeChannel):
         self.session = session
         self.pc = RTCPeerConnection(rtc_configuration(ice_servers))
         self.channel: RTCDataChannel | None = None
+        self._speaks = speaks
+        self.protocol: ChannelProtocol | None = None
         self._track: MediaStreamTrack | None = None  # the one audio track transcribed
         self._deaf = False  # the peer stopped acknowledging events
         self._reader: asyncio.Task | None = None
+        self._gaps: asyncio.Task | None = None
+        self._heard = 0.0  # when the last frame came (monotonic); 0: none yet
+        self._filled = 0.0  # seconds of silence fed since then
         self._ice_timer = asyncio.create_task(self._ice_deadline(ice_timeout_s))
         session.on_close(self.close)
         self.pc.on("datachannel", self._on_datachannel)
@@ -138,9 +194,11 @@ class PeerSession:
         if self.channel is not None:
             return  # the first channel the client opens carries the events
         self.channel = channel
-        channel.on("message", self._on_message)
+        self.protocol = self._speaks(self.session, self._send)
+        channel.on("message", self.protocol.receive)
         channel.on("close", lambda: self.session.end_soon("peer_closed"))
-        self._send(self.session.started_event())
+        for text in self.protocol.opening():
+            self._send_text(text)
         self.session.add_sink(self._send, replay=True)
 
     def _on_track(self, track: MediaStreamTrack) -> None:
@@ -152,6 +210,7 @@ class PeerSession:
                     release_audio_promptly(transceiver.receiver)
                     decode_on_loop(transceiver.receiver)
             self._reader = asyncio.create_task(self._read(track))
+            self._gaps = asyncio.create_task(self._fill_gaps())
 
     async def _on_state(self) -> None:
         state = self.pc.connectionState
@@ -170,21 +229,31 @@ class PeerSession:
         try:
             while True:
                 frame = await track.recv()  # promptly: aiortc queues unread frames without bound
+                self._heard, self._filled = time.monotonic(), 0.0
                 self.session.feed(resampler.frame(frame))
         except MediaStreamError:
             self.session.feed(resampler.frame(None))
             self.session.end_soon("peer_closed")
 
-    def _on_message(self, message: str | bytes) -> None:
-        try:
-            protocol.channel_message(message)  # Stop, the one message a data channel carries
-        except protocol.ClientError as e:
-            metrics.error("event", e.code)
-            self._send(protocol.error(e.code, e.message))
-            return
-        self.session.end_soon("stop")
+    async def _fill_gaps(self) -> None:
+        """The time a peer sends nothing, as silence (_GAP_S)."""
+        while True:
+            await asyncio.sleep(_GAP_CHECK_S)
+            if not self._heard:
+                continue
+            limit = self.session.options.endpoint_ms / 1000 + _GAP_FILL_BEYOND_S
+            silent = min(time.monotonic() - self._heard, limit)
+            if silent >= _GAP_S and silent - self._filled >= _GAP_CHECK_S / 2:
+                self.session.feed(np.zeros(int((silent - self._filled) * SAMPLE_RATE), np.float32))
+                self._filled = silent
 
-    def _send(self, event: protocol.Event) -> None:
+    def _send(self, event: Event) -> None:
+        if self.protocol is None:
+            return
+        for text in self.protocol.encode(event):
+            self._send_text(text)
+
+    def _send_text(self, text: str) -> None:
         if self.channel is None or self.channel.readyState != "open":
             return
         if self.channel.bufferedAmount > _MAX_UNSENT:
@@ -194,13 +263,14 @@ class PeerSession:
                 log.info("session %s: the peer takes no events; ending it", self.session.id)
                 self.session.end_soon("not_reading")
             return
-        self.channel.send(protocol.encode(event))
+        self.channel.send(text)
 
     async def close(self) -> None:
         self._ice_timer.cancel()
         await self._flush()
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (self._reader, self._gaps):
+            if task is not None:
+                task.cancel()
         await self.pc.close()
 
     async def _flush(self) -> None:

@@ -7,12 +7,14 @@ import logging
 from aiohttp import web
 from aiortc.sdp import SessionDescription
 
+from typing import Callable
+
 from ops import auth
 import protocol
 from errors import ApiError
-from sessions import REGISTRY
+from sessions import REGISTRY, Session, SessionOptions
 
-from .peer import PeerSession
+from .peer import ChannelProtocol, NativeChannel, PeerSession, Post
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ async def post_offer(request: web.Request) -> web.Response:
     if content_type not in ("application/sdp", "application/json"):
         raise ApiError(415, "unsupported_media_type",
                        "send the offer as application/sdp, or application/json {type, sdp}")
-    body = await _read_limited(request, config.max_offer_bytes)
+    body = await read_body(request, config.max_offer_bytes)
     raw_options = dict(request.query)
     if content_type == "application/json":
         try:
@@ -42,23 +44,33 @@ async def post_offer(request: web.Request) -> web.Response:
         except UnicodeDecodeError:
             raise ApiError(400, "bad_sdp", "the offer is not UTF-8 text") from None
     options = auth.session_options(request, raw_options)
+    session, answer = await open_peer(request, sdp, options)
+    location = f"/v1/rtc/{session.id}"
+    if content_type == "application/sdp":
+        return web.Response(status=201, text=answer, content_type="application/sdp",
+                            headers={"Location": location})
+    return web.json_response(protocol.rtc_answer(answer, session.id), status=201, headers={"Location": location})
+
+
+async def open_peer(request: web.Request, sdp: str, options: SessionOptions,
+                    speaks: Callable[[Session, Post], ChannelProtocol] = NativeChannel,
+                    api: str = "livestt") -> tuple[Session, str]:
+    """A WebRTC session for this offer, within the limits: the session and the complete SDP answer.
+    `speaks`: the protocol of its data channel."""
+    registry = request.app[REGISTRY]
+    config = registry.config
     _check_offer(sdp)
     client = auth.client(request)
     registry.check_capacity(client)
-
-    session = registry.create("webrtc", options, hold_events=True, client=client)
-    peer = PeerSession(session, config.ice_servers, config.ice_timeout_s)
+    session = registry.create("webrtc", options, hold_events=True, client=client, api=api)
+    peer = PeerSession(session, config.ice_servers, config.ice_timeout_s, speaks)
     try:
         answer = await peer.answer(sdp)
     except Exception as e:
         log.info("rejected offer: %s", e)
         await session.end("bad_offer")
         raise ApiError(400, "bad_sdp", f"the offer could not be negotiated: {e}") from None
-    location = f"/v1/rtc/{session.id}"
-    if content_type == "application/sdp":
-        return web.Response(status=201, text=answer, content_type="application/sdp",
-                            headers={"Location": location})
-    return web.json_response(protocol.rtc_answer(answer, session.id), status=201, headers={"Location": location})
+    return session, answer
 
 
 async def delete_session(request: web.Request) -> web.Response:
@@ -70,7 +82,7 @@ async def delete_session(request: web.Request) -> web.Response:
     return web.json_response({"session_id": session.id, "reason": session.reason})
 
 
-async def _read_limited(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "too_large", f"the offer is larger than {limit} bytes")
     # read(n) returns what has arrived so far, not n bytes: a chunked body comes in pieces.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -148,6 +149,19 @@ def pcm16(audio: np.ndarray, rate: int = 16000) -> bytes:
     frame.sample_rate = 16000
     frames = resampler.resample(frame) + resampler.resample(None)
     return b"".join(f.to_ndarray().astype("<i2").tobytes() for f in frames)
+
+
+def webm_opus(audio: np.ndarray) -> bytes:
+    """What a browser's MediaRecorder makes of `audio`: Opus at 48 kHz in a live (unseekable) WebM."""
+    out = io.BytesIO()
+    with av.open(out, "w", format="webm", options={"live": "1"}) as container:
+        stream = container.add_stream("libopus", rate=48000, layout="mono")
+        samples = np.frombuffer(pcm16(audio, 48000), "<i2").reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = 48000
+        container.mux(stream.encode(frame))  # the encoder cuts it into 20 ms Opus frames
+        container.mux(stream.encode(None))
+    return out.getvalue()
 
 
 def split_by_duration(recordings: list[Recording], parts: int) -> list[list[Recording]]:

@@ -774,3 +774,118 @@ def test_a_stream_keeps_its_language_where_a_short_piece_is_unsure(vad_model):
     assert set(kept) == {"de"}, kept
     english = data_recording("arctic-aew-a0003").audio
     assert engine.transcribe(english, None, final=False, before=Before(language="de")).language == "en"
+
+
+async def _fed(stream: SpeechStream, audio: np.ndarray) -> None:
+    """`audio` in 20 ms packets, the loop turning between them as it does for a live client."""
+    for i in range(0, audio.size, 320):
+        stream.feed(audio[i : i + 320])
+        await asyncio.sleep(0)
+
+
+async def test_flush_ends_the_utterance_in_progress_and_the_stream_goes_on(engine, vad_model):
+    """Deepgram's Finalize and OpenAI's commit: the final of what was said so far comes now, with its cause,
+    and what follows is segmented as before, on the same timeline."""
+    pool = DecodePool(engine, max_finals=4)
+    pool.start()
+    events: list[dict] = []
+    stream = SpeechStream(pool, Segmenter(SileroVAD(vad_model), SegmenterConfig()),
+                          StreamOptions(language="en", partials=False), events.append)
+    first, second = recording("jfk-inaugural-ask-not"), recording("ls-61-70968-0000")
+    cut = int(first.audio.size * 0.6)
+    lead = np.zeros(8000, np.float32)
+    try:
+        await _fed(stream, np.concatenate([lead, first.audio[:cut]]))
+        assert stream.flush()
+        assert [e["type"] for e in events][-1] == "speech.stopped"  # at once, not after a pause
+        assert not stream.flush()  # nothing in progress any more
+        await stream.finals_sent()
+        flushed = events[-1]
+        assert flushed["type"] == "transcript.final" and flushed["cause"] == "flush"
+        assert word_errors(first.text, flushed["text"])[0] < len(first.text.split())  # words, not nothing
+        gap = np.zeros(16000, np.float32)
+        await _fed(stream, np.concatenate([gap, second.audio, gap, first.audio[:cut]]))
+        await stream.finish()
+    finally:
+        await pool.close()
+    finals = [e for e in events if e["type"] == "transcript.final"]
+    assert finals[-1]["cause"] == "end"
+    # Every sample fed counts on the timeline, the flush's odd window too.
+    onset = (lead.size + cut + gap.size) / 16000
+    after = next(f for f in finals if f["start"] > flushed["end"])
+    assert abs(after["start"] - onset) < 0.5 and after["cause"] == "endpoint", (after, onset)
+    assert wer([(second.text, after["text"])]) <= 0.2
+
+
+async def test_discard_forgets_the_utterance_in_progress_but_not_the_timeline(engine, vad_model):
+    """OpenAI's input_audio_buffer.clear: what was said is never transcribed; what follows is, at its time."""
+    pool = DecodePool(engine, max_finals=4)
+    pool.start()
+    events: list[dict] = []
+    stream = SpeechStream(pool, Segmenter(SileroVAD(vad_model), SegmenterConfig()),
+                          StreamOptions(language="en", partials=False), events.append)
+    dropped, kept = recording("ls-61-70968-0002"), recording("ls-61-70968-0000")
+    gap = np.zeros(16000, np.float32)
+    try:
+        await _fed(stream, dropped.audio[: dropped.audio.size // 2])
+        assert stream._segmenter.in_speech
+        stream.discard()
+        await _fed(stream, np.concatenate([gap, kept.audio, gap]))
+        await stream.finish()
+    finally:
+        await pool.close()
+    finals = [e for e in events if e["type"] == "transcript.final"]
+    assert len(finals) == 1 and finals[0]["cause"] == "endpoint", finals
+    assert wer([(kept.text, finals[0]["text"])]) <= 0.2
+    onset = (dropped.audio.size // 2 + gap.size) / 16000
+    assert abs(finals[0]["start"] - onset) < 0.5, (finals[0]["start"], onset)
+
+
+async def test_configure_changes_the_endpoint_for_what_comes_next(engine, vad_model):
+    """A session changed mid-stream (OpenAI's session.update): a pause that did not end an utterance does."""
+    pool = DecodePool(engine, max_finals=4)
+    pool.start()
+    events: list[dict] = []
+    long_endpoint = SegmenterConfig(endpoint_ms=3000, unfinished_endpoint_ms=3000)
+    options = StreamOptions(language="en", partials=False, early_final_ms=0)
+    stream = SpeechStream(pool, Segmenter(SileroVAD(vad_model), long_endpoint), options, events.append)
+    rec = recording("ls-61-70968-0000")
+    pause = np.zeros(int(1.5 * 16000), np.float32)
+    try:
+        await _fed(stream, np.concatenate([rec.audio, pause]))
+        assert not [e for e in events if e["type"] == "speech.stopped"]
+        stream.configure(options, SegmenterConfig(endpoint_ms=500))
+        await _fed(stream, np.zeros(1024, np.float32))
+        # The pause already heard is longer than the new endpoint: the utterance ends at the next window.
+        assert len([e for e in events if e["type"] == "speech.stopped"]) == 1
+        await _fed(stream, np.concatenate([rec.audio, pause]))
+        assert len([e for e in events if e["type"] == "speech.stopped"]) == 2
+        await stream.finish()
+    finally:
+        await pool.close()
+
+
+def test_raw_audio_takes_g711_and_pcm_cut_anywhere():
+    """Vendors' clients send G.711 (8 bits a sample) or PCM at any rate and channel count, and cut their
+    messages at any byte: the audio comes out as if it had come whole."""
+    import warnings
+
+    from asr.audio import G711, RawAudio, sniff
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop  # the reference, while Python still has it
+    codes = bytes(range(256))
+    for name, expand in (("mulaw", audioop.ulaw2lin), ("alaw", audioop.alaw2lin)):
+        assert (np.frombuffer(expand(codes, 2), "<i2") == G711[name]).all(), name
+    speech = (recording("jfk-inaugural-ask-not").audio[:16000] * 32767).astype("<i2")
+    stereo = np.repeat(speech, 2).tobytes()
+    whole = RawAudio("pcm_s16le", 16000, channels=2).decode(stereo)
+    cut = RawAudio("pcm_s16le", 16000, channels=2)
+    pieces = [cut.decode(stereo[i : i + 999]) for i in range(0, len(stereo), 999)]  # 999: mid-sample, mid-frame
+    assert np.array_equal(np.concatenate(pieces), whole)
+    assert np.allclose(whole, speech / 32768.0, atol=1e-4)
+    assert 1500 < RawAudio("mulaw", 8000).decode(b"\xff" * 800).size <= 1600  # 100 ms at 16 kHz, less the filter delay
+    assert [sniff(h) for h in (b"RIFF\0\0\0\0WAVEfmt ", b"OggS\0\2" + bytes(6), b"\x1a\x45\xdf\xa3" + bytes(8),
+                               b"fLaC" + bytes(8), b"ID3\4" + bytes(8), b"\xff\xfb\x90\x00" + bytes(8),
+                               bytes(12))] == ["wav", "ogg", "matroska", "flac", "mp3", "mp3", None]

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import aiohttp
-import av
 import numpy as np
 import pytest
 import pytest_asyncio
 
 from client import (AudioForm, RTCClient, ServerProcess, SpeechTrack, WSClient, audio_message, check_protocol,
                     check_transcript, health, wait_sessions)
-from speech import GAP_S, Recording, load_devset, pcm16, recording, split_by_duration, wer, with_pauses
+from speech import GAP_S, Recording, load_devset, pcm16, recording, split_by_duration, webm_opus, wer, with_pauses
 
 # One event loop for the module: the streaming session outlives each test that runs beside it.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -30,19 +28,6 @@ MAX_MESSAGE = 1 << 20  # protocol.MAX_AUDIO_BYTES
 
 def lead(audio: np.ndarray) -> np.ndarray:
     return np.concatenate([np.zeros(int(LEAD_S * RATE), np.float32), audio])
-
-
-def webm_opus(audio: np.ndarray) -> bytes:
-    """What a browser's MediaRecorder makes of `audio`: Opus at 48 kHz in a live (unseekable) WebM."""
-    out = io.BytesIO()
-    with av.open(out, "w", format="webm", options={"live": "1"}) as container:
-        stream = container.add_stream("libopus", rate=48000, layout="mono")
-        samples = np.frombuffer(pcm16(audio, 48000), "<i2").reshape(1, -1)
-        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
-        frame.sample_rate = 48000
-        container.mux(stream.encode(frame))  # the encoder cuts it into 20 ms Opus frames
-        container.mux(stream.encode(None))
-    return out.getvalue()
 
 
 def by_recording(finals: list[dict[str, Any]], recordings: list[Recording]) -> list[str]:
