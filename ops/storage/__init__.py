@@ -21,7 +21,9 @@ The modules, one job each:
 - `record`: one live session's folder (its finals, audio and closing files) and the Ogg/Opus recorder.
 - `health`: whether writes work: the failure counter, the probe, /ready's `storage` state.
 - `recovery`: completing sessions a crash left open, and the retention sweep.
-- `catalog`: stored sessions read back, found by listing and shown only to the key that opened them.
+- `shelf`: where stored sessions are kept, behind the questions the catalog and retention ask.
+- `catalog`: stored sessions read back, found by listing the shelves and shown only to the key that
+  opened them.
 - `store`: `Storage`, which ties these together for one data folder.
 - `routes`: the HTTP routes under /v1/sessions.
 """
@@ -69,4 +71,4 @@ def install(app: web.Application, registry: "SessionRegistry") -> None:
 def health(app: web.Application) -> dict[str, str]:
     """For GET /health and /ready: `storage` is ok, failing (and `storage_error` says why) or off."""
     storage = app.get(STORAGE)
-    return storage.health.state() if storage is not None else {"storage": "off"}
+    return storage.state() if storage is not None else {"storage": "off"}

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ops.storage import recovery
-from ops.storage.catalog import Catalog, unknown, visible
+from ops.storage.catalog import Catalog, Found, unknown, visible
 from ops.storage.files import session_folders, why
 from ops.storage.health import StorageHealth
 from ops.storage.record import SessionRecord, log_failure, storage_failed_event
+from ops.storage.shelf import FolderShelf, Shelf
 from ops.storage.writer import Writer, call_soon
 
 if TYPE_CHECKING:
@@ -32,7 +33,9 @@ class Storage:
         self.retention_days = retention_days
         self.writer = Writer()
         self.health = StorageHealth(self.root, self.writer)
-        self.catalog = Catalog(self.root)
+        self.local = FolderShelf(self.root)
+        self.shelves: list[Shelf] = [self.local]
+        self.catalog = Catalog(self.shelves)
         self._live: dict[str, SessionRecord] = {}
         # Ended sessions whose files the disk refused: listed from memory, written once it takes them.
         self._unsaved: dict[str, SessionRecord] = {}
@@ -69,20 +72,28 @@ class Storage:
             if not record.written and not record.discarded:
                 self._unsaved[session_id] = record
 
+    def _busy(self) -> set[str]:
+        """The sessions whose folders are not done with: live, or their closing files not written."""
+        return set(self._live) | set(self._unsaved)
+
     def live_view(self) -> dict[str, dict[str, Any]]:
         """What the files do not say (yet) about the sessions this server has in memory."""
         view = {sid: {**r.meta, "status": "ended"} for sid, r in self._unsaved.items()}
         view.update((sid, {**r.meta, "utterances": r.finals, "status": "live"}) for sid, r in self._live.items())
         return view
 
-    async def folder(self, session_id: str, viewer: str | None) -> Path:
-        """The folder of a stored session the viewer may see: a 404 otherwise, as for an unknown id."""
+    async def find(self, session_id: str, viewer: str | None) -> Found:
+        """A stored session the viewer may see, and where it is kept: a 404 otherwise, as for an unknown id."""
         record = self._live.get(session_id) or self._unsaved.get(session_id)
         if record is not None:
             if not visible(viewer, record.meta["key_id"]):
                 raise unknown()
-            return record.folder
-        return await asyncio.to_thread(self.catalog.find, session_id, viewer)
+            return self.local, record.folder.name
+        return await self.catalog.find(session_id, viewer, self.live_view())
+
+    def state(self) -> dict[str, str]:
+        """For GET /health and /ready."""
+        return self.health.state()
 
     # Startup, background work, shutdown ------------------------------------------------------
 
@@ -100,17 +111,18 @@ class Storage:
     async def _maintain(self, before: list[tuple[str, str]]) -> None:
         await self._complete(before)
         while self.retention_days > 0:
-            try:
-                deleted = await asyncio.to_thread(recovery.sweep, self.root, self.retention_days,
-                                                  set(self._live) | set(self._unsaved), self.catalog.forget)
-                if deleted:
-                    log.info("retention: deleted %d session(s) older than %g day(s)", deleted,
-                             self.retention_days)
-            except Exception:
-                log.exception("retention: the sweep failed; next one in %gs", recovery.RETENTION_INTERVAL_S)
+            for shelf in self.shelves:
+                try:
+                    deleted = await recovery.sweep(shelf, self.retention_days, self._busy(), self.catalog.forget)
+                    if deleted:
+                        log.info("retention: deleted %d session(s) older than %g day(s)", deleted,
+                                 self.retention_days)
+                except Exception:
+                    log.exception("retention: the sweep failed; next one in %gs", recovery.RETENTION_INTERVAL_S)
             await asyncio.sleep(recovery.RETENTION_INTERVAL_S)
 
     async def _complete(self, folders: list[tuple[str, str]]) -> None:
+        """Completes the sessions a crash left open."""
         try:
             recovered, self._unrecovered = await asyncio.to_thread(recovery.recover, self.root, folders)
             if recovered:
