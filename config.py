@@ -11,6 +11,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 ENV_PREFIX = "STT_"
+_STORAGE_URL = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?")  # as ops/storage/s3.py reads it
 
 
 def _ice_servers(value: str) -> list[dict[str, Any]]:
@@ -172,6 +173,12 @@ class Config:
         "help": "also save the audio each session received (16 kHz mono, Ogg/Opus) in its folder"})
     retention_days: float = field(default=0.0, metadata={
         "help": "delete saved sessions that ended longer ago than this, at startup and hourly (0: keep them)"})
+    storage_url: str = field(default="", metadata={
+        "help": "S3-compatible bucket for saved sessions, `s3://bucket/prefix`: each session is uploaded when "
+                "it ends (written to `--data-dir` first, which it needs) and read back from there, so replicas "
+                "sharing the bucket list the same sessions; `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, "
+                "`AWS_SECRET_ACCESS_KEY` and `AWS_REGION` configure the client ([Deployment]"
+                "(deployment.md#s3-compatible-storage)); empty: sessions stay in `--data-dir`"})
 
     def __post_init__(self) -> None:
         if not 0 < self.max_utterance_s <= 30:
@@ -216,6 +223,13 @@ class Config:
             raise ValueError("max_file_jobs and file_batch must be at least 1")
         if self.record_audio and not self.data_dir:
             raise ValueError("record_audio needs a data_dir")
+        if self.storage_url:
+            if not _STORAGE_URL.fullmatch(self.storage_url):
+                raise ValueError("storage_url must be s3://bucket or s3://bucket/prefix (a bucket name is 3 to 63 "
+                                 "lowercase letters, digits, dots and hyphens)")
+            if not self.data_dir:
+                raise ValueError("storage_url needs a data_dir: sessions are written there first, and "
+                                 "uploaded when they end")
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None,

@@ -49,6 +49,12 @@ ERRORS = Counter("stt_errors", "Errors, by code: HTTP error responses (source=ht
 STORAGE_OPS = ("create", "append", "fsync", "audio", "save", "recover", "probe")
 STORAGE_ERRORS = Counter("stt_storage_errors", "Writes to --data-dir that failed, by operation "
                          f"({', '.join(STORAGE_OPS)})", ["op"])
+BUCKET_OPS = ("upload", "read", "delete", "check")
+BUCKET_ERRORS = Counter("stt_storage_bucket_errors", "Calls to the --storage-url bucket that failed, by "
+                        f"operation ({', '.join(BUCKET_OPS)})", ["op"])
+UPLOADS = Counter("stt_storage_uploads", "Ended sessions whose files reached the --storage-url bucket")
+UPLOADS_PENDING = Gauge("stt_storage_uploads_pending", "Ended sessions in --data-dir waiting to be uploaded "
+                        "to the --storage-url bucket")
 
 FILES = Counter("stt_files", "Files sent to the transcription routes, by route (openai, deepgram) and outcome "
                 "(ok, or the error code)", ["route", "outcome"])
@@ -68,6 +74,8 @@ for _transport in TRANSPORTS:
     UTTERANCES.labels(_transport)
 for _op in STORAGE_OPS:
     STORAGE_ERRORS.labels(_op)
+for _op in BUCKET_OPS:
+    BUCKET_ERRORS.labels(_op)
 
 
 class SessionMeter:
@@ -151,6 +159,10 @@ def error(source: str, code: str) -> None:
 
 def storage_error(op: str) -> None:
     STORAGE_ERRORS.labels(op).inc()
+
+
+def bucket_error(op: str) -> None:
+    BUCKET_ERRORS.labels(op).inc()
 
 
 class _DecodeCollector(Collector):

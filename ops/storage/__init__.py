@@ -1,4 +1,7 @@
 """Saved transcripts and audio: each session's finals on disk as they happen, its transcript when it ends.
+With --storage-url, each ended session's folder goes to an S3-compatible bucket, from which every
+replica sharing it reads the stored sessions; the data folder keeps live sessions, and ended ones until
+they are uploaded.
 
 One folder per session under --data-dir, named by start time and id
 (`2026-11-21T09-30-00Z_5f0c...`):
@@ -21,8 +24,12 @@ The modules, one job each:
 - `record`: one live session's folder (its finals, audio and closing files) and the Ogg/Opus recorder.
 - `health`: whether writes work: the failure counter, the probe, /ready's `storage` state.
 - `recovery`: completing sessions a crash left open, and the retention sweep.
-- `catalog`: stored sessions read back, found by listing and shown only to the key that opened them.
-- `store`: `Storage`, which ties these together for one data folder.
+- `s3`: the bucket of --storage-url, an S3-compatible object store (aiobotocore, on the event loop).
+- `shelf`: where stored sessions are kept, the data folder or the bucket, behind the same questions.
+- `upload`: ended sessions from the data folder to the bucket, retried while it fails.
+- `catalog`: stored sessions read back, found by listing the shelves and shown only to the key that
+  opened them.
+- `store`: `Storage`, which ties these together for one data folder (and its bucket).
 - `routes`: the HTTP routes under /v1/sessions.
 """
 
@@ -51,12 +58,13 @@ def install(app: web.Application, registry: "SessionRegistry") -> None:
     if not config.data_dir:
         return
     storage = Storage(config.data_dir, record_audio=config.record_audio,
-                      retention_days=config.retention_days)
+                      retention_days=config.retention_days, storage_url=config.storage_url)
     app[STORAGE] = storage
     registry.observers.append(storage.attach)
 
     async def start(_: web.Application) -> None:
-        log.info("storing sessions in %s%s", storage.root, " with their audio" if storage.record_audio else "")
+        log.info("storing sessions in %s%s%s", storage.root, " with their audio" if storage.record_audio else "",
+                 f", uploaded to {storage.bucket.url} when they end" if storage.bucket is not None else "")
         await storage.start()
 
     async def close(_: web.Application) -> None:
@@ -69,4 +77,4 @@ def install(app: web.Application, registry: "SessionRegistry") -> None:
 def health(app: web.Application) -> dict[str, str]:
     """For GET /health and /ready: `storage` is ok, failing (and `storage_error` says why) or off."""
     storage = app.get(STORAGE)
-    return storage.health.state() if storage is not None else {"storage": "off"}
+    return storage.state() if storage is not None else {"storage": "off"}

@@ -183,7 +183,11 @@ def _is_final(value: Any) -> bool:
 def read_finals(path: Path) -> list[dict[str, Any]]:
     """The finals of a finals.jsonl; a last line cut short by a crash is left out, and so is any line
     that is not a final. Unreadable when the file is there but cannot be read."""
-    data = read_file(path)
+    return parse_finals(read_file(path), str(path))
+
+
+def parse_finals(data: bytes | None, label: str) -> list[dict[str, Any]]:
+    """The finals of a finals.jsonl's bytes (None: no file); `label` names it in the log."""
     if data is None:
         return []
     finals, bad = [], 0
@@ -197,13 +201,17 @@ def read_finals(path: Path) -> list[dict[str, Any]]:
         else:
             bad += 1
     if bad:
-        once(f"{path}:{bad}", "%s: skipped %d line(s) that are not finals", path, bad)
+        once(f"{label}:{bad}", "%s: skipped %d line(s) that are not finals", label, bad)
     return finals
 
 
 def read_meta(folder: Path) -> dict[str, Any] | None:
     """A folder's session.json; None when there is none yet. Unreadable when it is not a JSON object."""
-    data = read_file(folder / META)
+    return parse_meta(read_file(folder / META))
+
+
+def parse_meta(data: bytes | None) -> dict[str, Any] | None:
+    """A session.json's bytes as a dict (None: no file). Unreadable when they are not a JSON object."""
     if data is None:
         return None
     try:

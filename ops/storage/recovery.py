@@ -1,21 +1,20 @@
 """Crash recovery and retention: sessions a crash left open are completed at startup, and sessions
-that ended more than --retention-days ago are deleted. Each folder is handled on its own: whatever one
-does, the others are still completed or deleted."""
+that ended more than --retention-days ago are deleted, from the data folder and from the bucket alike
+(a Shelf each). Each folder is handled on its own: whatever one does, the others are still completed or
+deleted."""
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 from ops import metrics
 from ops.storage.files import (AUDIO, FINALS, META, Unreadable, folder_time, is_regular, iso, json_bytes,
-                               last_write, once, parse_iso, read_finals, read_meta, session_folders, why,
-                               write_atomic)
+                               last_write, once, read_finals, read_meta, why, write_atomic)
 from ops.storage.formats import write_transcripts
+from ops.storage.shelf import Shelf
 
 log = logging.getLogger("storage")
 
@@ -59,31 +58,25 @@ def _recover(folder: Path, name: str, session_id: str) -> int:
     return 1
 
 
-def sweep(root: Path, retention_days: float, live: set[str], forget: Callable[[str], None]) -> int:
-    """Deletes sessions that ended more than retention_days ago; never a live one. `forget` is told
-    of each folder it deletes, even in part. Returns how many went whole."""
+async def sweep(shelf: Shelf, retention_days: float, live: set[str], forget: Callable[[str], None]) -> int:
+    """Deletes the sessions a shelf keeps that ended more than retention_days ago; never a live one.
+    `forget` is told of each folder it deletes, even in part. Returns how many went whole."""
     cutoff = time.time() - retention_days * 86400
     deleted = 0
-    for name, session_id in session_folders(root):
+    for name, session_id in await shelf.names():
         if session_id in live:
             continue
-        folder = root / name
         try:
-            try:
-                ended = parse_iso((read_meta(folder) or {}).get("ended"))
-            except Unreadable:
-                ended = None
-            # No end time (a crash, another server's live session, an unreadable session.json):
-            # the last write is the age.
-            when = ended.timestamp() if ended is not None else last_write(folder).timestamp()
+            when = await shelf.age(name)
         except OSError as e:
             once(name, "retention: skipped %s: %s", name, e)
             continue
-        if when < cutoff:
-            shutil.rmtree(folder, ignore_errors=True)
-            forget(name)
-            if os.path.lexists(folder):
-                once(name, "retention: could not delete all of %s", name)
-                continue
-            deleted += 1
+        if when is None or when >= cutoff:
+            continue
+        gone = await shelf.delete(name)
+        forget(name)
+        if not gone:
+            once(name, "retention: could not delete all of %s", name)
+            continue
+        deleted += 1
     return deleted

@@ -1,19 +1,21 @@
 """GET /v1/sessions, /v1/sessions/{id}, its transcript and its audio. Each key sees only the sessions
-it opened (catalog.visible); another key's session answers 404, exactly as an unknown id."""
+it opened (catalog.visible); another key's session answers 404, exactly as an unknown id. While the
+bucket of --storage-url fails, what needs it answers 503 storage_unavailable."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import re
-from typing import Any, Callable
+from typing import Iterator
 
 from aiohttp import web
 
 from ops import auth
 from errors import ApiError
 from ops.storage.catalog import unknown
-from ops.storage.files import AUDIO, SESSION_ID, Unreadable, is_regular, once
+from ops.storage.files import SESSION_ID, Unreadable, once
 from ops.storage.formats import TEXT_FORMATS
+from ops.storage.s3 import BucketError
 from ops.storage.store import STORAGE, Storage
 
 _DEFAULT_LIMIT, _MAX_LIMIT = 20, 100
@@ -73,8 +75,8 @@ async def list_sessions(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_option", "give before or page, not both")
     if before is not None and not SESSION_ID.fullmatch(before):
         raise ApiError(400, "bad_option", "before must be a session id")
-    body = await asyncio.to_thread(storage.catalog.page, limit, before, page, storage.live_view(),
-                                   _viewer(request))
+    with _reading():
+        body = await storage.catalog.page(limit, before, page, storage.live_view(), _viewer(request))
     return web.json_response(body)
 
 
@@ -82,8 +84,9 @@ async def get_session(request: web.Request) -> web.Response:
     storage = _storage(request)
     session_id = _session_id(request.match_info["session_id"])
     _query(request, set())
-    folder = await storage.folder(session_id, _viewer(request))
-    return web.json_response(await asyncio.to_thread(_or_gone, storage.catalog.entry, folder, storage.live_view()))
+    with _reading():
+        found = await storage.find(session_id, _viewer(request))
+        return web.json_response(await storage.catalog.entry(found, storage.live_view()))
 
 
 async def get_transcript(request: web.Request) -> web.Response:
@@ -92,8 +95,9 @@ async def get_transcript(request: web.Request) -> web.Response:
     fmt = _query(request, {"format"}).get("format", "json")
     if fmt != "json" and fmt not in TEXT_FORMATS:
         raise ApiError(400, "bad_option", "format must be json, txt, srt or vtt")
-    folder = await storage.folder(session_id, _viewer(request))
-    body = await asyncio.to_thread(_or_gone, storage.catalog.transcript, folder, fmt, storage.live_view())
+    with _reading():
+        found = await storage.find(session_id, _viewer(request))
+        body = await storage.catalog.transcript(found, fmt, storage.live_view())
     if fmt == "json":
         return web.json_response(body)
     return web.Response(text=body, content_type=TEXT_FORMATS[fmt][1], charset="utf-8")
@@ -103,18 +107,22 @@ async def get_audio(request: web.Request) -> web.StreamResponse:
     storage = _storage(request)
     session_id = _session_id(request.match_info["session_id"])
     _query(request, set())
-    path = (await storage.folder(session_id, _viewer(request))) / AUDIO
-    if not await asyncio.to_thread(is_regular, path):
-        raise ApiError(404, "no_audio", "this session's audio was not recorded")
-    return web.FileResponse(path, headers={"Content-Type": "audio/ogg"})
+    with _reading():
+        shelf, name = await storage.find(session_id, _viewer(request))
+        return await shelf.audio(name, request)
 
 
-def _or_gone(fn: Callable[..., Any], *args: Any) -> Any:
-    """Retention may delete a folder between finding and reading it; what cannot be read is not listed."""
+@contextlib.contextmanager
+def _reading() -> Iterator[None]:
+    """Retention may delete a session between finding and reading it: what cannot be read is not
+    listed. A bucket that fails is the server's trouble, for now: 503."""
     try:
-        return fn(*args)
+        yield
     except FileNotFoundError:
         raise unknown() from None
     except Unreadable as e:
-        once(args[0].name, "storage: skipped %s: %s", args[0].name, e)
+        once(str(e), "storage: skipped a session: %s", e)
         raise unknown() from None
+    except BucketError as e:
+        raise ApiError(503, "storage_unavailable", f"the session store cannot be reached ({e}); try again "
+                       "shortly", {"Retry-After": "5"}) from None
