@@ -27,6 +27,7 @@ VALUE_SETS = {
     "everything": EVERYTHING,
     "host-network": ["--set", "hostNetwork=true", "--set", "auth.existingSecret=mine",
                      "--set", "iceServersSecret=livestt-ice"],
+    "s3": ["--set", "storage.url=s3://transcripts/stt", "--set", "storage.s3Secret=livestt-s3"],
 }
 
 
@@ -101,3 +102,13 @@ def test_routing_media_and_monitoring():
     assert host["hostNetwork"] and host["affinity"]["podAntiAffinity"]
     env = {e["name"]: e for e in host["containers"][0]["env"]}
     assert env["STT_ICE_SERVERS"]["valueFrom"]["secretKeyRef"]["name"] == "livestt-ice"
+
+
+def test_s3_storage_takes_its_credentials_from_a_secret():
+    container = render(*VALUE_SETS["s3"])["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["STT_STORAGE_URL"]["value"] == "s3://transcripts/stt"
+    assert container["envFrom"] == [{"secretRef": {"name": "livestt-s3"}}]
+    assert not any(name.startswith("AWS_") for name in env)  # credentials never in the manifest
+    defaults = render()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert "envFrom" not in defaults and "STT_STORAGE_URL" not in {e["name"] for e in defaults["env"]}
