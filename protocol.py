@@ -143,7 +143,9 @@ ERRORS: dict[str, ErrorUse] = {
     "internal": _http("a fault of the server's own, logged", 500),
     "client_gone": _http("the client left mid-request: logged, and answered to nobody", 500),
     "http_error": _http("any other error of the HTTP layer, with its own status and reason"),
+    "bad_range": _http("a Range header outside the saved recording", 416),
     "not_ready": _http("the model is still loading", 503),
+    "storage_unavailable": _http("saved sessions asked while the bucket of --storage-url cannot be reached", 503),
     # Options and limits: an HTTP error, or on a WebSocket start message an error event and the close.
     "unknown_option": _event("an option, start field or parameter the server does not know", 400, close=1008),
     "bad_option": _event("an option or parameter with a bad value", 400, close=1008),
