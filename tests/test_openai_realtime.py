@@ -286,7 +286,9 @@ async def test_bad_input_gets_openai_errors_and_the_sessions_go_on(server):
                 messages = [m async for m in ws]
                 await asyncio.wait([sending])
                 assert json.loads(messages[0].data)["error"]["code"] == "message_too_large"
-                assert ws.close_code == 1009
+                # 1009; 1006 where the server's reset (its socket closed with the message's rest unread)
+                # reached this busy client before it had read the close frame.
+                assert ws.close_code in (1009, 1006), ws.close_code
         await append_all(bystander, pcm16(other.audio, 24000), speed=20)
         await bystander.input_audio_buffer.commit()
         completed = (await watching.count("conversation.item.input_audio_transcription.completed", 1))[0]
