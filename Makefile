@@ -59,7 +59,9 @@ $(TOOLS)/helm:
 
 deploy-deps: $(VENV)/.deploy-installed /usr/bin/podman /usr/sbin/haproxy /usr/sbin/nginx /usr/bin/turnserver $(TOOLS)/helm
 
+# The images are built first, outside the tests' network namespace: pip and the Debian mirror need the registries.
 test-deploy: deploy-deps
+	$(BIN)/python tests/deploy/podman.py
 	tests/netns.sh $(BIN)/python -m pytest tests/deploy $(PYTEST_ARGS)
 
 $(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.test-installed
