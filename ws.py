@@ -125,6 +125,17 @@ class SocketSession:
         self._dropped = False  # the client stopped reading and its connection was cut
         self._writer: asyncio.Task | None = None
 
+    async def first_message(self) -> WSMessage | None:
+        """The client's first text or binary message; None when it closed first, or sent nothing within
+        --idle-timeout-s: no session watches this socket yet, so it is closed here rather than left open."""
+        try:
+            # Not receive(timeout=...): each pong the heartbeat brings would restart that timer.
+            first = await asyncio.wait_for(self.ws.receive(), self.registry.config.idle_timeout_s)
+        except asyncio.TimeoutError:
+            await self.ws.close(code=1000, message=b"idle_timeout")
+            return None
+        return first if first.type in (WSMsgType.TEXT, WSMsgType.BINARY) else None
+
     # What a protocol defines ---------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -321,14 +332,8 @@ class NativeSession(SocketSession):
         except ApiError as e:
             await self.ws.close(code=protocol.ERRORS[e.code].close, message=e.message.encode())
             return
-        try:
-            # Not receive(timeout=...): each pong the heartbeat brings would restart that timer.
-            first = await asyncio.wait_for(self.ws.receive(), self.registry.config.idle_timeout_s)
-        except asyncio.TimeoutError:
-            # Nothing was ever sent, so no session watches this socket: it must not stay open forever.
-            await self.ws.close(code=1000, message=b"idle_timeout")
-            return
-        if first.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+        first = await self.first_message()
+        if first is None:
             return
         try:
             start = protocol.ws_start(first.data)

@@ -17,7 +17,6 @@ Each is a session of ours: a page's partials are whole hypotheses, its finals ea
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -174,12 +173,8 @@ class TranscriptionsSocket(_Dialect):
     api = "v1-transcriptions"
 
     async def run(self) -> None:
-        try:
-            first = await asyncio.wait_for(self.ws.receive(), self.registry.config.idle_timeout_s)
-        except asyncio.TimeoutError:
-            await self.ws.close(code=1000, message=b"idle_timeout")
-            return
-        if first.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+        first = await self.first_message()
+        if first is None:
             return
         start = _json(first.data) if first.type == WSMsgType.TEXT else None
         if isinstance(start, dict) and start.get("action") == "start":
