@@ -385,6 +385,28 @@ async def say_over_ws(base_url: str, pcm: bytes, timeout: float = 30) -> WSClien
     return client
 
 
+async def killed_mid_speech(server: ServerProcess, pcm: bytes, after_final: int) -> tuple[str, WSClient]:
+    """A WebSocket session says `pcm` as a live microphone would, and the server is SIGKILLed the instant
+    final number `after_final` arrives; the session's id and the client, closed, with what it got."""
+    client = WSClient(server.url)
+    speaking: asyncio.Task | None = None
+    try:
+        await client.connect()
+        await client.send({"type": "start"})
+        session_id = (await client.wait_type("session.started"))["session_id"]
+        speaking = asyncio.create_task(client.speak(pcm))
+        await client.wait_for(lambda e: e["type"] == "transcript.final" and e["utterance"] == after_final,
+                              timeout=30)
+        server.proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(server.proc.wait, 10)
+    finally:
+        if speaking is not None:
+            speaking.cancel()
+        await client.close()
+        server.stop()
+    return session_id, client
+
+
 class SSEClient(EventLog):
     """A subscriber of GET /v1/sessions/{id}/events that records every event until the stream ends."""
 

@@ -21,7 +21,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from client import ServerProcess, WSClient, check_protocol, free_port
+from client import ServerProcess, WSClient, check_protocol, free_port, killed_mid_speech
 from speech import data_recording, pcm16, recording, with_pauses
 from test_storage import (KEY_1, KEY_2, fetch, fetch_json, hex_id, key_id, listed_ids, started_server, stopped,
                           without_at)
@@ -282,21 +282,7 @@ async def test_a_session_a_crash_left_open_is_uploaded_at_the_next_start(weed, t
     server = await s3_server(weed, data_dir, prefix)
     audio = np.concatenate([np.zeros(RATE // 2, np.float32),
                             with_pauses([recording(r) for r in ("ls-61-70968-0002", "librivox-ss01-0890")])])
-    client = WSClient(server.url)
-    speaking: asyncio.Task | None = None
-    try:
-        await client.connect()
-        await client.send({"type": "start"})
-        session_id = (await client.wait_type("session.started"))["session_id"]
-        speaking = asyncio.create_task(client.speak(pcm16(audio)))  # a live microphone
-        await client.wait_for(lambda e: e["type"] == "transcript.final" and e["utterance"] == 1, timeout=30)
-        server.proc.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(server.proc.wait, 10)
-    finally:
-        if speaking is not None:
-            speaking.cancel()
-        await client.close()
-        server.stop()
+    session_id, client = await killed_mid_speech(server, pcm16(audio), after_final=1)
     [folder] = local_folders(data_dir, session_id)
     stored = without_at([json.loads(line) for line in (data_dir / folder / "finals.jsonl").read_text().splitlines()])
     assert stored[:1] == client.of_type("transcript.final")[:1]

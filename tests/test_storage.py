@@ -26,7 +26,8 @@ import pytest
 import pytest_asyncio
 from yarl import URL
 
-from client import ServerProcess, SpeechTrack, WSClient, check_protocol, rtc_session_watched
+from client import (ServerProcess, SpeechTrack, WSClient, check_protocol, killed_mid_speech,
+                    rtc_session_watched)
 from speech import data_recording, pcm16, recording, with_pauses
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -319,23 +320,9 @@ async def test_kill_9_loses_no_final_the_client_got(private_network, tmp_path):
     recordings = [recording(r) for r in ("ls-61-70968-0002", "librivox-ss01-0890", "ls-61-70968-0000")]
     audio = np.concatenate([np.zeros(RATE // 2, np.float32), with_pauses(recordings)])
     server = await started_server("--data-dir", str(data_dir), "--record-audio")
-    client = WSClient(server.url)
-    speaking: asyncio.Task | None = None
-    try:
-        await client.connect()
-        await client.send({"type": "start"})
-        session_id = (await client.wait_type("session.started"))["session_id"]
-        started = time.monotonic()
-        speaking = asyncio.create_task(client.speak(pcm16(audio)))  # a live microphone
-        await client.wait_for(lambda e: e["type"] == "transcript.final" and e["utterance"] == 2, timeout=30)
-        server.proc.send_signal(signal.SIGKILL)  # the instant the second final arrives
-        spoken_s = time.monotonic() - started
-        await asyncio.to_thread(server.proc.wait, 10)
-    finally:
-        if speaking is not None:
-            speaking.cancel()
-        await client.close()
-        server.stop()
+    started = time.monotonic()
+    session_id, client = await killed_mid_speech(server, pcm16(audio), after_final=2)
+    spoken_s = time.monotonic() - started
     assert server.proc.returncode == -signal.SIGKILL
     got = client.of_type("transcript.final")
     assert len(got) >= 2
