@@ -82,6 +82,9 @@ class Config:
     context_chars: int = field(default=200, metadata={
         "help": "characters of a session's last finals that the next decode continues (Whisper's previous-text "
                 "prompt), used when the last final stopped mid-clause; 0: every utterance alone"})
+    fragment_context_s: float = field(default=2.0, metadata={
+        "help": "speech this short or shorter, begun soon after the last final, is decoded as that final's "
+                "continuation: its audio after the last one's, the last one's words forced first (0: alone)"})
     partial_interval_ms: int = field(default=600, metadata={
         "help": "new audio between two partial hypotheses"})
     sentence_endpoint: float = field(default=0.8, metadata={
@@ -185,8 +188,8 @@ class Config:
             raise ValueError("max_utterance_s must be in (0, 30]: Whisper sees at most 30 s")
         if self.endpoint_ms < 100:
             raise ValueError("endpoint_ms must be at least 100")
-        if self.context_chars < 0 or self.vad_refresh_ms < 0:
-            raise ValueError("context_chars and vad_refresh_ms must be 0 or more")
+        if self.context_chars < 0 or self.vad_refresh_ms < 0 or self.fragment_context_s < 0:
+            raise ValueError("context_chars, vad_refresh_ms and fragment_context_s must be 0 or more")
         if not (5 <= self.decode_window_s <= 30 and 5 <= self.busy_decode_window_s <= 30):
             raise ValueError("decode_window_s and busy_decode_window_s must be between 5 and 30")
         if self.decode_workers < 1 or self.cpu_threads < 1:

@@ -399,6 +399,7 @@ class SessionRegistry:
             early_final_ms=self.config.early_final_ms,
             sentence_endpoint_ms=round(options.endpoint_ms * self.config.sentence_endpoint),
             context_chars=self.config.context_chars,
+            fragment_s=self.config.fragment_context_s,
             prompt=options.prompt,
         )
         return stream_options, segmenter_config

@@ -44,6 +44,10 @@ class Before:
 
     text: str = ""  # continued as Whisper's previous-text prompt; "" for none
     language: str | None = None  # kept where detection on this utterance alone is unsure
+    # The audio just before a final's (ending where it begins) and the words said in it: a short
+    # fragment is decoded as their continuation (see WhisperEngine.transcribe). None: alone.
+    audio: np.ndarray | None = field(default=None, compare=False)
+    spoken: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,35 @@ class WhisperEngine:
         tokenizer = self._tokenizer(language)
         previous = text.previous_tokens(tokenizer, before.text, self.options.context_tokens)
         decoded = self._generate(encoded, tokenizer, audio.size / SAMPLE_RATE, final, greedy, previous)
+        if final and before.audio is not None and before.spoken and before.language in (None, language):
+            continued = self._continuation(audio, tokenizer, greedy, before)
+            # A continuation's way to fail is to stop early ("Et de la paix" for "... dans le monde."):
+            # where the fragment alone says more words, those stand.
+            if continued is not None and (len(tokenizer.decode(continued.tokens).split())
+                                          >= len(tokenizer.decode(decoded.tokens).split())):
+                decoded = continued
         return self._transcript(decoded, tokenizer, encoded, audio, final, quick_words=greedy)
+
+    def _continuation(self, audio: np.ndarray, tokenizer: Tokenizer, greedy: bool, before: Before) -> Decoded | None:
+        """A short fragment heard after the audio before it, whose words are forced as the transcript's start
+        (Whisper's prefix): decoded alone, "ask not" after a pause came back "as not", "two" in kitchen noise
+        as nothing. Only the new words are kept; None where they are nothing, the prefix again, or doubtful."""
+        joint = np.concatenate([before.audio, audio])
+        encoded = self._encode(joint, self.options.window_s)
+        prefix = tokenizer.encode(" " + before.spoken.strip())
+        head = text.prompt(tokenizer) + prefix
+        max_length = text.max_length(tokenizer, audio.size / SAMPLE_RATE) + len(prefix)
+        result = self._decode(get_ctranslate2_storage(encoded), tokenizer, [head], max_length,
+                              beam_size=1 if greedy else self.options.beam_size)[0]
+        decoded = self._outcome(result, tokenizer, max_length)
+        if decoded.tokens[:len(prefix)] != prefix:  # CTranslate2 returns the forced prefix with the new words
+            return None
+        decoded = decoded._replace(tokens=decoded.tokens[len(prefix):])
+        if (not decoded.tokens or not text.settled(decoded, tokenizer)
+                or text.silent(decoded.avg_logprob, decoded.no_speech_prob)
+                or text.repeats(tokenizer, decoded.tokens, prefix)):
+            return None
+        return decoded
 
     def transcribe_burst(self, audios: list[np.ndarray], language: str,
                          befores: list[Before] | None = None) -> Iterator[tuple[int, Transcript | None]]:

@@ -134,6 +134,11 @@ class Segmenter:
         """Timeline position where the current utterance's speech began."""
         return round(self._onset * _WINDOW_S, 3)
 
+    @property
+    def audio_start(self) -> float:
+        """Timeline position of speech_audio()[0]."""
+        return round(self._first * _WINDOW_S, 3)
+
     def speech_audio(self) -> np.ndarray:
         """The utterance so far, pre-roll included (for partials and early finals)."""
         return np.concatenate(self._windows)
@@ -249,7 +254,7 @@ class Segmenter:
             start=round(self._onset * _WINDOW_S, 3),
             end=round(min(self._speech_end, self._first + keep) * _WINDOW_S, 3),
             audio=np.concatenate(self._windows[:keep]),
-            audio_start=round(self._first * _WINDOW_S, 3),
+            audio_start=self.audio_start,
             continued=continued,
             cause="split" if continued else cause,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 # Half a second of speech is often too little for Whisper to say anything credible: the first
 # partial is asked for again after this much more audio, not after a whole partial interval.
 _FIRST_PARTIAL_RETRY_MS = 200
+# A fragment is continued from the last final only where it began this soon after that one's speech ended,
+# and over at most this much of that one's audio: a context from long ago, or a long one, is not its own.
+_LEAD_GAP_S = 2.0
+_LEAD_S = 6.0
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,43 @@ class StreamOptions:
     # A pause this long ends the utterance when its early final already ends a sentence.
     sentence_endpoint_ms: int = 400
     context_chars: int = 200  # of the last finals, continued after one that stopped mid-clause; 0: never
+    fragment_s: float = 2.0  # speech this short is decoded as the last final's continuation; 0: never
     prompt: str = ""  # Whisper's initial prompt: before every utterance, the names and style to expect
+
+
+@dataclass(frozen=True)
+class _Said:
+    """The last final: its language, and its words on the stream timeline (start, end, word)."""
+
+    language: str
+    speech_end: float
+    words: list[tuple[float, float, str]]
+
+
+class _Recent:
+    """The last `seconds` of a stream's audio, sliced by timeline position."""
+
+    def __init__(self, seconds: float) -> None:
+        self._limit = int(seconds * SAMPLE_RATE)
+        self._chunks: deque[np.ndarray] = deque()
+        self._held = 0
+        self._end = 0  # timeline sample after the last one held
+
+    def append(self, pcm: np.ndarray) -> None:
+        self._chunks.append(pcm)
+        self._held += pcm.size
+        self._end += pcm.size
+        while self._held - self._chunks[0].size >= self._limit:
+            self._held -= self._chunks.popleft().size
+
+    def between(self, start: float, end: float) -> np.ndarray | None:
+        """The audio from `start` to `end` seconds, or None where it is no longer (or not yet) held."""
+        first, last = round(start * SAMPLE_RATE), round(end * SAMPLE_RATE)
+        if first < self._end - self._held or last > self._end or first >= last:
+            return None
+        held = np.concatenate(self._chunks)
+        offset = self._end - self._held
+        return held[first - offset:last - offset]
 
 
 @dataclass
@@ -64,6 +104,8 @@ class SpeechStream:
         self._early_final: _EarlyFinal | None = None
         self._final_done = asyncio.Event()
         self._said: deque[tuple[str, str, bool]] = deque()  # (language, text, cut for length) of the last finals
+        self._last: _Said | None = None
+        self._recent = _Recent(_LEAD_S + _LEAD_GAP_S + options.fragment_s + 4.0) if options.fragment_s else None
         self._key = id(self)  # this stream's slot in the pool's keyed queues
 
     @property
@@ -81,6 +123,8 @@ class SpeechStream:
     def feed(self, pcm: np.ndarray) -> None:
         """16 kHz mono float32. Cheap: VAD and bookkeeping only; decoding is queued."""
         self.samples += pcm.size
+        if self._recent is not None:
+            self._recent.append(pcm)
         windows = self._segmenter.windows(pcm)
         if not windows.size:
             return
@@ -158,7 +202,8 @@ class SpeechStream:
         if (ahead is None and early and seg.in_speech and pause >= early
                 and not self._pool.finals_waiting):
             audio = seg.speech_audio()
-            result = self._pool.early_final(self._key, audio, self.options.language, self._before())
+            before = self._before_fragment(seg.onset, seg.speech_end, seg.audio_start)
+            result = self._pool.early_final(self._key, audio, self.options.language, before)
             self._early_final = _EarlyFinal(seg.utterance, seg.speech_end, result)
 
     def _maybe_end_sentence(self) -> None:
@@ -191,7 +236,8 @@ class SpeechStream:
             return ahead.result
         if ahead is not None:
             ahead.result.cancel()
-        return self._pool.final(event.audio, self.options.language, self._before(), key=self._key)
+        before = self._before_fragment(event.start, event.end, event.audio_start)
+        return self._pool.final(event.audio, self.options.language, before, key=self._key)
 
     def _on_segment(self, event: SpeechStarted | SpeechEnded) -> None:
         if isinstance(event, SpeechStarted):
@@ -228,6 +274,8 @@ class SpeechStream:
         self._final_done.set()
         if result is not None:
             self._remember(result, event.continued)
+            self._last = _Said(result.language, event.end, [
+                (event.audio_start + w.start, event.audio_start + w.end, w.word) for w in result.words])
         self._emit(_final_event(event, result, self.options.language))
 
     def _remember(self, result: Transcript, continued: bool) -> None:
@@ -249,6 +297,24 @@ class SpeechStream:
             return Before(prompt, language=prior)
         text = " ".join(t for lang, t, _ in self._said if lang == language)[-self.options.context_chars:]
         return Before(f"{prompt} {text}".strip(), prior)
+
+    def _before_fragment(self, start: float, end: float, audio_start: float) -> Before:
+        """What a final of speech from `start` to `end` (its audio from `audio_start`) is decoded after: for a
+        short fragment begun soon after the last final, the audio and words of that final too."""
+        before, last = self._before(), self._last
+        if (self._recent is None or last is None or not last.words or end - start > self.options.fragment_s
+                or start - last.speech_end > _LEAD_GAP_S or (self.options.language or last.language) != last.language):
+            return before
+        # The last final's words from at most _LEAD_S before this audio, cut between two words.
+        kept = [i for i, (w_start, _, _) in enumerate(last.words) if w_start >= audio_start - _LEAD_S]
+        if not kept:
+            return before
+        first = kept[0]  # its onset as the pre-roll would keep it, or the gap after the word before
+        lead_start = max(last.words[first][0] - 0.1, last.words[first - 1][1]) if first else last.words[0][0] - 0.3
+        audio = self._recent.between(max(0.0, lead_start), audio_start)
+        if audio is None:
+            return before
+        return replace(before, audio=audio, spoken=" ".join(w for _, _, w in last.words[first:]))
 
     @property
     def _no_words_shown(self) -> bool:

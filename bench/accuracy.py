@@ -60,7 +60,7 @@ class Item:
     @property
     def corpus(self) -> str:
         """The corpus a recording (or the original of a derived copy) comes from: its id's first word."""
-        return self.id.split("-")[0] if not self.id.startswith(("quiet", "noisy")) else self.id.split("-")[1]
+        return re.sub(r"^(quiet|noisy|kitchen|babble)\d+-", "", self.id).split("-")[0]
 
     @property
     def groups(self) -> list[str]:

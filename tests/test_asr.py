@@ -26,7 +26,8 @@ from asr.stream import SpeechStream, StreamOptions
 from asr.text import cut_loop, spell_lone_digit
 from asr.vad import SileroModel, SileroVAD, VadBatch
 from asr.worker import DecodePool
-from speech import data_recording, devset_variants, load_devset, recording, segment, wer, word_errors
+from speech import (at_level, data_recording, devset_variants, load_devset, normalize, recording, segment, wer,
+                    word_errors)
 
 PAD_S = 1.0
 
@@ -706,6 +707,27 @@ def test_a_long_session_hears_speech_at_its_end_exactly_as_at_its_start(vad_mode
     assert len([e for e in events if isinstance(e, SpeechStarted)]) >= len(middle) // 2
 
 
+async def streamed_finals(engine: WhisperEngine, vad_model: SileroModel, audio: np.ndarray,
+                          config: SegmenterConfig = SegmenterConfig()) -> list[dict]:
+    """`audio` through a stream of its own, every decode done before the next 20 ms: the finals."""
+    pool = DecodePool(engine, max_finals=4)
+    pool.start()
+    events: list[dict] = []
+    stream = SpeechStream(pool, Segmenter(SileroVAD(vad_model), config),
+                          StreamOptions(language="en", partials=False), events.append)
+    try:
+        for i in range(0, audio.size, 320):
+            stream.feed(audio[i : i + 320])
+            await asyncio.sleep(0)
+            while not pool.idle:
+                await asyncio.sleep(0.002)
+            await asyncio.sleep(0)
+        await stream.finish()
+    finally:
+        await pool.close()
+    return [e for e in events if e["type"] == "transcript.final"]
+
+
 async def test_a_pause_mid_clause_does_not_end_the_utterance(engine, vad_model):
     """ "... infection control, including [700 ms] separating the patient ..." is one final: the early
     final ends on "including", so the pause must reach 1 s, not the 500 ms endpoint, to end it. Decodes
@@ -718,24 +740,22 @@ async def test_a_pause_mid_clause_does_not_end_the_utterance(engine, vad_model):
     end = int((words[spoken.index("others")].end + 0.1) * 16000)
     audio = padded(np.concatenate([rec.audio[:cut], np.zeros(int(0.7 * 16000), np.float32), rec.audio[cut:end]]))
     reference = rec.text[:rec.text.index("others") + len("others")]
-    pool = DecodePool(engine, max_finals=4)
-    pool.start()
-    events: list[dict] = []
-    segmenter = Segmenter(SileroVAD(vad_model), SegmenterConfig(endpoint_ms=500, unfinished_endpoint_ms=1000))
-    stream = SpeechStream(pool, segmenter, StreamOptions(language="en", partials=False), events.append)
-    try:
-        for i in range(0, audio.size, 320):
-            stream.feed(audio[i : i + 320])
-            await asyncio.sleep(0)
-            while not pool.idle:
-                await asyncio.sleep(0.002)
-            await asyncio.sleep(0)
-        await stream.finish()
-    finally:
-        await pool.close()
-    finals = [e for e in events if e["type"] == "transcript.final"]
+    finals = await streamed_finals(engine, vad_model, audio,
+                                   SegmenterConfig(endpoint_ms=500, unfinished_endpoint_ms=1000))
     assert len(finals) == 1, finals
     assert word_errors(reference, finals[0]["text"])[0] <= 3, finals[0]["text"]
+
+
+async def test_a_short_fragment_is_heard_after_the_words_before_it(engine, vad_model):
+    """Kennedy pauses 1.2 s before and after "ask not", so the stream ends an utterance there. Quiet (-45
+    dBFS), that fragment decoded alone came back "as not"; decoded after the audio and words before it, it
+    is "Ask not", and only those words: the words before it are not said again."""
+    rec = recording("jfk-inaugural-ask-not")
+    finals = await streamed_finals(engine, vad_model, padded(at_level(rec.audio, -45)))
+    fragment = [f for f in finals if 3.0 <= f["start"] - PAD_S <= 4.0]
+    assert len(fragment) == 1 and fragment[0]["end"] - fragment[0]["start"] <= 2.0, finals
+    assert normalize(fragment[0]["text"]) == ["ask", "not"], finals
+    assert word_errors(rec.text, " ".join(f["text"] for f in finals))[0] == 0, finals
 
 
 async def test_a_streams_own_partial_is_no_company_for_its_final(engine):

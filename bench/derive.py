@@ -1,0 +1,119 @@
+"""Quiet and noisy copies of every English recording, for judging a lever by more than a couple of words.
+
+devset-wide holds two quiet-derived and two noisy-derived recordings: a lever that moves one word there
+moves the condition by a fifth. This writes a corpus folder (manifest.jsonl and WAVs, as devset-wide's) with
+three copies of each English original of devset-wide and of the small devset:
+
+  - quiet45-*: attenuated to an active speech level of -45 dBFS;
+  - kitchen10-*: real kitchen noise at 10 dB SNR (the noise of devset-wide's noisy copies, recovered as
+    each noisy copy minus its original, 16 s in all, taken from a different place for each recording);
+  - babble10-*: four talkers of devset-wide's other languages summed, at 10 dB SNR, a cafe's murmur
+    that Silero hears as speech.
+
+The active level is measured as devset-wide's SOURCES.md says: the RMS of the 20 ms frames within 25 dB of
+the 95th-percentile frame. Deterministic: the same folders give the same files.
+
+    .venv/bin/python bench/derive.py            # writes bench/.derived/
+    .venv/bin/python bench/accuracy.py --paths sim --devset bench/.derived
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from speech import active_level_db, read_audio  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "eval"
+SOURCES = (SHARED / "devset-wide", SHARED / "devset")
+OUT = ROOT / "bench" / ".derived"
+RATE = 16000
+
+
+def manifest(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines() if line.strip()]
+
+
+def kitchen_noise(wide: Path) -> np.ndarray:
+    """devset-wide's noisy copies are original + gained noise, so their difference is the noise itself."""
+    pieces = []
+    for entry in manifest(wide):
+        if entry["id"].startswith("noisy10-"):
+            original = entry["id"].removeprefix("noisy10-")
+            pieces.append(read_audio(wide / entry["wav"]).astype(np.float64)
+                          - read_audio(wide / f"{original}.wav").astype(np.float64))
+    return np.concatenate(pieces)
+
+
+def babble(wide: Path) -> np.ndarray:
+    """devset-wide's other languages, each at one level, end to end; four copies of that, each started a
+    quarter further on, summed: four talkers at once."""
+    talkers = []
+    for entry in manifest(wide):
+        if entry.get("language", "en") != "en":
+            audio = read_audio(wide / entry["wav"]).astype(np.float64)
+            talkers.append(audio * 10 ** ((-30 - active_level_db(audio)) / 20))
+    pool = np.concatenate(talkers)
+    return sum(np.roll(pool, k * pool.size // 4) for k in range(4))
+
+
+def noise_for(noise: np.ndarray, length: int, key: str) -> np.ndarray:
+    """A stretch of `noise` as long as `length`, from a place set by `key`, looped where it must."""
+    start = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % noise.size
+    return np.resize(np.roll(noise, -start), length)
+
+
+def write_wav(path: Path, audio: np.ndarray) -> None:
+    pcm = np.clip(np.round(audio * 32768), -32768, 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(pcm.tobytes())
+
+
+def derive(out: Path) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    noises = {"kitchen10": kitchen_noise(SOURCES[0]), "babble10": babble(SOURCES[0])}
+    entries = []
+    for folder in SOURCES:
+        for entry in manifest(folder):
+            tags = set(entry.get("conditions", ()))
+            if entry.get("language", "en") != "en" or tags & {"quiet-derived", "noisy-derived"}:
+                continue
+            speech = read_audio(folder / entry["wav"]).astype(np.float64)
+            level = active_level_db(speech)
+            base = {k: entry[k] for k in ("text", "language") if k in entry}
+            copies = {"quiet45": (speech * 10 ** ((-45 - level) / 20), "quiet-derived")}
+            for name, noise in noises.items():
+                stretch = noise_for(noise, speech.size, f"{name}-{entry['id']}")
+                gain = 10 ** ((level - 10 - 10 * np.log10((stretch**2).mean())) / 20)
+                copies[name] = (speech + gain * stretch, "noisy-derived")
+            for name, (audio, condition) in copies.items():
+                wav = f"{name}-{entry['id']}.wav"
+                write_wav(out / wav, audio)
+                entries.append({**base, "id": f"{name}-{entry['id']}", "wav": wav,
+                                "conditions": sorted((tags - {"quiet-original"}) | {condition, name}),
+                                "derived_from": f"{folder.name}/{entry['wav']}"})
+    (out / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return len(entries)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    print(f"{derive(args.out)} recordings in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
