@@ -105,6 +105,7 @@ class SpeechStream:
         self._final_done = asyncio.Event()
         self._said: deque[tuple[str, str, bool]] = deque()  # (language, text, cut for length) of the last finals
         self._last: _Said | None = None
+        # Held: the lead, its gap and the fragment, with room for pre-roll, tail and windows yet to be decided.
         self._recent = _Recent(_LEAD_S + _LEAD_GAP_S + options.fragment_s + 4.0) if options.fragment_s else None
         self._key = id(self)  # this stream's slot in the pool's keyed queues
 
@@ -168,6 +169,7 @@ class SpeechStream:
             self._partial_task.cancel()
         self._drop_early_final()
         self._segmenter.discard()
+        self._last = None  # the audio forgotten lies before the next fragment: it must not be decoded with it
 
     def configure(self, options: StreamOptions, segmenter: SegmenterConfig) -> None:
         """New options for the audio that comes next (a client changed its session)."""
