@@ -347,7 +347,7 @@ def main() -> None:
     print(markdown(report))
     if quoted(args):
         replace_doc_block("accuracy", table(report) + [
-            "", f"Full report: [bench/results/{args.out}.md](bench/results/{args.out}.md)."])
+            "", f"Full report: [bench/results/{args.out}.md](../bench/results/{args.out}.md)."])
 
 
 def quoted(args: argparse.Namespace) -> bool:

@@ -513,7 +513,7 @@ def update_performance(report: dict) -> None:
         lines.append(f"{comparison['name']} on the same model and audio, one stream: final p50 "
                      f"{fmt(comparison['final_p50_s'])} s, p95 {fmt(comparison['final_p95_s'])} s, "
                      f"WER {fmt(comparison['wer'], 3)}" + "".join(f"; {e}" for e in comparison["errors"]) + ".")
-    lines.append("Full report: [bench/results/report.md](bench/results/report.md).")
+    lines.append("Full report: [bench/results/report.md](../bench/results/report.md).")
     replace_doc_block("bench", lines)
 
 

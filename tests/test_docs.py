@@ -1,5 +1,6 @@
 """The documentation's promises that code can check: every setting documented, the two commands there."""
 
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -31,3 +32,14 @@ def test_environment_and_flags_configure_the_server():
     assert Config.from_args([], {"STT_ICE_SERVERS": "stun:a.example:3478"}).ice_servers == [
         {"urls": "stun:a.example:3478"}]
     assert Config.from_args([], {}).ice_servers == []  # never a public STUN server by default
+
+
+def test_every_relative_link_in_the_docs_leads_to_a_file():
+    """Links are relative to the page: a page in docs/ reaches bench/ as ../bench/."""
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path = target.split("#")[0]
+            if path and not re.match(r"[a-z]+:", path) and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
