@@ -44,11 +44,13 @@ class StreamOptions:
 
 @dataclass(frozen=True)
 class _Said:
-    """The last final: its language, and its words on the stream timeline (start, end, word)."""
+    """One final, as the decodes after it are conditioned on it."""
 
     language: str
+    text: str
+    continued: bool  # cut for length while the speaker went on
     speech_end: float
-    words: list[tuple[float, float, str]]
+    words: list[tuple[float, float, str]]  # (start, end, word) on the stream timeline
 
 
 class _Recent:
@@ -103,8 +105,7 @@ class SpeechStream:
         self._finals_pending = 0
         self._early_final: _EarlyFinal | None = None
         self._final_done = asyncio.Event()
-        self._said: deque[tuple[str, str, bool]] = deque()  # (language, text, cut for length) of the last finals
-        self._last: _Said | None = None
+        self._said: deque[_Said] = deque()  # the last finals, at least the last one
         # Held: the lead, its gap and the fragment, with room for pre-roll, tail and windows yet to be decided.
         self._recent = _Recent(_LEAD_S + _LEAD_GAP_S + options.fragment_s + 4.0) if options.fragment_s else None
         self._key = id(self)  # this stream's slot in the pool's keyed queues
@@ -169,7 +170,8 @@ class SpeechStream:
             self._partial_task.cancel()
         self._drop_early_final()
         self._segmenter.discard()
-        self._last = None  # the audio forgotten lies before the next fragment: it must not be decoded with it
+        if self._said:  # the audio forgotten lies before the next fragment: it must not be decoded with it
+            self._said[-1] = replace(self._said[-1], words=[])
 
     def configure(self, options: StreamOptions, segmenter: SegmenterConfig) -> None:
         """New options for the audio that comes next (a client changed its session)."""
@@ -275,14 +277,13 @@ class SpeechStream:
         self._finals_pending -= 1
         self._final_done.set()
         if result is not None:
-            self._remember(result, event.continued)
-            self._last = _Said(result.language, event.end, [
-                (event.audio_start + w.start, event.audio_start + w.end, w.word) for w in result.words])
+            self._remember(result, event)
         self._emit(_final_event(event, result, self.options.language))
 
-    def _remember(self, result: Transcript, continued: bool) -> None:
-        self._said.append((result.language, result.text, continued))
-        while len(self._said) > 1 and sum(len(t) for _, t, _ in self._said) > self.options.context_chars:
+    def _remember(self, result: Transcript, event: SpeechEnded) -> None:
+        self._said.append(_Said(result.language, result.text, event.continued, event.end, [
+            (event.audio_start + w.start, event.audio_start + w.end, w.word) for w in result.words]))
+        while len(self._said) > 1 and sum(len(s.text) for s in self._said) > self.options.context_chars:
             self._said.popleft()
 
     def _before(self) -> Before:
@@ -292,18 +293,19 @@ class SpeechStream:
         prompt = self.options.prompt.strip()
         if not self._said:
             return Before(prompt)
-        language, text, continued = self._said[-1]
+        last = self._said[-1]
+        language = last.language
         prior = language if self.options.language is None else None
-        if (not self.options.context_chars or not (continued or unfinished(text, language))
+        if (not self.options.context_chars or not (last.continued or unfinished(last.text, language))
                 or (self.options.language or language) != language):
             return Before(prompt, language=prior)
-        text = " ".join(t for lang, t, _ in self._said if lang == language)[-self.options.context_chars:]
+        text = " ".join(s.text for s in self._said if s.language == language)[-self.options.context_chars:]
         return Before(f"{prompt} {text}".strip(), prior)
 
     def _before_fragment(self, start: float, end: float, audio_start: float) -> Before:
         """What a final of speech from `start` to `end` (its audio from `audio_start`) is decoded after: for a
         short fragment begun soon after the last final, the audio and words of that final too."""
-        before, last = self._before(), self._last
+        before, last = self._before(), self._said[-1] if self._said else None
         if (self._recent is None or last is None or not last.words or end - start > self.options.fragment_s
                 or start - last.speech_end > _LEAD_GAP_S or (self.options.language or last.language) != last.language):
             return before

@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import json
 import sys
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +30,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from speech import active_level_db, read_audio  # noqa: E402
+from speech import active_level_db, read_audio, write_wav  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "eval"
 SOURCES = (SHARED / "devset-wide", SHARED / "devset")
 OUT = ROOT / "bench" / ".derived"
-RATE = 16000
 
 
 def manifest(folder: Path) -> list[dict]:
@@ -70,15 +68,6 @@ def noise_for(noise: np.ndarray, length: int, key: str) -> np.ndarray:
     """A stretch of `noise` as long as `length`, from a place set by `key`, looped where it must."""
     start = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % noise.size
     return np.resize(np.roll(noise, -start), length)
-
-
-def write_wav(path: Path, audio: np.ndarray) -> None:
-    pcm = np.clip(np.round(audio * 32768), -32768, 32767).astype(np.int16)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes(pcm.tobytes())
 
 
 def derive(out: Path) -> int:
