@@ -165,8 +165,8 @@ class WhisperEngine:
             continued = self._continuation(audio, tokenizer, greedy, before)
             # A continuation's way to fail is to stop early ("Et de la paix" for "... dans le monde."):
             # where the fragment alone says more words, those stand.
-            if continued is not None and (len(tokenizer.decode(continued.tokens).split())
-                                          >= len(tokenizer.decode(decoded.tokens).split())):
+            if continued is not None and (text.word_count(tokenizer.decode(continued.tokens))
+                                          >= text.word_count(tokenizer.decode(decoded.tokens))):
                 decoded = continued
         return self._transcript(decoded, tokenizer, encoded, audio, final, quick_words=greedy)
 

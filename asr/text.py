@@ -46,7 +46,7 @@ def settled(decoded: Decoded, tokenizer: Tokenizer) -> bool:
 def rejected(text: str, avg_logprob: float, no_speech_prob: float) -> bool:
     """No credible speech: nothing, silence, a loop left after every fallback, or a stock phrase of
     near-silence that the model is unsure of."""
-    if not text:
+    if wordless(text):  # "..." alone: Whisper's dots over a pause it could not read, or a prompt's copied
         return True
     if silent(avg_logprob, no_speech_prob):
         return True
@@ -92,12 +92,24 @@ def spell_lone_digit(text: str) -> str:
     return _DIGIT_NAMES[int(lone[1])] + lone[2] if lone else text
 
 
+def wordless(text: str) -> bool:
+    """Not one letter or digit, in any script: nothing said."""
+    return not any(c.isalnum() for c in text)
+
+
+def word_count(text: str) -> int:
+    return sum(not wordless(w) for w in text.split())
+
+
 def normalize(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9' ]", " ", text.lower()).split())
 
 
 def repeats(tokenizer: Tokenizer, tokens: list[int], context: list[int]) -> bool:
-    """The decoded text is nothing but words of the context, in its order: Whisper said the prompt again."""
+    """The decoded text is nothing but words of the context, in its order, or no word at all (a prompt of
+    "... ..." is answered "... ..."): Whisper said the prompt again."""
+    if tokens and wordless(tokenizer.decode(tokens)):
+        return True
     said = normalize(tokenizer.decode(tokens))
     return bool(said) and f" {said} " in f" {normalize(tokenizer.decode(context))} "
 

@@ -19,11 +19,11 @@ import pytest
 from faster_whisper import WhisperModel
 
 from asr import models
-from asr.engine import DecodeOptions, WhisperEngine
+from asr.engine import Before, DecodeOptions, WhisperEngine
 from asr.policy import MAX_BATCH
 from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
 from asr.stream import SpeechStream, StreamOptions
-from asr.text import cut_loop, spell_lone_digit
+from asr.text import cut_loop, rejected, spell_lone_digit
 from asr.vad import SileroModel, SileroVAD, VadBatch
 from asr.worker import DecodePool
 from speech import (at_level, data_recording, devset_variants, load_devset, normalize, recording, segment, wer,
@@ -756,6 +756,19 @@ async def test_a_short_fragment_is_heard_after_the_words_before_it(engine, vad_m
     assert len(fragment) == 1 and fragment[0]["end"] - fragment[0]["start"] <= 2.0, finals
     assert normalize(fragment[0]["text"]) == ["ask", "not"], finals
     assert word_errors(rec.text, " ".join(f["text"] for f in finals))[0] == 0, finals
+
+
+def test_dots_are_no_words_and_never_carry_over(engine):
+    """Whisper's "..." is no speech. As a prompt, tiny.en answered "... ... ..." for every utterance after
+    it (a browser session's finals all came back dots): such a decode is tried again without the prompt."""
+    assert rejected("... ... ...", -0.2, 0.1) and rejected("…", -0.2, 0.1)
+    assert not rejected("それは", -0.2, 0.1)
+    jfk = recording("jfk-inaugural-ask-not").audio
+    for seconds, words in ((slice(3.0, 4.6), ["ask", "not"]),
+                           (slice(8.2, 11.0), "ask what you can do for your country".split())):
+        piece = jfk[int(seconds.start * 16000):int(seconds.stop * 16000)]
+        said = engine.transcribe(piece, "en", final=True, before=Before("... ... ... ..."))
+        assert said is not None and normalize(said.text) == words, said
 
 
 async def test_a_streams_own_partial_is_no_company_for_its_final(engine):
