@@ -68,7 +68,7 @@ class Item:
         tags = set(self.conditions)
         if self.language != "en":
             tags.add("multilingual")
-        elif not tags & {"quiet-original", "quiet-derived", "noisy-derived", "spontaneous"}:
+        elif not tags & {"quiet-original", "quiet-derived", "noisy-derived", "spontaneous", "hesitant"}:
             tags.add("clean")
         if tags & {"quiet-original", "quiet-derived"}:
             tags.add("quiet")
@@ -126,10 +126,18 @@ async def sim_finals(registry, audio: np.ndarray, language: str | None) -> list[
     from sessions import SessionOptions
 
     finals: list[dict] = []
+    fed = 0.0
+
+    def heard(event: dict) -> None:
+        # The wait for the endpoint, in audio time: how long after its speech ended a final came out.
+        if event["type"] == "transcript.final":
+            finals.append({**event, "wait": round(fed - event["end"], 3)})
+
     options = SessionOptions(language=language, partials=False, endpoint_ms=registry.config.endpoint_ms)
-    stream = registry.stream_factory(options)(lambda e: finals.append(e) if e["type"] == "transcript.final" else None)
+    stream = registry.stream_factory(options)(heard)
     ctranslate2.set_random_seed(0)  # the temperature fallback samples: the same run, the same words
     for i in range(0, audio.size, 320):
+        fed = (i + 320) / 16000
         stream.feed(audio[i:i + 320])
         await asyncio.sleep(0)
         while not registry.worker.idle:
@@ -260,9 +268,10 @@ def _registry(args: argparse.Namespace):
 
 
 def _outcome(finals: list[dict]) -> dict:
+    waits = [f["wait"] for f in finals if "wait" in f and f["cause"] == "endpoint"]  # sim only
     return {"text": " ".join(f["text"] for f in finals if f["text"]),
             "finals": len(finals), "empty_finals": sum(not f["text"] for f in finals),
-            "languages": [f.get("language") for f in finals if f["text"]]}
+            "languages": [f.get("language") for f in finals if f["text"]], **({"waits": waits} if waits else {})}
 
 
 # --- The report ----------------------------------------------------------------------------------
@@ -319,6 +328,11 @@ def table(report: dict) -> list[str]:
         lines += ["", "Lost sentences:", ""] + [f"- {p}, {iid}: “{s}”" for p, iid, s in lost]
     empty = {p: sum(i[p]["empty_finals"] for i in report["items"]) for p in paths}
     lines += ["", "Empty finals: " + ", ".join(f"{p} {n}" for p, n in empty.items()) + "."]
+    waits = [w for i in report["items"] for w in i.get("sim", {}).get("waits", [])]
+    if waits:
+        p50, p95 = np.percentile(waits, [50, 95])
+        lines += ["", f"Endpoint wait in audio time (sim; decodes take none): p50 {p50:.2f} s, p95 {p95:.2f} s, "
+                      f"{len(waits)} finals."]
     return lines
 
 

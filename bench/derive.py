@@ -8,7 +8,10 @@ three copies of each English original of devset-wide and of the small devset:
   - kitchen10-*: real kitchen noise at 10 dB SNR (the noise of devset-wide's noisy copies, recovered as
     each noisy copy minus its original, 16 s in all, taken from a different place for each recording);
   - babble10-*: four talkers of devset-wide's other languages summed, at 10 dB SNR, a cafe's murmur
-    that Silero hears as speech.
+    that Silero hears as speech;
+  - paused-*: the hesitations of spontaneous speech, where devset-wide has one meeting clip: a pause of
+    0.5 to 1.5 s (room tone at the recording's own floor) for about every six words, placed by
+    Whisper's word timings (tiny.en, greedy), never after a sentence's end and never inside a word.
 
 The active level is measured as devset-wide's SOURCES.md says: the RMS of the 20 ms frames within 25 dB of
 the 95th-percentile frame. Deterministic: the same folders give the same files.
@@ -30,6 +33,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from faster_whisper import WhisperModel  # noqa: E402
+
+from asr import models  # noqa: E402
 from speech import active_level_db, read_audio, write_wav  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "eval"
@@ -70,9 +76,40 @@ def noise_for(noise: np.ndarray, length: int, key: str) -> np.ndarray:
     return np.resize(np.roll(noise, -start), length)
 
 
+def paused(speech: np.ndarray, words: list, key: str) -> np.ndarray:
+    """`speech` with hesitations: a pause of 0.5 to 1.5 s of room tone for about every six words, each at
+    the quietest 10 ms between two words of a sentence. Word timings are approximate: a boundary with no
+    quiet moment near it (words run together) is passed over, so no word is cut in two."""
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big"))
+    frames = speech[: speech.size // 160 * 160].reshape(-1, 160)
+    rms = np.sqrt((frames**2).mean(axis=1)) + 1e-9
+    floor = max(np.percentile(rms, 5), 10 ** (-75 / 20))
+    quiet = max(2 * floor, 10 ** ((active_level_db(speech) - 40) / 20))
+    fade = np.linspace(1.0, 0.0, 80)
+    cuts = []  # the quietest 10 ms between two words of a sentence, where it is quiet
+    for word, following in zip(words, words[1:]):
+        near = np.arange(max(0, int((word.end - 0.05) * 100)), min(rms.size, int((following.start + 0.05) * 100)))
+        if not word.word.rstrip().endswith((".", "?", "!")) and near.size and rms[near].min() <= quiet:
+            cuts.append(int(near[rms[near].argmin()]) * 160 + 80)
+    chance = min(1.0, len(words) / 6 / max(1, len(cuts)))
+    pieces, start = [], 0
+    for cut in cuts:
+        if rng.random() >= chance or not start + 80 < cut < speech.size - 80:
+            continue
+        piece = speech[start:cut].copy()
+        piece[-80:] *= fade
+        pieces += [piece, rng.normal(0.0, floor, int(rng.uniform(0.5, 1.5) * 16000))]
+        start = cut
+    rest = speech[start:].copy()
+    if start:
+        rest[:80] *= fade[::-1]
+    return np.concatenate(pieces + [rest])
+
+
 def derive(out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     noises = {"kitchen10": kitchen_noise(SOURCES[0]), "babble10": babble(SOURCES[0])}
+    model = WhisperModel(models.resolve(models.EMBEDDED), compute_type="int8")
     entries = []
     for folder in SOURCES:
         for entry in manifest(folder):
@@ -87,6 +124,9 @@ def derive(out: Path) -> int:
                 stretch = noise_for(noise, speech.size, f"{name}-{entry['id']}")
                 gain = 10 ** ((level - 10 - 10 * np.log10((stretch**2).mean())) / 20)
                 copies[name] = (speech + gain * stretch, "noisy-derived")
+            timed, _ = model.transcribe(speech.astype(np.float32), language="en", beam_size=1, temperature=0.0,
+                                        word_timestamps=True, condition_on_previous_text=False)
+            copies["paused"] = (paused(speech, [w for s in timed for w in s.words], entry["id"]), "hesitant")
             for name, (audio, condition) in copies.items():
                 wav = f"{name}-{entry['id']}.wav"
                 write_wav(out / wav, audio)
