@@ -76,9 +76,9 @@ class Config:
     language: str = field(default="", metadata={
         "help": "default language code; empty: en for English-only models, detect otherwise"})
     endpoint_ms: int = field(default=600, metadata={"help": "silence that ends an utterance"})
-    unfinished_endpoint_ms: int = field(default=1100, metadata={
+    unfinished_endpoint_ms: int = field(default=1600, metadata={
         "help": "silence that ends an utterance whose early final stops mid-clause (on a comma or dash, or a word "
-                "such as \"the\" or \"and\"); at least `--endpoint-ms`"})
+                "such as \"the\" or \"and\") or ends several words with no end mark; at least `--endpoint-ms`"})
     context_chars: int = field(default=200, metadata={
         "help": "characters of a session's last finals that the next decode continues (Whisper's previous-text "
                 "prompt), used when the last final stopped mid-clause; 0: every utterance alone"})

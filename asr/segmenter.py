@@ -24,9 +24,10 @@ class SegmenterConfig:
     min_speech_ms: int = 250  # shorter bursts are noise
     preroll_ms: int = 300  # audio kept from before the onset: VAD fires after the first phoneme
     endpoint_ms: int = 600  # silence that ends an utterance
-    # Silence that ends an utterance whose words so far stop mid-clause (the stream judges that from its
-    # early final): a speaker who pauses after "for our purpose," has not finished.
-    unfinished_endpoint_ms: int = 1100
+    # Silence that ends an utterance whose words so far stop mid-clause or are left open (the stream judges
+    # that from its early final): a speaker who pauses after "for our purpose," has not finished. Longer
+    # than most hesitations.
+    unfinished_endpoint_ms: int = 1600
     tail_ms: int = 200  # silence kept after the last speech: Whisper ends words better with it
     # Never beyond Whisper's 30 s window. A shorter limit makes the final that ends a long sentence cheaper,
     # but cuts more sentences where the reader only took a breath.

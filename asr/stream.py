@@ -211,8 +211,9 @@ class SpeechStream:
             self._early_final = _EarlyFinal(seg.utterance, seg.speech_end, result)
 
     def _maybe_end_sentence(self) -> None:
-        """The early final judges the pause: a finished sentence needs less silence to be sure of, an
-        unfinished clause more."""
+        """The early final judges the pause: a finished sentence needs less silence to be sure of; words that
+        stop mid-clause, or several words that Whisper left without an end mark, need more. A lone word left
+        bare ("Three", "Six": an answer or a number) takes the plain endpoint."""
         seg, ahead = self._segmenter, self._early_final
         if (ahead is None or not ahead.result.done() or ahead.result.cancelled()
                 or ahead.result.exception() is not None
@@ -221,7 +222,8 @@ class SpeechStream:
         result = ahead.result.result()
         if result is None:
             return
-        if unfinished(result.text, result.language):
+        if unfinished(result.text, result.language) or (
+                not finished(result.text, result.language) and len(result.text.split()) > 1):
             seg.unfinished = True
         elif finished(result.text, result.language) and seg.pause_ms >= self.options.sentence_endpoint_ms:
             event = seg.end_in_pause()
@@ -318,7 +320,10 @@ class SpeechStream:
         audio = self._recent.between(max(0.0, lead_start), audio_start)
         if audio is None:
             return before
-        return replace(before, audio=audio, spoken=" ".join(w for _, _, w in last.words[first:]))
+        # Without its end mark: begun this soon, the fragment may well go on the sentence, and after a period
+        # Whisper starts a new one ("who's. Place." for "whose place").
+        spoken = " ".join(w for _, _, w in last.words[first:]).rstrip(".!?。！？…")
+        return replace(before, audio=audio, spoken=spoken)
 
     @property
     def _no_words_shown(self) -> bool:
