@@ -60,12 +60,18 @@ def rejected(text: str, avg_logprob: float, no_speech_prob: float) -> bool:
 def cut_loop(tokens: list[int], min_period: int = 5) -> list[int]:
     """Whisper's loop: the output ends with the same block of tokens two or more times. Keep one.
 
-    A speaker rarely repeats five or more tokens verbatim back to back; the decoder, given a
-    little trailing silence, does it readily. A last copy cut short by the length cap counts too,
-    and so does a copy whose first token differs (a sentence said again with a capital, "yet
-    these thoughts ... Yet these thoughts ...").
+    A speaker rarely repeats five or more tokens verbatim back to back, or three or four tokens three
+    times; the decoder, given a little trailing silence, does it readily. A last copy cut short by the
+    length cap counts too, and so does a copy whose first token differs (a sentence said again with a
+    capital, "yet these thoughts ... Yet these thoughts ...").
     """
     n, keep = len(tokens), len(tokens)
+    for period in range(3, min_period):  # a shorter block is a loop at its third copy ("Bling trees." x3)
+        i = n - 1
+        while i >= period and tokens[i] == tokens[i - period]:
+            i -= 1
+        if n - (i + 1 - period) >= 3 * period:
+            keep = min(keep, i + 1)
     for period in range(min_period, n // 2 + 1):
         i = n - 1
         while i >= period and tokens[i] == tokens[i - period]:

@@ -649,8 +649,10 @@ def test_cut_loop_keeps_one_copy_of_a_repeated_tail():
     assert cut_loop(sentence + [1, 2, 3]) == sentence + [1, 2, 3]  # no repeat: untouched
     again = [99] + sentence[1:]  # the same sentence again, its first word capitalised
     assert cut_loop([1, 2] + sentence + again) == [1, 2] + sentence
-    short = [7, 8, 9, 7, 8, 9]  # "no, no, no": short repeats are speech, not a loop
+    short = [7, 8, 9, 7, 8, 9]  # "I said, I said": short repeats are speech, not a loop
     assert cut_loop(short) == short
+    assert cut_loop([7, 8] * 4) == [7, 8] * 4  # "no, no, no, no"
+    assert cut_loop([1, 2] + [7, 8, 9, 6] * 3 + [7, 8]) == [1, 2, 7, 8, 9, 6]  # "Bling trees." three times
 
 
 def test_end_in_pause_closes_the_utterance_at_its_last_speech(vad_model):
