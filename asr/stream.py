@@ -222,13 +222,13 @@ class SpeechStream:
         result = ahead.result.result()
         if result is None:
             return
-        if unfinished(result.text, result.language) or (
-                not finished(result.text, result.language) and len(result.text.split()) > 1):
+        if finished(result.text, result.language):
+            if seg.pause_ms >= self.options.sentence_endpoint_ms:
+                event = seg.end_in_pause()
+                if event is not None:
+                    self._on_segment(event)
+        elif unfinished(result.text, result.language) or len(result.text.split()) > 1:
             seg.unfinished = True
-        elif finished(result.text, result.language) and seg.pause_ms >= self.options.sentence_endpoint_ms:
-            event = seg.end_in_pause()
-            if event is not None:
-                self._on_segment(event)
 
     def _drop_early_final(self) -> None:
         if self._early_final is not None:

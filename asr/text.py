@@ -66,21 +66,16 @@ def cut_loop(tokens: list[int], min_period: int = 5) -> list[int]:
     capital, "yet these thoughts ... Yet these thoughts ...").
     """
     n, keep = len(tokens), len(tokens)
-    for period in range(3, min_period):  # a shorter block is a loop at its third copy ("Bling trees." x3)
-        i = n - 1
-        while i >= period and tokens[i] == tokens[i - period]:
-            i -= 1
-        if n - (i + 1 - period) >= 3 * period:
-            keep = min(keep, i + 1)
-    for period in range(min_period, n // 2 + 1):
+    for period in range(3, n // 2 + 1):
+        copies = 2 if period >= min_period else 3  # a shorter block is a loop at its third copy
         i = n - 1
         while i >= period and tokens[i] == tokens[i - period]:
             i -= 1
         # tokens[i + 1 - period : n] repeats with this period; its first copy ends at i + 1.
         repeated = n - (i + 1 - period)
-        if repeated >= 2 * period:
+        if repeated >= copies * period:
             keep = min(keep, i + 1)
-        elif repeated == 2 * period - 1:  # tokens[i] starts the second copy, in another spelling
+        elif copies == 2 and repeated == 2 * period - 1:  # tokens[i] starts the second copy, in another spelling
             keep = min(keep, i)
     return tokens[:keep]
 
