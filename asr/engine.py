@@ -184,7 +184,12 @@ class WhisperEngine:
         decoded = self._outcome(result, tokenizer, max_length)
         if decoded.tokens[:len(prefix)] != prefix:  # CTranslate2 returns the forced prefix with the new words
             return None
-        decoded = decoded._replace(tokens=decoded.tokens[len(prefix):])
+        new = decoded.tokens[len(prefix):]
+        # The prefix went without its end mark, which Whisper may then write first ("? Still more"): that mark
+        # belongs to the words before, not to the fragment.
+        while new and text.punctuation(tokenizer.decode(new[:1])):
+            new = new[1:]
+        decoded = decoded._replace(tokens=new)
         if (not decoded.tokens or not text.settled(decoded, tokenizer)
                 or text.silent(decoded.avg_logprob, decoded.no_speech_prob)
                 or text.repeats(tokenizer, decoded.tokens, prefix)):

@@ -5,6 +5,7 @@ holds the rules for the text that comes out and the tokens that go in."""
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import NamedTuple
 
 from faster_whisper.tokenizer import Tokenizer
@@ -96,6 +97,12 @@ def spell_lone_digit(text: str) -> str:
 def wordless(text: str) -> bool:
     """Not one letter or digit, in any script: nothing said."""
     return not any(c.isalnum() for c in text)
+
+
+def punctuation(text: str) -> bool:
+    """Punctuation marks only, with no letter, digit or part of one (a CJK character's first byte)."""
+    marks = text.strip()
+    return bool(marks) and all(unicodedata.category(c).startswith("P") for c in marks)
 
 
 def word_count(text: str) -> int:

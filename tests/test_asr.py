@@ -23,7 +23,7 @@ from asr.engine import Before, DecodeOptions, WhisperEngine
 from asr.policy import MAX_BATCH
 from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
 from asr.stream import SpeechStream, StreamOptions
-from asr.text import cut_loop, rejected, spell_lone_digit
+from asr.text import cut_loop, punctuation, rejected, spell_lone_digit
 from asr.vad import SileroModel, SileroVAD, VadBatch
 from asr.worker import DecodePool
 from speech import (at_level, data_recording, devset_variants, load_devset, normalize, recording, segment, wer,
@@ -789,6 +789,16 @@ def test_dots_are_no_words_and_never_carry_over(engine):
         piece = jfk[int(seconds.start * 16000):int(seconds.stop * 16000)]
         said = engine.transcribe(piece, "en", final=True, before=Before("... ... ... ..."))
         assert said is not None and normalize(said.text) == words, said
+
+
+def test_marks_alone_are_punctuation_but_a_characters_first_byte_is_not(engine):
+    """A fragment's continuation drops the marks it begins with: its prefix went without its end mark, and
+    Whisper wrote that first ("? Still more"). A CJK character's first byte token must never go with them."""
+    assert punctuation("?") and punctuation(" ,") and punctuation("...") and punctuation("。")
+    assert not (punctuation("") or punctuation(" a") or punctuation("\ufffd"))
+    tokenizer = engine._tokenizer("en")
+    (first, *rest) = tokenizer.encode(" 見")
+    assert rest and not punctuation(tokenizer.decode([first]))
 
 
 async def test_a_streams_own_partial_is_no_company_for_its_final(engine):
