@@ -79,6 +79,9 @@ class Config:
     unfinished_endpoint_ms: int = field(default=1600, metadata={
         "help": "silence that ends an utterance whose early final stops mid-clause (on a comma or dash, or a word "
                 "such as \"the\" or \"and\") or ends several words with no end mark; at least `--endpoint-ms`"})
+    verdict_wait_ms: int = field(default=300, metadata={
+        "help": "how much longer than `--endpoint-ms` a pause may run while its early final, which may call the "
+                "words unfinished, is still being decoded"})
     context_chars: int = field(default=200, metadata={
         "help": "characters of a session's last finals that the next decode continues (Whisper's previous-text "
                 "prompt), used when the last final stopped mid-clause; 0: every utterance alone"})
@@ -188,8 +191,8 @@ class Config:
             raise ValueError("max_utterance_s must be in (0, 30]: Whisper sees at most 30 s")
         if self.endpoint_ms < 100:
             raise ValueError("endpoint_ms must be at least 100")
-        if self.context_chars < 0 or self.vad_refresh_ms < 0 or self.fragment_context_s < 0:
-            raise ValueError("context_chars, vad_refresh_ms and fragment_context_s must be 0 or more")
+        if min(self.context_chars, self.vad_refresh_ms, self.fragment_context_s, self.verdict_wait_ms) < 0:
+            raise ValueError("context_chars, vad_refresh_ms, fragment_context_s and verdict_wait_ms must be 0 or more")
         if not (5 <= self.decode_window_s <= 30 and 5 <= self.busy_decode_window_s <= 30):
             raise ValueError("decode_window_s and busy_decode_window_s must be between 5 and 30")
         if self.decode_workers < 1 or self.cpu_threads < 1:

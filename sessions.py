@@ -387,7 +387,8 @@ class SessionRegistry:
             self._segmenter_config, endpoint_ms=options.endpoint_ms,
             # A session's own endpoint moves the unfinished-clause endpoint by as much.
             unfinished_endpoint_ms=options.endpoint_ms
-            + max(0, self.config.unfinished_endpoint_ms - self.config.endpoint_ms))
+            + max(0, self.config.unfinished_endpoint_ms - self.config.endpoint_ms),
+            verdict_wait_ms=self.config.verdict_wait_ms)
         if options.vad_threshold is not None:
             segmenter_config = replace(segmenter_config, threshold=options.vad_threshold,
                                        neg_threshold=max(0.05, options.vad_threshold - 0.15))

@@ -28,6 +28,9 @@ class SegmenterConfig:
     # that from its early final): a speaker who pauses after "for our purpose," has not finished. Longer
     # than most hesitations.
     unfinished_endpoint_ms: int = 1600
+    # How much longer than endpoint_ms a pause may run while the stream still waits for that verdict: the
+    # early final that would call it unfinished may be a decode away.
+    verdict_wait_ms: int = 300
     tail_ms: int = 200  # silence kept after the last speech: Whisper ends words better with it
     # Never beyond Whisper's 30 s window. A shorter limit makes the final that ends a long sentence cheaper,
     # but cuts more sentences where the reader only took a breath.
@@ -56,6 +59,7 @@ class SpeechEnded:
     audio_start: float  # timeline position of audio[0]
     continued: bool = False  # cut for length while the speaker went on, not ended by a pause
     cause: str = "endpoint"  # one of CAUSES
+    voiced: int = 0  # the segmenter's `voiced` when it ended
 
 
 SegmentEvent = SpeechStarted | SpeechEnded
@@ -69,8 +73,10 @@ class Segmenter:
         self._recent: deque[np.ndarray] = deque()
         self.configure(config)
         self.unfinished = False  # set by the stream for the pause in progress; cleared when speech resumes
+        self.judging = False  # set by the stream while the early final that judges this pause is decoded
         self._unprocessed = np.zeros(0, dtype=np.float32)
         self._position = 0  # windows seen since the stream began
+        self._voiced = 0
         self._utterance = 0
         self._windows: list[np.ndarray] = []  # current (candidate) utterance, pre-roll included
         self._probs: list[float] = []
@@ -89,6 +95,8 @@ class Segmenter:
         self._preroll_windows = max(1, round(config.preroll_ms / 1000 / _WINDOW_S))
         self._endpoint_windows = max(1, round(config.endpoint_ms / 1000 / _WINDOW_S))
         self._unfinished_windows = max(self._endpoint_windows, round(config.unfinished_endpoint_ms / 1000 / _WINDOW_S))
+        self._judging_windows = min(self._unfinished_windows,
+                                    self._endpoint_windows + round(config.verdict_wait_ms / 1000 / _WINDOW_S))
         self._min_speech_windows = max(1, round(config.min_speech_ms / 1000 / _WINDOW_S))
         self._tail_windows = min(self._endpoint_windows, round(config.tail_ms / 1000 / _WINDOW_S))
         self._split_pause_windows = max(1, round(config.split_pause_ms / 1000 / _WINDOW_S))
@@ -120,6 +128,13 @@ class Segmenter:
     def vad_pause_ms(self) -> float:
         """How long the VAD has heard no speech: `pause_ms` without the audio's head start."""
         return self._silence * _WINDOW_S * 1000 if self._confirmed else 0.0
+
+    @property
+    def voiced(self) -> int:
+        """The last window the VAD did not call silence, counted from the stream's start. While it stands, no
+        word has been said since: a decode of the utterance so far still holds, however the pause's start
+        moves with the audio's level."""
+        return self._voiced
 
     @property
     def speech_end(self) -> float:
@@ -190,6 +205,8 @@ class Segmenter:
 
     def _step(self, window: np.ndarray, prob: float, level: float, events: list[SegmentEvent]) -> None:
         c = self.config
+        if prob >= c.neg_threshold:
+            self._voiced = self._position
         if not self._active:
             self._recent.append(window)
             if prob >= c.threshold:
@@ -223,7 +240,8 @@ class Segmenter:
                 self._discard()
             return
         length = len(self._windows)
-        endpoint = self._unfinished_windows if self.unfinished else self._endpoint_windows
+        endpoint = (self._unfinished_windows if self.unfinished
+                    else self._judging_windows if self.judging else self._endpoint_windows)
         if self._pause >= endpoint or (
             length > self._max_windows // 2 and self._silence >= self._split_pause_windows
         ):
@@ -258,6 +276,7 @@ class Segmenter:
             audio_start=self.audio_start,
             continued=continued,
             cause="split" if continued else cause,
+            voiced=self._voiced,
         )
 
     def _quietest_point(self) -> int:

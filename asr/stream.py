@@ -82,7 +82,7 @@ class _Recent:
 @dataclass
 class _EarlyFinal:
     utterance: int
-    speech_end: float
+    voiced: int  # the segmenter's `voiced` when it was asked for: no word said since while it stands
     result: asyncio.Future
 
 
@@ -136,6 +136,11 @@ class SpeechStream:
             self._vad_batch.submit(self._segmenter.vad, windows, self._advance)
 
     def _advance(self, windows: np.ndarray, probs: np.ndarray) -> None:
+        # A verdict that came since the last windows sets the endpoint these are judged by; while it is
+        # still being decoded, the endpoint waits a little for it.
+        self._maybe_end_sentence()
+        ahead = self._early_final
+        self._segmenter.judging = ahead is not None and not ahead.result.done()
         for event in self._segmenter.advance(windows, probs):
             self._on_segment(event)
         self._maybe_early_final()
@@ -194,21 +199,22 @@ class SpeechStream:
         """Decode the final while the endpoint silence runs, so it is ready when the endpoint is."""
         seg = self._segmenter
         ahead = self._early_final
-        if ahead is not None and (ahead.utterance != seg.utterance or seg.speech_end != ahead.speech_end):
+        if ahead is not None and (ahead.utterance != seg.utterance or seg.voiced != ahead.voiced):
             self._drop_early_final()  # speech resumed: that early final is stale
             ahead = None
         early = self.options.early_final_ms
-        # Only on spare capacity: an early final must never push a final back. An idle pool starts one
-        # as soon as the voice has stopped for `early` ms; a busy one waits until the VAD agrees:
+        # Only on spare capacity: an early final must never push a final back. A pool idle but for this
+        # stream's own partials starts one as soon as the voice has stopped for `early` ms; a busy one waits
+        # until the VAD agrees:
         # early finals timed by the voice alone begin in short pauses mid-sentence too, and under load
         # the decodes they waste cost more latency than the sooner endpoint saves.
-        pause = seg.pause_ms if self._pool.idle else seg.vad_pause_ms
+        pause = seg.pause_ms if self._pool.idle_for(self._key) else seg.vad_pause_ms
         if (ahead is None and early and seg.in_speech and pause >= early
                 and not self._pool.finals_waiting):
             audio = seg.speech_audio()
             before = self._before_fragment(seg.onset, seg.speech_end, seg.audio_start)
             result = self._pool.early_final(self._key, audio, self.options.language, before)
-            self._early_final = _EarlyFinal(seg.utterance, seg.speech_end, result)
+            self._early_final = _EarlyFinal(seg.utterance, seg.voiced, result)
 
     def _maybe_end_sentence(self) -> None:
         """The early final judges the pause: a finished sentence needs less silence to be sure of; words that
@@ -217,7 +223,7 @@ class SpeechStream:
         seg, ahead = self._segmenter, self._early_final
         if (ahead is None or not ahead.result.done() or ahead.result.cancelled()
                 or ahead.result.exception() is not None
-                or ahead.utterance != seg.utterance or ahead.speech_end != seg.speech_end):
+                or ahead.utterance != seg.utterance or ahead.voiced != seg.voiced):
             return
         result = ahead.result.result()
         if result is None:
@@ -237,7 +243,7 @@ class SpeechStream:
 
     def _take_final(self, event: SpeechEnded) -> asyncio.Future:
         ahead, self._early_final = self._early_final, None
-        if ahead is not None and ahead.utterance == event.utterance and ahead.speech_end == event.end:
+        if ahead is not None and ahead.utterance == event.utterance and ahead.voiced == event.voiced:
             self._pool.promote(self._key)
             return ahead.result
         if ahead is not None:

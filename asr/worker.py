@@ -102,6 +102,12 @@ class DecodePool:
         """No decode runs or waits."""
         return not (self._busy or self.depth)
 
+    def idle_for(self, key: Hashable) -> bool:
+        """No decode runs or waits but the partials of stream `key`, which its final makes obsolete."""
+        with self._cond:
+            return not policy.has_company(key, True, self._busy, self._busy_partials, len(self._finals),
+                                          len(self._early_finals), self._partials)
+
     @property
     def finals_waiting(self) -> int:
         """Finals not yet started: while any wait, extra work would only delay them."""

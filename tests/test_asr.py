@@ -608,7 +608,7 @@ async def test_the_early_final_starts_once_the_voice_pauses_if_the_pool_is_idle(
     probability has fallen; a busy one waits until the VAD has heard 160 ms of pause. Either way the
     early final is the final, and a sentence ends after 400 ms of pause rather than the 500 ms endpoint."""
     if not idle:
-        monkeypatch.setattr(DecodePool, "idle", property(lambda self: False))
+        monkeypatch.setattr(DecodePool, "idle_for", lambda self, key: False)
     pool = DecodePool(engine, max_finals=4)
     pool.start()
     events: list[dict] = []
@@ -671,6 +671,31 @@ def test_end_in_pause_closes_the_utterance_at_its_last_speech(vad_model):
     assert segmenter.push(np.zeros(16000, np.float32)) == []  # the same utterance never ends twice
 
 
+def test_a_blip_of_room_tone_in_a_pause_keeps_the_early_final_but_a_voice_does_not(vad_model):
+    """The pause counts from where the audio went quiet, ahead of the VAD, so a window of room tone louder
+    than that quiet moves the end of speech later. In a quiet recording such a blip once made the early
+    final stale and its verdict ("Many people don't think...", unfinished) was lost; the utterance then ended
+    600 ms into a 1 s hesitation. The early final holds until the VAD hears a voice again."""
+    def windows(level_db: float, n: int) -> np.ndarray:
+        return np.full((n, 512), 10 ** (level_db / 20), np.float32)
+
+    segmenter = Segmenter(SileroVAD(vad_model), SegmenterConfig(endpoint_ms=1000))
+
+    def feed(level_db: float, n: int, prob: float) -> None:
+        for window in windows(level_db, n):
+            segmenter.advance(window[None], np.array([prob], np.float32))
+
+    feed(-20, 20, 0.9)  # speech
+    feed(-60, 3, 0.6)  # the voice has stopped; Silero lags
+    feed(-60, 4, 0.1)
+    asked = (segmenter.speech_end, segmenter.voiced)  # where an early final starts
+    feed(-36, 1, 0.1)  # the blip: louder than the quiet, silence to the VAD
+    feed(-60, 3, 0.1)
+    assert segmenter.speech_end > asked[0] and segmenter.voiced == asked[1]
+    feed(-25, 1, 0.4)  # a soft voice, doubtful to the VAD
+    assert segmenter.voiced != asked[1]
+
+
 def _whole_windows(audio: np.ndarray) -> np.ndarray:
     """`audio` padded with silence to whole VAD windows, so that what follows starts on the window grid."""
     return np.concatenate([audio, np.zeros(-audio.size % 512, np.float32)])
@@ -712,16 +737,22 @@ def test_a_long_session_hears_speech_at_its_end_exactly_as_at_its_start(vad_mode
 
 
 async def streamed_finals(engine: WhisperEngine, vad_model: SileroModel, audio: np.ndarray,
-                          config: SegmenterConfig = SegmenterConfig()) -> list[dict]:
-    """`audio` through a stream of its own, every decode done before the next 20 ms: the finals."""
+                          config: SegmenterConfig = SegmenterConfig(), decode_s: float = 0.0) -> list[dict]:
+    """`audio` through a stream of its own, every decode done before the next 20 ms, or for an early final
+    `decode_s` of audio after it was asked for: the finals."""
     pool = DecodePool(engine, max_finals=4)
     pool.start()
     events: list[dict] = []
     stream = SpeechStream(pool, Segmenter(SileroVAD(vad_model), config),
                           StreamOptions(language="en", partials=False), events.append)
+    early, asked = None, 0.0  # the latest early final, and the audio time when it was asked for
     try:
         for i in range(0, audio.size, 320):
             stream.feed(audio[i : i + 320])
+            if stream._early_final is not None and stream._early_final is not early:
+                early, asked = stream._early_final, i / 16000
+            if early is not None and (i + 320) / 16000 - asked < decode_s:
+                continue  # its result waits on the loop, which this feed does not yield to
             await asyncio.sleep(0)
             while not pool.idle:
                 await asyncio.sleep(0.002)
@@ -765,6 +796,22 @@ async def test_a_hesitation_after_words_left_open_does_not_end_the_utterance(eng
     finals = await streamed_finals(engine, vad_model, audio)
     assert len(finals) == 1, finals
     assert word_errors(reference, finals[0]["text"])[0] <= 2, finals[0]["text"]
+
+
+@pytest.mark.parametrize("verdict_wait_ms", [300, 0])
+async def test_the_endpoint_waits_a_little_for_the_early_finals_verdict(engine, vad_model, verdict_wait_ms):
+    """On a busy server the early final that calls "... and which was [1.4 s]" unfinished comes back 660 ms
+    into the pause, after the 600 ms endpoint. The endpoint waits up to 300 ms more for it, and the sentence
+    is one final; not waiting cuts it in two."""
+    rec = data_recording("fleurs-en-002")
+    words = engine.transcribe(rec.audio, "en", final=True).words
+    spoken = [w.word.strip(",.").lower() for w in words]
+    cut = int((words[spoken.index("was")].end + 0.05) * 16000)
+    end = int((words[spoken.index("famous")].end + 0.1) * 16000)
+    audio = padded(np.concatenate([rec.audio[:cut], np.zeros(int(1.4 * 16000), np.float32), rec.audio[cut:end]]))
+    finals = await streamed_finals(engine, vad_model, audio, SegmenterConfig(verdict_wait_ms=verdict_wait_ms),
+                                   decode_s=0.5)
+    assert len(finals) == (1 if verdict_wait_ms else 2), finals
 
 
 async def test_a_short_fragment_is_heard_after_the_words_before_it(engine, vad_model):
