@@ -763,18 +763,24 @@ async def streamed_finals(engine: WhisperEngine, vad_model: SileroModel, audio: 
     return [e for e in events if e["type"] == "transcript.final"]
 
 
+def with_pause(engine: WhisperEngine, rec, after: str, until: str, pause_s: float) -> tuple[np.ndarray, str, int]:
+    """`rec` up to the word `until`, with `pause_s` of silence after the word `after` (found by Whisper's word
+    timings), padded: the audio, the reference text up to `until`, and the cut's sample in `rec`."""
+    words = engine.transcribe(rec.audio, "en", final=True).words
+    spoken = [w.word.strip(",.").lower() for w in words]
+    cut = int((words[spoken.index(after)].end + 0.05) * 16000)
+    end = int((words[spoken.index(until)].end + 0.1) * 16000)
+    pause = np.zeros(int(pause_s * 16000), np.float32)
+    audio = padded(np.concatenate([rec.audio[:cut], pause, rec.audio[cut:end]]))
+    return audio, rec.text[:rec.text.index(until) + len(until)], cut
+
+
 async def test_a_pause_mid_clause_does_not_end_the_utterance(engine, vad_model):
     """ "... infection control, including [700 ms] separating the patient ..." is one final: the early
     final ends on "including", so the pause must reach 1 s, not the 500 ms endpoint, to end it. Decodes
     here take no audio time."""
-    rec = data_recording("fleurs-en-005")
-    words = engine.transcribe(rec.audio, "en", final=True).words
-    spoken = [w.word.strip(",.").lower() for w in words]
-    cut = int((words[spoken.index("including")].end + 0.05) * 16000)
     # The sentence up to "from others": the speaker pauses again later, after a clause that reads as whole.
-    end = int((words[spoken.index("others")].end + 0.1) * 16000)
-    audio = padded(np.concatenate([rec.audio[:cut], np.zeros(int(0.7 * 16000), np.float32), rec.audio[cut:end]]))
-    reference = rec.text[:rec.text.index("others") + len("others")]
+    audio, reference, _ = with_pause(engine, data_recording("fleurs-en-005"), "including", "others", 0.7)
     finals = await streamed_finals(engine, vad_model, audio,
                                    SegmenterConfig(endpoint_ms=500, unfinished_endpoint_ms=1000))
     assert len(finals) == 1, finals
@@ -786,13 +792,8 @@ async def test_a_hesitation_after_words_left_open_does_not_end_the_utterance(eng
     the pause, the words end bare ("... and which was"), with no end mark. Several words that Whisper did not
     end wait for the unfinished endpoint, longer than most hesitations, and the sentence is one final."""
     rec = data_recording("fleurs-en-002")
-    words = engine.transcribe(rec.audio, "en", final=True).words
-    spoken = [w.word.strip(",.").lower() for w in words]
-    cut = int((words[spoken.index("was")].end + 0.05) * 16000)
-    end = int((words[spoken.index("famous")].end + 0.1) * 16000)
+    audio, reference, cut = with_pause(engine, rec, "was", "famous", 1.4)
     assert not engine.transcribe(rec.audio[:cut + 3200], "en", final=True).text.endswith((".", ",", "?", "!"))
-    audio = padded(np.concatenate([rec.audio[:cut], np.zeros(int(1.4 * 16000), np.float32), rec.audio[cut:end]]))
-    reference = rec.text[:rec.text.index("famous") + len("famous")]
     finals = await streamed_finals(engine, vad_model, audio)
     assert len(finals) == 1, finals
     assert word_errors(reference, finals[0]["text"])[0] <= 2, finals[0]["text"]
@@ -800,15 +801,10 @@ async def test_a_hesitation_after_words_left_open_does_not_end_the_utterance(eng
 
 @pytest.mark.parametrize("verdict_wait_ms", [300, 0])
 async def test_the_endpoint_waits_a_little_for_the_early_finals_verdict(engine, vad_model, verdict_wait_ms):
-    """On a busy server the early final that calls "... and which was [1.4 s]" unfinished comes back 660 ms
-    into the pause, after the 600 ms endpoint. The endpoint waits up to 300 ms more for it, and the sentence
-    is one final; not waiting cuts it in two."""
-    rec = data_recording("fleurs-en-002")
-    words = engine.transcribe(rec.audio, "en", final=True).words
-    spoken = [w.word.strip(",.").lower() for w in words]
-    cut = int((words[spoken.index("was")].end + 0.05) * 16000)
-    end = int((words[spoken.index("famous")].end + 0.1) * 16000)
-    audio = padded(np.concatenate([rec.audio[:cut], np.zeros(int(1.4 * 16000), np.float32), rec.audio[cut:end]]))
+    """On a busy server (here each early final takes 0.5 s of audio) the early final that calls "... and
+    which was [1.4 s]" unfinished comes back after the 600 ms endpoint. The endpoint waits up to 300 ms more
+    for it, and the sentence is one final; not waiting cuts it in two."""
+    audio, _, _ = with_pause(engine, data_recording("fleurs-en-002"), "was", "famous", 1.4)
     finals = await streamed_finals(engine, vad_model, audio, SegmenterConfig(verdict_wait_ms=verdict_wait_ms),
                                    decode_s=0.5)
     assert len(finals) == (1 if verdict_wait_ms else 2), finals
