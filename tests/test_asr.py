@@ -260,10 +260,14 @@ def test_word_timings_agree_with_faster_whisper(engine):
         ours = engine.transcribe(rec.audio, "en", final=True, greedy=greedy).words
         segments, _ = reference.transcribe(rec.audio, language="en", word_timestamps=True)
         theirs = [w for s in segments for w in s.words]
-        blocks = difflib.SequenceMatcher(None, *[[w.word.strip(" ,.?!").lower() for w in ws] for ws in (ours, theirs)],
-                                         autojunk=False).get_matching_blocks()
-        matched = [(ours[m.a + k], theirs[m.b + k]) for m in blocks for k in range(m.size)]
-        assert len(matched) >= 0.6 * len(theirs), (rec.id, ours, theirs)  # greedy hears some words otherwise
+        said = [difflib.SequenceMatcher(None, *[[key(w.word) for w in ws] for ws in (ours, theirs)],
+                                        autojunk=False).get_matching_blocks()
+                for key in (lambda w: w.strip(" ,.?!").lower(), lambda w: w.strip().lower())]
+        assert sum(m.size for m in said[0]) >= 0.6 * len(theirs), (rec.id, ours, theirs)  # greedy hears some otherwise
+        # Where one transcript has a comma the other has not, the mark takes its own share of the pause after
+        # it: a word is compared where both agree on it, its marks and the word before it.
+        matched = [(ours[m.a + k], theirs[m.b + k]) for m in said[1] for k in range(m.size)
+                   if k or not (m.a or m.b)]
         gaps = [max(abs(a.start - b.start), abs(a.end - b.end)) for a, b in matched]
         assert np.mean(gaps) < 0.05 and max(gaps) < 0.4, (rec.id, gaps)
 
