@@ -73,6 +73,9 @@ class Config:
     busy_decode_window_s: float = field(default=10.0, metadata={
         "help": "the same for partials while other decodes run or wait, and for finals in a burst: cheaper, less "
                 "accurate"})
+    lift_dbfs: float = field(default=-40.0, metadata={
+        "help": "speech quieter than this active level (dBFS) is brought up to it before Whisper hears it, which "
+                "mishears very quiet speech (at most 40 dB, never to clipping); 0: never"})
     language: str = field(default="", metadata={
         "help": "default language code; empty: en for English-only models, detect otherwise"})
     endpoint_ms: int = field(default=600, metadata={"help": "silence that ends an utterance"})
@@ -195,6 +198,8 @@ class Config:
             raise ValueError("context_chars, vad_refresh_ms, fragment_context_s and verdict_wait_ms must be 0 or more")
         if not (5 <= self.decode_window_s <= 30 and 5 <= self.busy_decode_window_s <= 30):
             raise ValueError("decode_window_s and busy_decode_window_s must be between 5 and 30")
+        if not -80 <= self.lift_dbfs <= 0:
+            raise ValueError("lift_dbfs must be between -80 and 0 (0: never)")
         if self.decode_workers < 1 or self.cpu_threads < 1:
             raise ValueError("decode_workers and cpu_threads must be at least 1")
         if not 0 <= self.decode_nice <= 19:

@@ -149,14 +149,17 @@ async def load_model(app: web.Application, config: Config) -> None:
     registry.worker = pool
 
 
+def decode_options(config: Config) -> DecodeOptions:
+    return DecodeOptions(beam_size=config.beam_size, cpu_threads=config.cpu_threads, workers=config.decode_workers,
+                         nice=config.decode_nice, window_s=config.decode_window_s,
+                         busy_window_s=config.busy_decode_window_s, lift_dbfs=config.lift_dbfs or None)
+
+
 def load_engine(config: Config) -> WhisperEngine:
     started = time.monotonic()
     engine = WhisperEngine(
         config.model, device=config.device, compute_type=config.compute_type,
-        options=DecodeOptions(beam_size=config.beam_size, cpu_threads=config.cpu_threads,
-                              workers=config.decode_workers, nice=config.decode_nice,
-                              window_s=config.decode_window_s, busy_window_s=config.busy_decode_window_s),
-    )
+        options=decode_options(config))
     engine.warm_up()
     log.info("model ready in %.1fs", time.monotonic() - started)
     return engine

@@ -16,7 +16,7 @@ from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
 from faster_whisper.transcribe import get_ctranslate2_storage, get_suppressed_tokens, merge_punctuations
 
 from . import models, text
-from .audio import SAMPLE_RATE
+from .audio import SAMPLE_RATE, lifted
 from .text import Decoded
 from .threads import on_daemon_thread
 
@@ -71,6 +71,8 @@ class DecodeOptions:
     # prompt, as offline transcription conditions each window on the last): a piece cut at a pause is
     # then read as the continuation it is. 0: each utterance alone.
     context_tokens: int = 64
+    # Speech quieter than this active level (dBFS) is brought up to it before Whisper hears it; None: never.
+    lift_dbfs: float | None = -40.0
 
 
 # The encoder hears at least _ENCODE_PAD_S of silence after the utterance, rounded up to whole
@@ -283,6 +285,8 @@ class WhisperEngine:
 
     def _encode_window(self, audio: np.ndarray, window: float) -> np.ndarray:
         padded = np.zeros(int(window * SAMPLE_RATE), np.float32)
+        if self.options.lift_dbfs is not None:
+            audio = lifted(audio, self.options.lift_dbfs)
         padded[: audio.size] = audio[: padded.size]
         frames = int(window * 100) // 2 * 2  # the encoder's convolution halves the frame count
         features = self._model.feature_extractor(padded)[:, :frames]

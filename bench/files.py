@@ -65,16 +65,15 @@ class Livestt:
     """The server's file path in this process: engine, decode worker, FileTranscriber, Config's defaults."""
 
     def __init__(self, model: str, threads: int) -> None:
-        from asr.engine import DecodeOptions, WhisperEngine
+        from asr.engine import WhisperEngine
         from asr.vad import SileroModel
         from config import Config
+        from server import decode_options
         from sessions import SessionRegistry
 
         config = Config(model=model, decode_workers=threads)
         self.config = config
-        self.engine = WhisperEngine(model, options=DecodeOptions(
-            beam_size=config.beam_size, cpu_threads=config.cpu_threads, workers=threads,
-            window_s=config.decode_window_s, busy_window_s=config.busy_decode_window_s))
+        self.engine = WhisperEngine(model, options=decode_options(config))
         self.engine.warm_up()
         self.vad = SileroModel()
         self.segmenter = SessionRegistry(config, None, self.vad).segmenter_config
