@@ -15,27 +15,29 @@ SAMPLE_RATE = 16000
 MIN_RATE, MAX_RATE = 8000, 48000
 
 
-# Speech levels are measured over 20 ms frames, as ITU-T P.56 and devset-wide's notes do.
-_LEVEL_FRAME = SAMPLE_RATE // 50
+def active_level_db(audio: np.ndarray) -> float:
+    """Active speech level, as devset-wide's notes measure it (after ITU-T P.56): the RMS, in dBFS, of the
+    20 ms frames within 25 dB of the 95th-percentile frame. -inf for digital silence."""
+    frame = SAMPLE_RATE // 50
+    frames = audio[: audio.size // frame * frame].reshape(-1, frame).astype(np.float64)
+    if not frames.size:
+        return -np.inf
+    power = np.einsum("ij,ij->i", frames, frames) / frame
+    if power.max() < 1e-12:
+        return -np.inf
+    power_db = 10 * np.log10(power + 1e-20)
+    return float(10 * np.log10(power[power_db >= np.percentile(power_db, 95) - 25].mean()))
 
 
 def lifted(audio: np.ndarray, target_dbfs: float, max_gain_db: float = 40.0) -> np.ndarray:
     """`audio` with its speech brought up to an active level of `target_dbfs`, never down, never clipped.
 
     Whisper's log-mel input is not normalised for level: speech far quieter than it was trained on (a distant
-    speaker at -65 dBFS) is misheard where the same speech louder is not. The active level is the RMS of the
-    20 ms frames within 25 dB of the loudest (95th percentile) frame; digital silence stays as it is."""
-    frames = audio[: audio.size // _LEVEL_FRAME * _LEVEL_FRAME].reshape(-1, _LEVEL_FRAME).astype(np.float64)
-    if not frames.size:
+    speaker at -65 dBFS) is misheard where the same speech louder is not. Digital silence stays as it is."""
+    level_db = active_level_db(audio)
+    if level_db == -np.inf:
         return audio
-    power = np.einsum("ij,ij->i", frames, frames) / _LEVEL_FRAME
-    loud = np.percentile(power, 95)
-    if loud < 1e-12:
-        return audio
-    level_db = 10 * np.log10(power[power >= loud * 10 ** -2.5].mean())
-    gain_db = min(target_dbfs - level_db, max_gain_db)
-    peak = float(np.abs(audio).max())
-    gain = min(10 ** (gain_db / 20), 0.99 / peak)
+    gain = min(10 ** (min(target_dbfs - level_db, max_gain_db) / 20), 0.99 / float(np.abs(audio).max()))
     return (audio * gain).astype(np.float32) if gain > 1 else audio
 
 

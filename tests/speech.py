@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 
-from asr.audio import Resampler
+from asr.audio import Resampler, active_level_db
 from asr.segmenter import SegmentEvent, Segmenter, SegmenterConfig
 from asr.vad import SileroModel, SileroVAD
 
@@ -85,15 +85,6 @@ def segment(vad_model: SileroModel, audio: np.ndarray, chunk: int = 320, **overr
     for i in range(0, audio.size, chunk):
         events += segmenter.push(audio[i : i + chunk])
     return events + segmenter.flush()
-
-
-def active_level_db(audio: np.ndarray) -> float:
-    """Active speech level as devset-wide measures it: the RMS of the 20 ms frames within 25 dB of the
-    95th-percentile frame."""
-    frames = audio[: audio.size // 320 * 320].reshape(-1, 320).astype(np.float64)
-    rms_db = 10 * np.log10((frames**2).mean(axis=1) + 1e-20)
-    active = rms_db >= np.percentile(rms_db, 95) - 25
-    return float(10 * np.log10((frames[active] ** 2).mean()))
 
 
 def at_level(audio: np.ndarray, dbfs: float) -> np.ndarray:
