@@ -88,9 +88,10 @@ class Config:
     context_chars: int = field(default=200, metadata={
         "help": "characters of a session's last finals that the next decode continues (Whisper's previous-text "
                 "prompt), used when the last final stopped mid-clause; 0: every utterance alone"})
-    fragment_context_s: float = field(default=2.0, metadata={
-        "help": "speech this short or shorter, begun soon after the last final, is decoded as that final's "
-                "continuation: its audio after the last one's, the last one's words forced first (0: alone)"})
+    fragment_context_s: float = field(default=20.0, metadata={
+        "help": "speech up to this long, begun within 2 s of the last final, is decoded as that final's "
+                "continuation: after the last 3 s of its audio, those words forced first and the words before "
+                "them as the prompt (0: alone)"})
     partial_interval_ms: int = field(default=600, metadata={
         "help": "new audio between two partial hypotheses"})
     sentence_endpoint: float = field(default=0.8, metadata={

@@ -44,10 +44,11 @@ class Before:
 
     text: str = ""  # continued as Whisper's previous-text prompt; "" for none
     language: str | None = None  # kept where detection on this utterance alone is unsure
-    # The audio just before a final's (ending where it begins) and the words said in it: a short
-    # fragment is decoded as their continuation (see WhisperEngine.transcribe). None: alone.
+    # The audio just before a final's (ending where it begins) and the words said in it: the final is
+    # decoded as their continuation (see WhisperEngine.transcribe). None: alone.
     audio: np.ndarray | None = field(default=None, compare=False)
     spoken: str = ""
+    earlier: str = ""  # what was said before `spoken`: the continuation's previous-text prompt
 
 
 @dataclass(frozen=True)
@@ -161,26 +162,27 @@ class WhisperEngine:
             if before.language and probability < _SURE_OF_LANGUAGE:
                 language = before.language
         tokenizer = self._tokenizer(language)
-        previous = text.previous_tokens(tokenizer, before.text, self.options.context_tokens)
-        decoded = self._generate(encoded, tokenizer, audio.size / SAMPLE_RATE, final, greedy, previous)
         if final and before.audio is not None and before.spoken and before.language in (None, language):
             continued = self._continuation(audio, tokenizer, greedy, before)
-            # A continuation's way to fail is to stop early ("Et de la paix" for "... dans le monde."):
-            # where the fragment alone says more words, those stand.
-            if continued is not None and (text.word_count(tokenizer.decode(continued.tokens))
-                                          >= text.word_count(tokenizer.decode(decoded.tokens))):
-                decoded = continued
+            if continued is not None:
+                return self._transcript(continued, tokenizer, encoded, audio, final, quick_words=greedy)
+        previous = text.previous_tokens(tokenizer, before.text, self.options.context_tokens)
+        decoded = self._generate(encoded, tokenizer, audio.size / SAMPLE_RATE, final, greedy, previous)
         return self._transcript(decoded, tokenizer, encoded, audio, final, quick_words=greedy)
 
     def _continuation(self, audio: np.ndarray, tokenizer: Tokenizer, greedy: bool, before: Before) -> Decoded | None:
-        """A short fragment heard after the audio before it, whose words are forced as the transcript's start
-        (Whisper's prefix): decoded alone, "ask not" after a pause came back "as not", "two" in kitchen noise
-        as nothing. Only the new words are kept; None where they are nothing, the prefix again, or doubtful."""
+        """A piece heard after the audio before it, whose words are forced as the transcript's start (Whisper's
+        prefix), and after the words said before those as the previous-text prompt. Decoded alone, a piece cut
+        at a hesitation begins a sentence of its own ("It confused." for "a confused"), "ask not" after a pause
+        came back "as not", "two" in kitchen noise as nothing. Only the new words are kept; None where they
+        are nothing, the context again, or doubtful: the piece is then decoded alone."""
         joint = np.concatenate([before.audio, audio])
         encoded = self._encode(joint, self.options.window_s)
+        # Forced tokens are decoded one step each, as dearly as generated ones; the prompt goes in one pass.
+        previous = text.previous_tokens(tokenizer, before.earlier, self.options.context_tokens)
         prefix = tokenizer.encode(" " + before.spoken.strip())
-        head = text.prompt(tokenizer) + prefix
-        max_length = text.max_length(tokenizer, audio.size / SAMPLE_RATE) + len(prefix)
+        head = text.prompt(tokenizer, previous) + prefix
+        max_length = text.max_length(tokenizer, audio.size / SAMPLE_RATE, previous) + len(prefix)
         result = self._decode(get_ctranslate2_storage(encoded), tokenizer, [head], max_length,
                               beam_size=1 if greedy else self.options.beam_size)[0]
         decoded = self._outcome(result, tokenizer, max_length)
@@ -194,7 +196,7 @@ class WhisperEngine:
         decoded = decoded._replace(tokens=new)
         if (not decoded.tokens or not text.settled(decoded, tokenizer)
                 or text.silent(decoded.avg_logprob, decoded.no_speech_prob)
-                or text.repeats(tokenizer, decoded.tokens, prefix)):
+                or text.repeats(tokenizer, decoded.tokens, previous + prefix)):
             return None
         return decoded
 

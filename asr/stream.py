@@ -23,10 +23,11 @@ log = logging.getLogger(__name__)
 # Half a second of speech is often too little for Whisper to say anything credible: the first
 # partial is asked for again after this much more audio, not after a whole partial interval.
 _FIRST_PARTIAL_RETRY_MS = 200
-# A fragment is continued from the last final only where it began this soon after that one's speech ended,
-# and over at most this much of that one's audio: a context from long ago, or a long one, is not its own.
+# A piece is continued from the last final only where it began this soon after that one's speech ended,
+# and after at most this much of that one's audio: a context from long ago is not its own, and each word
+# of a longer one is a decoder step more.
 _LEAD_GAP_S = 2.0
-_LEAD_S = 6.0
+_LEAD_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class StreamOptions:
     # A pause this long ends the utterance when its early final already ends a sentence.
     sentence_endpoint_ms: int = 400
     context_chars: int = 200  # of the last finals, continued after one that stopped mid-clause; 0: never
-    fragment_s: float = 2.0  # speech this short is decoded as the last final's continuation; 0: never
+    fragment_s: float = 20.0  # speech up to this long is decoded as the last final's continuation; 0: never
     prompt: str = ""  # Whisper's initial prompt: before every utterance, the names and style to expect
 
 
@@ -312,7 +313,7 @@ class SpeechStream:
 
     def _before_fragment(self, start: float, end: float, audio_start: float) -> Before:
         """What a final of speech from `start` to `end` (its audio from `audio_start`) is decoded after: for a
-        short fragment begun soon after the last final, the audio and words of that final too."""
+        piece begun soon after the last final, the end of that final's audio and words, and the words before."""
         before, last = self._before(), self._said[-1] if self._said else None
         if (self._recent is None or last is None or not last.words or end - start > self.options.fragment_s
                 or start - last.speech_end > _LEAD_GAP_S or (self.options.language or last.language) != last.language):
@@ -329,7 +330,9 @@ class SpeechStream:
         # Without its end mark: begun this soon, the fragment may well go on the sentence, and after a period
         # Whisper starts a new one ("who's. Place." for "whose place").
         spoken = " ".join(w for _, _, w in last.words[first:]).rstrip(".!?。！？…")
-        return replace(before, audio=audio, spoken=spoken)
+        earlier = " ".join([s.text for s in list(self._said)[:-1] if s.language == last.language]
+                           + [w for _, _, w in last.words[:first]])[-self.options.context_chars:]
+        return replace(before, audio=audio, spoken=spoken, earlier=earlier if self.options.context_chars else "")
 
     @property
     def _no_words_shown(self) -> bool:
