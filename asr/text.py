@@ -105,10 +105,6 @@ def punctuation(text: str) -> bool:
     return bool(marks) and all(unicodedata.category(c).startswith("P") for c in marks)
 
 
-def word_count(text: str) -> int:
-    return sum(not wordless(w) for w in text.split())
-
-
 def normalize(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9' ]", " ", text.lower()).split())
 
