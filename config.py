@@ -87,7 +87,8 @@ class Config:
                 "words unfinished, is still being decoded"})
     context_chars: int = field(default=200, metadata={
         "help": "characters of a session's last finals that the next decode continues (Whisper's previous-text "
-                "prompt), used when the last final stopped mid-clause; 0: every utterance alone"})
+                "prompt), used when the last final stopped mid-clause and for a piece decoded as its continuation; "
+                "0: never"})
     fragment_context_s: float = field(default=20.0, metadata={
         "help": "speech up to this long, begun within 2 s of the last final, is decoded as that final's "
                 "continuation: after the last 3 s of its audio, those words forced first and the words before "

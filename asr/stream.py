@@ -38,7 +38,8 @@ class StreamOptions:
     early_final_ms: int = 160  # pause after which the final is decoded ahead of the endpoint; 0: off
     # A pause this long ends the utterance when its early final already ends a sentence.
     sentence_endpoint_ms: int = 400
-    context_chars: int = 200  # of the last finals, continued after one that stopped mid-clause; 0: never
+    context_chars: int = 200  # of the last finals, in the prompt after one that stopped mid-clause or of a
+    # continued piece; 0: never
     fragment_s: float = 20.0  # speech up to this long is decoded as the last final's continuation; 0: never
     prompt: str = ""  # Whisper's initial prompt: before every utterance, the names and style to expect
 
@@ -299,17 +300,24 @@ class SpeechStream:
         """What this stream said last. Its text is continued only where its last final stopped mid-clause
         (cut for length, or a pause after "including"): after a whole sentence, tiny.en tends to say a
         prompt again ("You can call me Abigail Klaflin."). Its language stands where detection is unsure."""
-        prompt = self.options.prompt.strip()
         if not self._said:
-            return Before(prompt)
+            return Before(self.options.prompt.strip())
         last = self._said[-1]
         language = last.language
         prior = language if self.options.language is None else None
         if (not self.options.context_chars or not (last.continued or unfinished(last.text, language))
                 or (self.options.language or language) != language):
-            return Before(prompt, language=prior)
-        text = " ".join(s.text for s in self._said if s.language == language)[-self.options.context_chars:]
-        return Before(f"{prompt} {text}".strip(), prior)
+            return Before(self.options.prompt.strip(), language=prior)
+        return Before(self._prompt_text(language), prior)
+
+    def _prompt_text(self, language: str, last: str | None = None) -> str:
+        """A decode's previous-text prompt: the client's prompt, then up to `context_chars` of the last finals
+        in `language`, the last one's text replaced by `last` where given."""
+        texts = [s.text for s in self._said if s.language == language]
+        if last is not None:
+            texts[-1] = last
+        said = " ".join(t for t in texts if t)[-self.options.context_chars:] if self.options.context_chars else ""
+        return f"{self.options.prompt.strip()} {said}".strip()
 
     def _before_fragment(self, start: float, end: float, audio_start: float) -> Before:
         """What a final of speech from `start` to `end` (its audio from `audio_start`) is decoded after: for a
@@ -330,9 +338,8 @@ class SpeechStream:
         # Without its end mark: begun this soon, the fragment may well go on the sentence, and after a period
         # Whisper starts a new one ("who's. Place." for "whose place").
         spoken = " ".join(w for _, _, w in last.words[first:]).rstrip(".!?。！？…")
-        earlier = " ".join([s.text for s in list(self._said)[:-1] if s.language == last.language]
-                           + [w for _, _, w in last.words[:first]])[-self.options.context_chars:]
-        return replace(before, audio=audio, spoken=spoken, earlier=earlier if self.options.context_chars else "")
+        earlier = self._prompt_text(last.language, last=" ".join(w for _, _, w in last.words[:first]))
+        return replace(before, audio=audio, spoken=spoken, earlier=earlier)
 
     @property
     def _no_words_shown(self) -> bool:
