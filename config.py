@@ -104,6 +104,10 @@ class Config:
     vad_refresh_ms: int = field(default=512, metadata={
         "help": "non-speech after which Silero VAD's second state starts afresh, so that what it heard before (a "
                 "louder speaker) does not mute what follows (0: one state, never refreshed)"})
+    vad_lift_db: float = field(default=30.0, metadata={
+        "help": "most gain a quiet stream gets before Silero VAD hears it: the loudest sound of the last second is "
+                "brought up to -30 dBFS, never down, so that a quiet or distant speaker still starts utterances "
+                "(Whisper does not hear this gain: its own is --lift-dbfs); 0: off"})
     min_speech_ms: int = field(default=250, metadata={"help": "shorter sounds are ignored"})
     preroll_ms: int = field(default=300, metadata={"help": "audio kept from before speech onset"})
     max_utterance_s: float = field(default=20.0, metadata={"help": "longer speech is split (max 30)"})
@@ -202,6 +206,8 @@ class Config:
             raise ValueError("decode_window_s and busy_decode_window_s must be between 5 and 30")
         if not -80 <= self.lift_dbfs <= 0:
             raise ValueError("lift_dbfs must be between -80 and 0 (0: never)")
+        if not 0 <= self.vad_lift_db <= 60:
+            raise ValueError("vad_lift_db must be between 0 and 60 (0: off)")
         if self.decode_workers < 1 or self.cpu_threads < 1:
             raise ValueError("decode_workers and cpu_threads must be at least 1")
         if not 0 <= self.decode_nice <= 19:

@@ -335,6 +335,7 @@ class SessionRegistry:
             max_utterance_s=config.max_utterance_s,
         )
         self._vad_refresh_windows = round(config.vad_refresh_ms * SAMPLE_RATE / 1000 / WINDOW)
+        self._vad_lift_db = config.vad_lift_db
 
     # The model loads after the server starts listening (server.py): these follow it.
     @property
@@ -349,6 +350,10 @@ class SessionRegistry:
     def segmenter_config(self) -> SegmenterConfig:
         """How the server cuts speech into utterances (files are cut the same way)."""
         return self._segmenter_config
+
+    def vad(self) -> SileroVAD:
+        """A new stream's (or file's) VAD, as configured."""
+        return SileroVAD(self.vad_model, self._vad_refresh_windows, self._vad_lift_db)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -410,7 +415,7 @@ class SessionRegistry:
         stream_options, segmenter_config = self.stream_config(options)
 
         def stream(emit: Sink) -> SpeechStream:
-            segmenter = Segmenter(SileroVAD(self.vad_model, self._vad_refresh_windows), segmenter_config)
+            segmenter = Segmenter(self.vad(), segmenter_config)
             return SpeechStream(self.worker, segmenter, stream_options, emit, self.vad_batch)
 
         return stream

@@ -170,7 +170,7 @@ class FileJobs:
         """The file's transcript, and the id under which it was saved (None when it was not). Ends early, and
         decodes nothing more, when the client goes away."""
         worker = self.registry.worker
-        transcriber = FileTranscriber(worker, self.registry.vad_model, self.registry.segmenter_config)
+        transcriber = FileTranscriber(worker, self.registry.vad, self.registry.segmenter_config)
         options = FileOptions(asked.language, prompt=asked.prompt, batch=self.config.file_batch,
                               context_chars=self.config.context_chars)
         started = time.monotonic()

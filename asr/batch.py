@@ -21,7 +21,7 @@ import numpy as np
 from .engine import Before, Transcript, Word
 from .segmenter import Segmenter, SegmenterConfig, SpeechEnded
 from .audio import SAMPLE_RATE
-from .vad import SileroModel, SileroVAD
+from .vad import SileroVAD
 from .worker import DecodePool
 
 # Languages written without spaces between words: their words are joined as they are.
@@ -101,12 +101,12 @@ def join(texts: list[str], language: str | None) -> str:
     return separator(language).join(t for t in texts if t)
 
 
-def cut(audio: np.ndarray, vad_model: SileroModel, config: SegmenterConfig, join_s: float = 0.0,
+def cut(audio: np.ndarray, vad: SileroVAD, config: SegmenterConfig, join_s: float = 0.0,
         join_gap_s: float = 1.0) -> list[_Piece]:
     """The file's speech as the live segmenter cuts it: utterances ended by a pause, or split for length.
     Pieces joined up to 12 or 28 s decoded slower on the long-form devset item, with the same words.
     Blocking (Silero over every window)."""
-    segmenter = Segmenter(SileroVAD(vad_model), config)
+    segmenter = Segmenter(vad, config)
     pieces = []
     for e in segmenter.push(audio) + segmenter.flush():
         if isinstance(e, SpeechEnded):
@@ -164,16 +164,16 @@ def _texts(text: str, sizes: list[int], words: list[Word], language: str) -> lis
 class FileTranscriber:
     """Transcribes whole files on a shared decode worker, after its live requests."""
 
-    def __init__(self, worker: DecodePool, vad_model: SileroModel, segmenter: SegmenterConfig) -> None:
+    def __init__(self, worker: DecodePool, vad: Callable[[], SileroVAD], segmenter: SegmenterConfig) -> None:
         self._worker = worker
-        self._vad_model = vad_model
+        self._vad = vad  # a new VAD for each file
         self._segmenter = segmenter
 
     async def transcribe(self, audio: np.ndarray, options: FileOptions,
                          on_segment: Callable[[Segment], None] | None = None) -> FileTranscript:
         """16 kHz mono float32 in; `on_segment` gets each segment in order as soon as all before it are
         decoded. Cancelling it drops the file's waiting batches."""
-        pieces = await asyncio.to_thread(cut, audio, self._vad_model, self._segmenter, options.join_s,
+        pieces = await asyncio.to_thread(cut, audio, self._vad(), self._segmenter, options.join_s,
                                          options.join_gap_s)
         run = _Run(self._worker, audio, pieces, options, on_segment)
         language = await run.decode()

@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import os
 import weakref
+from collections import deque
 from typing import Callable
 
 import numpy as np
@@ -25,6 +26,9 @@ _SR = np.array(SAMPLE_RATE, dtype=np.int64)
 # higher probability of the two.
 REFRESH_WINDOWS = 16  # 512 ms
 _NON_SPEECH = 0.35  # below this a window is non-speech (the segmenter's end-of-speech threshold)
+LIFT_DB = 30.0  # the most gain a quiet stream gets before Silero hears it (Lift)
+LIFT_PEAK_DBFS = -30.0
+LIFT_HOLD_WINDOWS = 31  # 1 s: a pause within a sentence is not lifted
 
 log = logging.getLogger(__name__)
 
@@ -63,35 +67,62 @@ class SileroModel:
         return np.asarray(probs, dtype=np.float32).reshape(-1), state
 
 
+class Lift:
+    """The gain that brings a quiet stream up before Silero hears it.
+
+    Silero scores speech far quieter than it was trained on low, and lower still once Opus has coded it: a
+    speaker at -67 dBFS lost whole phrases over WebRTC that the same audio unencoded kept. The gain brings the
+    loudest window of the last `hold_windows` up to `peak_dbfs`, by at most `max_gain_db` and never down: it
+    drops at once when louder sound comes, and rises once that sound is `hold_windows` old. Whisper hears the
+    audio as it came (its own lift: engine.DecodeOptions.lift_dbfs).
+    """
+
+    def __init__(self, max_gain_db: float, peak_dbfs: float = LIFT_PEAK_DBFS,
+                 hold_windows: int = LIFT_HOLD_WINDOWS) -> None:
+        self.max_gain_db = max_gain_db
+        self.peak_dbfs = peak_dbfs
+        self._levels: deque[float] = deque(maxlen=hold_windows)
+
+    def __call__(self, window: np.ndarray) -> np.float32:
+        """The gain for `window`, the stream's next."""
+        self._levels.append(10 * np.log10(float(np.dot(window, window)) / window.size + 1e-12))
+        return np.float32(10 ** (min(self.max_gain_db, max(0.0, self.peak_dbfs - max(self._levels))) / 20))
+
+
 class SileroVAD:
     """Per-stream VAD: whole 512-sample windows of 16 kHz float32 audio in, one probability each.
 
     The model runs `rows` times over each window: with the state carried on, and (refresh_windows > 0)
-    with a state refreshed after non-speech."""
+    with a state refreshed after non-speech. A quiet stream is lifted first (lift_db > 0: Lift)."""
 
-    def __init__(self, model: SileroModel, refresh_windows: int = REFRESH_WINDOWS) -> None:
+    def __init__(self, model: SileroModel, refresh_windows: int = REFRESH_WINDOWS, lift_db: float = LIFT_DB) -> None:
         self._model = model
+        self._lift = Lift(lift_db) if lift_db > 0 else None
         self._refresh = refresh_windows  # 0: never, one state only
         self.rows = 2 if refresh_windows else 1
         self.state = np.zeros((2, self.rows, 128), dtype=np.float32)  # the recurrent states, (2, rows, 128)
         self._context = np.zeros(_CONTEXT, dtype=np.float32)
+        self._heard = self._context
         self._quiet = 0  # windows of non-speech since the last speech or refresh
 
     def input(self, window: np.ndarray) -> np.ndarray:
         """The model's input for this stream's next window, once per state: the tail of the window
-        before, then it. (rows, 576)."""
+        before, then it, lifted. (rows, 576)."""
+        if self._lift is not None:
+            window = window * self._lift(window)
+        self._heard = window  # the next window's context
         return np.tile(np.concatenate([self._context, window]), (self.rows, 1))
 
-    def carry(self, window: np.ndarray, state: np.ndarray, probs: np.ndarray) -> float:
-        """`window` left the model in `state` with probabilities `probs`, one per state; returns the
-        stream's probability for it."""
+    def carry(self, state: np.ndarray, probs: np.ndarray) -> float:
+        """The window `input` last gave left the model in `state` with probabilities `probs`, one per
+        state; returns the stream's probability for it."""
         prob = float(probs.max())
         self._quiet = self._quiet + 1 if prob < _NON_SPEECH else 0
         if self._refresh and self._quiet >= self._refresh:
             state, self._quiet = state.copy(), 0
             state[:, 1] = 0.0
         self.state = state
-        self._context = window[-_CONTEXT:].copy()
+        self._context = self._heard[-_CONTEXT:].copy()
         return prob
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
@@ -99,7 +130,7 @@ class SileroVAD:
         probs = np.empty(windows.shape[0], np.float32)
         for i, window in enumerate(windows):
             out, state = self._model.run(self.input(window), self.state)
-            probs[i] = self.carry(window, state, out)
+            probs[i] = self.carry(state, out)
         return probs
 
 
@@ -176,7 +207,7 @@ class VadBatch:
             at = 0
             for i in rows:
                 n = vads[i].rows
-                probs[i][k] = vads[i].carry(windows[i][k], state[:, at:at + n], out[at:at + n])
+                probs[i][k] = vads[i].carry(state[:, at:at + n], out[at:at + n])
                 at += n
             self.calls += 1
             self.windows += len(rows)

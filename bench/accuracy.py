@@ -6,7 +6,9 @@ reference, beside offline faster-whisper on the whole file (same model, beam 5).
   - webrtc: Opus over RTP through an aiortc peer, to a server process;
   - websocket: 16-bit PCM in 20 ms messages, to the same server;
   - sim: the server's own segmenter, decode pool and engine in this process, every decode finished before the
-    next 20 ms of audio (a machine with time to spare): minutes instead of real time, for tuning.
+    next 20 ms of audio (a machine with time to spare): minutes instead of real time, for tuning;
+  - opus: the same, fed what a WebRTC session hears (the audio through aiortc's Opus encoder and the server's
+    decoder): the codec's share of the WebRTC path, without its timing.
 A sentence is lost when less than half of its reference words appear in the streamed text. With a
 multilingual model (`--model base`), finals are also checked for their detected language, and languages
 written without spaces are scored by characters.
@@ -34,11 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from run import machine, replace_doc_block  # noqa: E402
-from speech import alignment, lost_sentences, read_audio, split_by_duration  # noqa: E402
+from speech import alignment, lost_sentences, over_opus, read_audio, split_by_duration  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WIDE = ROOT.parent / "shared" / "eval" / "devset-wide"
-PATHS = ("webrtc", "websocket", "sim")
+PATHS = ("webrtc", "websocket", "sim", "opus")
+IN_PROCESS = ("sim", "opus")
 TAIL_S = 2.0  # silence the microphone sends after the speech, so the last endpoint comes by itself
 GAP_S = 1.5  # between recordings in one session (--one-session)
 LEAD_S = 0.5  # silence before the speech (the WebRTC client's, and the others' alike)
@@ -119,8 +122,9 @@ def offline_text(model, item: Item, language: str | None) -> str:
     return "".join(s.text for s in segments)
 
 
-async def sim_finals(registry, audio: np.ndarray, language: str | None) -> list[dict]:
-    """The session's stream in this process, each decode done before the next 20 ms of audio."""
+async def sim_finals(registry, audio: np.ndarray, language: str | None, coded=None) -> list[dict]:
+    """The session's stream in this process, each decode done before the next 20 ms of audio; `coded`: what
+    the transport makes of the audio."""
     import ctranslate2
 
     from sessions import SessionOptions
@@ -133,6 +137,8 @@ async def sim_finals(registry, audio: np.ndarray, language: str | None) -> list[
         if event["type"] == "transcript.final":
             finals.append({**event, "wait": round(fed - event["end"], 3)})
 
+    if coded is not None:
+        audio = coded(audio)
     options = SessionOptions(language=language, partials=False, endpoint_ms=registry.config.endpoint_ms)
     stream = registry.stream_factory(options)(heard)
     ctranslate2.set_random_seed(0)  # the temperature fallback samples: the same run, the same words
@@ -205,9 +211,10 @@ async def run(args: argparse.Namespace) -> dict:
         groups = [items] if args.one_session else [[item] for item in items]
     query = {"partials": "true", **({"language": "auto"} if multilingual else {})}
     for path in args.paths:
-        if path == "sim":
+        if path in IN_PROCESS:
             registry = _registry(args)
-            finals = functools.partial(sim_finals, registry, language=None if multilingual else "en")
+            finals = functools.partial(sim_finals, registry, language=None if multilingual else "en",
+                                       coded=over_opus if path == "opus" else None)
         else:
             server = ServerProcess("--model", args.model, "--data-dir", "", *args.server_args)
             finals = functools.partial(webrtc_finals if path == "webrtc" else websocket_finals, server.url, query=query)
@@ -219,13 +226,13 @@ async def run(args: argparse.Namespace) -> dict:
                     results[path][item.id] = _outcome([f for f in heard if start <= (f["start"] + f["end"]) / 2 < end])
                     print(f"{path} {item.id}: {results[path][item.id]['text'][:100]}", flush=True)
 
-            if args.streams > 1 and path != "sim":
+            if args.streams > 1 and path not in IN_PROCESS:
                 await asyncio.gather(*(hear(group) for group in groups))
             else:
                 for group in groups:
                     await hear(group)
         finally:
-            if path == "sim":
+            if path in IN_PROCESS:
                 await registry.worker.close()
             else:
                 server.stop()
@@ -268,7 +275,7 @@ def _registry(args: argparse.Namespace):
 
 
 def _outcome(finals: list[dict]) -> dict:
-    waits = [f["wait"] for f in finals if "wait" in f and f["cause"] == "endpoint"]  # sim only
+    waits = [f["wait"] for f in finals if "wait" in f and f["cause"] == "endpoint"]  # in process only
     return {"text": " ".join(f["text"] for f in finals if f["text"]),
             "finals": len(finals), "empty_finals": sum(not f["text"] for f in finals),
             "languages": [f.get("language") for f in finals if f["text"]], **({"waits": waits} if waits else {})}
@@ -328,11 +335,12 @@ def table(report: dict) -> list[str]:
         lines += ["", "Lost sentences:", ""] + [f"- {p}, {iid}: “{s}”" for p, iid, s in lost]
     empty = {p: sum(i[p]["empty_finals"] for i in report["items"]) for p in paths}
     lines += ["", "Empty finals: " + ", ".join(f"{p} {n}" for p, n in empty.items()) + "."]
-    waits = [w for i in report["items"] for w in i.get("sim", {}).get("waits", [])]
-    if waits:
-        p50, p95 = np.percentile(waits, [50, 95])
-        lines += ["", f"Endpoint wait in audio time (sim; decodes take none): p50 {p50:.2f} s, p95 {p95:.2f} s, "
-                      f"{len(waits)} finals."]
+    for path in [p for p in paths if p in IN_PROCESS]:
+        waits = [w for i in report["items"] for w in i[path].get("waits", [])]
+        if waits:
+            p50, p95 = np.percentile(waits, [50, 95])
+            lines += ["", f"Endpoint wait in audio time ({path}; decodes take none): p50 {p50:.2f} s, "
+                          f"p95 {p95:.2f} s, {len(waits)} finals."]
     return lines
 
 

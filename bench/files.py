@@ -75,8 +75,8 @@ class Livestt:
         self.config = config
         self.engine = WhisperEngine(model, options=decode_options(config))
         self.engine.warm_up()
-        self.vad = SileroModel()
-        self.segmenter = SessionRegistry(config, None, self.vad).segmenter_config
+        registry = SessionRegistry(config, None, SileroModel())
+        self.vad, self.segmenter = registry.vad, registry.segmenter_config
         self.threads = threads
 
     def transcribe(self, audio: np.ndarray, language: str | None, overrides: dict) -> str:

@@ -169,6 +169,25 @@ def webm_opus(audio: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def over_opus(audio: np.ndarray) -> np.ndarray:
+    """`audio` as a WebRTC session hears it: coded by aiortc's Opus encoder (a peer's), decoded by the server's."""
+    from aiortc.codecs.opus import OpusEncoder
+    from aiortc.jitterbuffer import JitterFrame
+
+    from rtc.opus import opus_decoder
+
+    encoder, decoder = OpusEncoder(), opus_decoder()
+    samples = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+    samples = np.concatenate([samples, np.zeros(-samples.size % 320, np.int16)])
+    heard = []
+    for at in range(0, samples.size, 320):  # 20 ms frames, as a browser sends them
+        frame = av.AudioFrame.from_ndarray(samples[at:at + 320].reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate, frame.pts = 16000, at
+        payloads, timestamp = encoder.encode(frame)
+        heard += [f.to_ndarray().reshape(-1) for p in payloads for f in decoder.decode(JitterFrame(p, timestamp))]
+    return np.concatenate(heard).astype(np.float32) / 32768
+
+
 def split_by_duration(recordings: list[Recording], parts: int) -> list[list[Recording]]:
     """The recordings in `parts` groups of about equal duration, e.g. one per concurrent session."""
     groups: list[list[Recording]] = [[] for _ in range(parts)]

@@ -24,10 +24,10 @@ from asr.policy import MAX_BATCH
 from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
 from asr.stream import SpeechStream, StreamOptions
 from asr.text import cut_loop, punctuation, rejected, spell_lone_digit
-from asr.vad import SileroModel, SileroVAD, VadBatch
+from asr.vad import LIFT_DB, SileroModel, SileroVAD, VadBatch
 from asr.worker import DecodePool
-from speech import (at_level, data_recording, devset_variants, load_devset, normalize, recording, segment, wer,
-                    word_errors)
+from speech import (at_level, data_recording, devset_variants, load_devset, lost_sentences, normalize, over_opus,
+                    recording, segment, wer, word_errors)
 
 PAD_S = 1.0
 
@@ -158,8 +158,9 @@ def test_vad_is_silero_v6_as_faster_whisper_ships_it(vad_model):
     contexts = np.concatenate([np.zeros((1, 64), np.float32), windows[:-1, -64:]])
     zeros = np.zeros((1, 1, 128), np.float32)
     theirs = session.run(None, {"input": np.concatenate([contexts, windows], axis=1), "h": zeros, "c": zeros})[0]
-    # The model alone: its state never refreshed, as faster-whisper runs it over a whole file.
-    assert np.allclose(SileroVAD(vad_model, refresh_windows=0)(windows), np.asarray(theirs).reshape(-1), atol=1e-5)
+    # The model alone: its state never refreshed and its input never lifted, as faster-whisper runs it.
+    ours = SileroVAD(vad_model, refresh_windows=0, lift_db=0)(windows)
+    assert np.allclose(ours, np.asarray(theirs).reshape(-1), atol=1e-5)
 
 
 def test_segmenter_finds_each_recordings_speech(vad_model):
@@ -756,15 +757,31 @@ def test_a_long_session_hears_speech_at_its_end_exactly_as_at_its_start(vad_mode
     assert len([e for e in events if isinstance(e, SpeechStarted)]) >= len(middle) // 2
 
 
+@pytest.mark.parametrize("vad_lift_db", [LIFT_DB, pytest.param(0.0, marks=pytest.mark.xfail(strict=True))])
+async def test_a_quiet_speaker_coded_by_opus_keeps_every_sentence(engine, vad_model, vad_lift_db):
+    """A speaker at -64 dBFS, as a WebRTC peer's Opus carries them. Silero heard the opening "And so my fellow
+    Americans, ask not what your country can do" as silence, where the same audio louder, or unencoded,
+    was heard: it is lifted before Silero hears it."""
+    rec = recording("jfk-inaugural-ask-not")
+    audio = over_opus(padded(at_level(rec.audio, -64)))
+    finals = await streamed_finals(engine, vad_model, audio, vad_lift_db=vad_lift_db)
+    said = " ".join(f["text"] for f in finals)
+    assert not lost_sentences(rec.text, said), said
+    assert word_errors(rec.text, said)[0] <= 2, said
+    assert all(f["text"] for f in finals), finals
+
+
 async def streamed_finals(engine: WhisperEngine, vad_model: SileroModel, audio: np.ndarray,
                           config: SegmenterConfig = SegmenterConfig(), decode_s: float = 0.0,
-                          options: StreamOptions = StreamOptions(language="en", partials=False)) -> list[dict]:
+                          options: StreamOptions = StreamOptions(language="en", partials=False),
+                          vad_lift_db: float = LIFT_DB) -> list[dict]:
     """`audio` through a stream of its own, every decode done before the next 20 ms, or for an early final
     `decode_s` of audio after it was asked for: the finals."""
     pool = DecodePool(engine, max_finals=4)
     pool.start()
     events: list[dict] = []
-    stream = SpeechStream(pool, Segmenter(SileroVAD(vad_model), config), options, events.append)
+    vad = SileroVAD(vad_model, lift_db=vad_lift_db)
+    stream = SpeechStream(pool, Segmenter(vad, config), options, events.append)
     early, asked = None, 0.0  # the latest early final, and the audio time when it was asked for
     try:
         for i in range(0, audio.size, 320):
