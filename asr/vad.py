@@ -102,16 +102,17 @@ class SileroVAD:
         self.rows = 2 if refresh_windows else 1
         self.state = np.zeros((2, self.rows, 128), dtype=np.float32)  # the recurrent states, (2, rows, 128)
         self._context = np.zeros(_CONTEXT, dtype=np.float32)
-        self._heard = self._context
         self._quiet = 0  # windows of non-speech since the last speech or refresh
 
     def input(self, window: np.ndarray) -> np.ndarray:
         """The model's input for this stream's next window, once per state: the tail of the window
         before, then it, lifted. (rows, 576)."""
-        if self._lift is not None:
-            window = window * self._lift(window)
-        self._heard = window  # the next window's context
-        return np.tile(np.concatenate([self._context, window]), (self.rows, 1))
+        gain = self._lift(window) if self._lift is not None else 1
+        if gain != 1:
+            window = window * gain
+        inputs = np.tile(np.concatenate([self._context, window]), (self.rows, 1))
+        self._context = window[-_CONTEXT:].copy()  # what the model heard of this window: the next one's context
+        return inputs
 
     def carry(self, state: np.ndarray, probs: np.ndarray) -> float:
         """The window `input` last gave left the model in `state` with probabilities `probs`, one per
@@ -122,7 +123,6 @@ class SileroVAD:
             state, self._quiet = state.copy(), 0
             state[:, 1] = 0.0
         self.state = state
-        self._context = self._heard[-_CONTEXT:].copy()
         return prob
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
