@@ -1,10 +1,11 @@
 """How the decode pool spends its workers under load. As the load grows, work gives way in this order:
 
-- a final with company (another decode running or waiting) is decoded greedily instead of with beam
-  search, and a partial with company attends over the busy window;
+- a partial with company (another decode running or waiting) attends over the busy window;
 - partials never take the last idle worker: it stays free for the next final or early final;
 - a partial that waited past STALE_PARTIAL_S is dropped, unless it is its utterance's first;
 - (streams ask for no partials or early finals while finals wait: asr/stream.py;)
+- a final with other finals or early finals running or waiting is decoded greedily instead of with
+  beam search (partials are no company for it);
 - a final or early final with as many of its kind waiting behind it as there are workers is in a
   burst: its worker takes its share of the burst and decodes them in one batch, greedily over the
   busy window.
@@ -16,7 +17,7 @@ model; asr/worker.py holds the queues and the workers, and asks these.
 from __future__ import annotations
 
 import math
-from typing import Collection, Hashable, NamedTuple
+from typing import NamedTuple
 
 # A partial that waited this long describes speech the speaker has moved past: drop it, unless it is
 # its utterance's first, the only text the speaker would see before the final.
@@ -39,17 +40,19 @@ def mode(final: bool, burst: bool, company: bool) -> Mode:
     return Mode(greedy=final and (burst or company), busy_window=burst or (company and not final))
 
 
-def has_company(key: Hashable, final: bool, busy: int, busy_partials: list[Hashable], finals: int,
-                early_finals: int, partials: Collection[Hashable]) -> bool:
-    """Another decode runs (`busy` workers, of which those in `busy_partials` decode the partials of
-    those streams) or waits (`finals`, `early_finals`, and the partials of the streams in `partials`).
+def has_company(final: bool, busy: int, busy_partials: int, finals: int, early_finals: int,
+                partials: int) -> bool:
+    """Another decode runs (`busy` workers, `busy_partials` of them on partials) or waits (`finals`,
+    `early_finals`, `partials`).
 
-    A final's own stream's partials are no company: the final makes them obsolete, and a lone
-    speaker's partial is nearly always running when the final comes.
+    Partials are no company for a final: they give way to finals (they never take the last idle worker,
+    and are shed once stale), and a busy server always has some running. Counted, they made nearly every
+    final greedy at 16 streams, and greedy search garbles the short and quiet pieces that hesitant speech
+    is cut into (docs/accuracy.md).
     """
-    mine = final and key is not None
-    own = busy_partials.count(key) if mine else 0
-    return bool(busy - own or finals or early_finals or any(not mine or k != key for k in partials))
+    if final:
+        return bool(busy - busy_partials or finals or early_finals)
+    return bool(busy or finals or early_finals or partials)
 
 
 def in_burst(behind: int, workers: int) -> bool:

@@ -205,12 +205,12 @@ class SpeechStream:
             self._drop_early_final()  # speech resumed: that early final is stale
             ahead = None
         early = self.options.early_final_ms
-        # Only on spare capacity: an early final must never push a final back. A pool idle but for this
-        # stream's own partials starts one as soon as the voice has stopped for `early` ms; a busy one waits
-        # until the VAD agrees:
-        # early finals timed by the voice alone begin in short pauses mid-sentence too, and under load
-        # the decodes they waste cost more latency than the sooner endpoint saves.
-        pause = seg.pause_ms if self._pool.idle_for(self._key) else seg.vad_pause_ms
+        # Only on spare capacity: an early final must never push a final back. A pool with no final running
+        # or waiting (partials give way to finals) starts one as soon as the voice has stopped for `early`
+        # ms; a busy one waits until the VAD agrees: early finals timed by the voice alone begin in short
+        # pauses mid-sentence too, and under load the decodes they waste cost more latency than the sooner
+        # endpoint saves.
+        pause = seg.pause_ms if self._pool.finals_idle else seg.vad_pause_ms
         if (ahead is None and early and seg.in_speech and pause >= early
                 and not self._pool.finals_waiting):
             audio = seg.speech_audio()
@@ -251,7 +251,7 @@ class SpeechStream:
         if ahead is not None:
             ahead.result.cancel()
         before = self._before_fragment(event.start, event.end, event.audio_start)
-        return self._pool.final(event.audio, self.options.language, before, key=self._key)
+        return self._pool.final(event.audio, self.options.language, before)
 
     def _on_segment(self, event: SpeechStarted | SpeechEnded) -> None:
         if isinstance(event, SpeechStarted):

@@ -31,7 +31,6 @@ class _Job:
     abandoned: bool = False  # set on the loop thread when nobody awaits the result any more
     first: bool = False  # a partial for an utterance that shows no words yet
     before: Before = Before()  # what the stream said before
-    key: Hashable = None  # the stream that asked
     # How the engine is to decode it, set when a worker takes it (asr/policy.py).
     greedy: bool = False
     busy_window: bool = False
@@ -72,7 +71,7 @@ class DecodePool:
         self.live: Callable[[], bool] = lambda: True
         self._closed = False
         self._busy = 0  # workers decoding now
-        self._busy_partials: list[Hashable] = []  # the streams whose partials are being decoded
+        self._busy_partials = 0  # workers decoding a partial
         self._workers = [threading.Thread(target=self._run, name=f"whisper-decode-{i}", daemon=True)
                          for i in range(workers)]
         self.busy_seconds = 0.0
@@ -102,21 +101,20 @@ class DecodePool:
         """No decode runs or waits."""
         return not (self._busy or self.depth)
 
-    def idle_for(self, key: Hashable) -> bool:
-        """No decode runs or waits but the partials of stream `key`, which its final makes obsolete."""
+    @property
+    def finals_idle(self) -> bool:
+        """No final or early final runs or waits: one asked for now would have no company."""
         with self._cond:
-            return not policy.has_company(key, True, self._busy, self._busy_partials, len(self._finals),
-                                          len(self._early_finals), self._partials)
+            return not policy.has_company(True, self._busy, self._busy_partials, len(self._finals),
+                                          len(self._early_finals), len(self._partials))
 
     @property
     def finals_waiting(self) -> int:
         """Finals not yet started: while any wait, extra work would only delay them."""
         return len(self._finals)
 
-    def final(self, audio: np.ndarray, language: str | None, before: Before = Before(),
-              key: Hashable = None) -> asyncio.Future:
-        """`key`: the stream that asks, whose own partials are no company for its final."""
-        job = self._job(audio, language, final=True, before=before, key=key)
+    def final(self, audio: np.ndarray, language: str | None, before: Before = Before()) -> asyncio.Future:
+        job = self._job(audio, language, final=True, before=before)
         with self._cond:
             if len(self._finals) >= self._max_finals:
                 raise Overloaded("too many utterances waiting for transcription")
@@ -127,7 +125,7 @@ class DecodePool:
     def early_final(self, key: Hashable, audio: np.ndarray, language: str | None,
                     before: Before = Before()) -> asyncio.Future:
         """A final decoded ahead of the endpoint; resolves to None if a newer one replaced it."""
-        return self._keyed(self._early_finals, key, self._job(audio, language, final=True, before=before, key=key))
+        return self._keyed(self._early_finals, key, self._job(audio, language, final=True, before=before))
 
     def promote(self, key: Hashable) -> None:
         """The endpoint came: the stream's waiting early final becomes its final."""
@@ -143,7 +141,7 @@ class DecodePool:
         `first`: the utterance shows no words yet. Such a partial goes ahead of the streams that
         already show some, so that under load a speaker still sees their words begin soon.
         """
-        job = self._job(audio, language, final=False, first=first, before=before, key=key)
+        job = self._job(audio, language, final=False, first=first, before=before)
         future = self._keyed(self._partials, key, job)
         if self._on_partial is not None:
             future.add_done_callback(lambda _: self._answered(job))
@@ -184,9 +182,9 @@ class DecodePool:
                 del queue[key]
 
     def _job(self, audio: np.ndarray, language: str | None, final: bool, first: bool = False,
-             before: Before = Before(), key: Hashable = None) -> _Job:
+             before: Before = Before()) -> _Job:
         loop = asyncio.get_running_loop()
-        job = _Job(audio, language, final, loop, loop.create_future(), first=first, before=before, key=key)
+        job = _Job(audio, language, final, loop, loop.create_future(), first=first, before=before)
         job.future.add_done_callback(lambda _: setattr(job, "abandoned", True))
         return job
 
@@ -198,7 +196,7 @@ class DecodePool:
             if jobs:
                 self._busy += 1
                 if not jobs[0].final:
-                    self._busy_partials.append(jobs[0].key)
+                    self._busy_partials += 1
             return jobs
 
     def _pick(self) -> list[_Job]:
@@ -240,8 +238,8 @@ class DecodePool:
 
     def _take(self, job: _Job, burst: bool) -> _Job:
         """Under the lock: sets how `job` is decoded, from what else runs or waits."""
-        company = policy.has_company(job.key, job.final, self._busy, self._busy_partials, len(self._finals),
-                                     len(self._early_finals), self._partials)
+        company = policy.has_company(job.final, self._busy, self._busy_partials, len(self._finals),
+                                     len(self._early_finals), len(self._partials))
         job.greedy, job.busy_window = policy.mode(job.final, burst, company)
         return job
 
@@ -307,7 +305,7 @@ class DecodePool:
         with self._cond:
             self._busy -= 1
             if not job.final:
-                self._busy_partials.remove(job.key)
+                self._busy_partials -= 1
             self.busy_seconds += seconds
             self._cond.notify()  # a partial held back for a free worker may start now
 

@@ -415,18 +415,18 @@ async def test_pool_runs_finals_first_then_first_partials_and_replaces_waiting_p
 async def test_pool_sheds_a_partial_that_waited_past_its_time(engine, monkeypatch):
     """A partial that waited behind finals describes speech the speaker has moved past: never decoded.
     An utterance's first partial is, however long it waited: the speaker has seen no words yet."""
-    # A final's beam search takes longer. Its own stream's partial is no company, so the final stays on beam
-    # search however soon the partial is queued (another stream's would make it greedy, and quick).
+    # A final's beam search takes longer; a partial is no company, so the final stays on beam search
+    # however soon the partial is queued.
     monkeypatch.setattr("asr.policy.STALE_PARTIAL_S", 0.05)
     rec = next(r for r in load_devset() if r.id == "ls-61-70968-0002")
     pool = DecodePool(engine, max_finals=4)  # one worker: the partial waits for the final
     pool.start()
     try:
-        final = pool.final(rec.audio, "en", key="a")
+        final = pool.final(rec.audio, "en")
         partial = pool.partial("a", rec.audio, "en")
         assert (await final) is not None and (await partial) is None
         assert (pool.decodes, pool.shed_partials) == (1, 1)
-        final = pool.final(rec.audio, "en", key="a")
+        final = pool.final(rec.audio, "en")
         first = pool.partial("a", rec.audio, "en", first=True)
         assert (await final) is not None and (await first) is not None
         assert (pool.decodes, pool.shed_partials) == (3, 1)
@@ -519,8 +519,8 @@ async def test_pool_keeps_a_worker_free_of_partials_for_finals_and_the_full_wind
         engine, monkeypatch):
     """With two workers, partials run one at a time: a final never waits for a partial to finish.
 
-    A final beside another stream's running partial is greedy; one alone takes beam search. Both take
-    the full window, which a partial takes only when no other decode runs or waits.
+    A final beside running partials takes beam search, as one alone does: partials give way to finals.
+    Both take the full window, which a partial takes only when no other decode runs or waits.
     """
     monkeypatch.setattr("asr.policy.STALE_PARTIAL_S", 60.0)  # none shed, however slow the machine
     rec = next(r for r in load_devset() if r.id == "ls-61-70968-0000")
@@ -553,7 +553,7 @@ async def test_pool_keeps_a_worker_free_of_partials_for_finals_and_the_full_wind
     assert all(a[2] <= b[1] for a, b in zip(partial_spans, partial_spans[1:])), "partials overlapped"
     final_spans = [s for s in spans if s[0] == "final"]
     assert final_spans[0][1] - submitted < 0.05, "the final waited for a partial"
-    assert [s[3:] for s in final_spans] == [(True, False), (False, False)]  # beside a partial; alone
+    assert [s[3:] for s in final_spans] == [(False, False), (False, False)]  # beside a partial; alone
     assert partial_spans[0][4]  # others waited behind it: the busy window
 
 
@@ -629,7 +629,7 @@ async def test_the_early_final_starts_once_the_voice_pauses_if_the_pool_is_idle(
     probability has fallen; a busy one waits until the VAD has heard 160 ms of pause. Either way the
     early final is the final, and a sentence ends after 400 ms of pause rather than the 500 ms endpoint."""
     if not idle:
-        monkeypatch.setattr(DecodePool, "idle_for", lambda self, key: False)
+        monkeypatch.setattr(DecodePool, "finals_idle", False)
     pool = DecodePool(engine, max_finals=4)
     pool.start()
     events: list[dict] = []
@@ -897,23 +897,24 @@ def test_marks_alone_are_punctuation_but_a_characters_first_byte_is_not(engine):
     assert rest and not punctuation(tokenizer.decode([first]))
 
 
-async def test_a_streams_own_partial_is_no_company_for_its_final(engine):
-    """A final is greedy beside other streams' decodes, but not beside its own stream's partial, which it
-    makes obsolete: a lone speaker's partial was nearly always running when the final came."""
+async def test_partials_are_no_company_for_a_final(engine):
+    """A final is greedy beside another final, never beside partials, which give way to it: a busy server
+    always has some running, and counting them made nearly every final greedy at 16 streams."""
     audio = np.zeros(16000, np.float32)
     pool = DecodePool(engine, max_finals=8, workers=3)  # not started: this test takes the jobs itself
     pool.partial("a", audio, "en")
-    (own,) = pool._next()
-    pool.final(audio, "en", key="a")
-    (alone,) = pool._next()
-    assert not alone.greedy and not alone.busy_window
-    pool._done(0.1, alone)
     pool.partial("b", audio, "en")
-    (other,) = pool._next()
-    pool.final(audio, "en", key="a")
-    (beside,) = pool._next()
-    assert beside.greedy and not beside.busy_window
-    for job in (beside, other, own):
+    partials = pool._next() + pool._next()
+    assert pool.finals_idle
+    pool.final(audio, "en")
+    (beside_partials,) = pool._next()
+    assert not beside_partials.greedy and not beside_partials.busy_window
+    assert not pool.finals_idle
+    pool._done(0.1, partials.pop())
+    pool.final(audio, "en")
+    (beside_final,) = pool._next()
+    assert beside_final.greedy and not beside_final.busy_window
+    for job in (beside_final, beside_partials, *partials):
         pool._done(0.1, job)
     assert pool.idle
 

@@ -14,20 +14,18 @@ def test_beam_search_over_the_full_window_goes_to_decodes_alone():
     assert policy.mode(final=False, burst=False, company=True) == Mode(greedy=False, busy_window=True)
 
 
-def test_a_finals_own_streams_partials_are_no_company():
-    def company(key="a", final=True, busy=0, busy_partials=(), finals=0, early_finals=0, partials=()):
-        return policy.has_company(key, final, busy, list(busy_partials), finals, early_finals, partials)
+def test_partials_are_no_company_for_a_final():
+    def company(final=True, busy=0, busy_partials=0, finals=0, early_finals=0, partials=0):
+        return policy.has_company(final, busy, busy_partials, finals, early_finals, partials)
 
     assert not company()
-    assert not company(busy=1, busy_partials=["a"])  # its own partial, running
-    assert not company(partials=["a"])  # its own partial, waiting
-    assert company(busy=2, busy_partials=["a"])  # its own partial and another decode
-    assert company(busy=1, busy_partials=["b"])
-    assert company(partials=["b"])
+    assert not company(busy=2, busy_partials=2)  # partials running
+    assert not company(partials=3)  # partials waiting
+    assert company(busy=2, busy_partials=1)  # a partial and a final running
     assert company(finals=1) and company(early_finals=1)
-    # A partial, and a final of no stream, have company in any other decode.
-    assert company(final=False, busy=1, busy_partials=["a"]) and company(final=False, partials=["a"])
-    assert company(key=None, busy=1, busy_partials=[None])
+    # A partial has company in any other decode.
+    assert company(final=False, busy=1, busy_partials=1) and company(final=False, partials=1)
+    assert company(final=False, finals=1)
 
 
 def test_a_burst_is_shared_among_the_idle_workers():
