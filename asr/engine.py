@@ -52,6 +52,23 @@ class Before:
 
 
 @dataclass(frozen=True)
+class _Input:
+    """What one decode hears and is prompted with: a piece alone, or (with a `prefix`, the words before it
+    forced as the transcript's start) the piece after the audio before it."""
+
+    encoded: np.ndarray
+    previous: list[int]  # previous-text tokens
+    prefix: list[int]
+    seconds: float  # of the piece, which caps the new tokens
+
+    def prompt(self, tokenizer: Tokenizer) -> list[int]:
+        return text.prompt(tokenizer, self.previous) + self.prefix
+
+    def max_length(self, tokenizer: Tokenizer) -> int:
+        return text.max_length(tokenizer, self.seconds, self.previous) + len(self.prefix)
+
+
+@dataclass(frozen=True)
 class DecodeOptions:
     beam_size: int = 5  # finals; partials are always greedy
     cpu_threads: int = 1  # per decode: parallel single-threaded decodes beat one wide decode on CPU
@@ -155,37 +172,44 @@ class WhisperEngine:
         `window_s`) trade accuracy for time when other decodes run or wait. `before`: what the stream said
         just before: its text is continued, its language kept where this utterance's is unsure.
         """
-        encoded = self._encode(audio, self.options.busy_window_s if busy_window else self.options.window_s)
+        window = self.options.busy_window_s if busy_window else self.options.window_s
+        encoded = self._encode(audio, window)
         if language is None:
             token, probability = self._ct2.detect_language(get_ctranslate2_storage(encoded))[0][0]
             language = token[2:-2]
             if before.language and probability < _SURE_OF_LANGUAGE:
                 language = before.language
         tokenizer = self._tokenizer(language)
-        if final and before.audio is not None and before.spoken and before.language in (None, language):
-            continued = self._continuation(audio, tokenizer, greedy, before)
+        lead = self._continuation_input(audio, tokenizer, before, window) if final else None
+        if lead is not None:
+            (result,) = self._decode(get_ctranslate2_storage(lead.encoded), tokenizer, [lead.prompt(tokenizer)],
+                                     lead.max_length(tokenizer), beam_size=1 if greedy else self.options.beam_size)
+            continued = self._continued(result, tokenizer, lead)
             if continued is not None:
                 return self._transcript(continued, tokenizer, encoded, audio, final, quick_words=greedy)
         previous = text.previous_tokens(tokenizer, before.text, self.options.context_tokens)
         decoded = self._generate(encoded, tokenizer, audio.size / SAMPLE_RATE, final, greedy, previous)
         return self._transcript(decoded, tokenizer, encoded, audio, final, quick_words=greedy)
 
-    def _continuation(self, audio: np.ndarray, tokenizer: Tokenizer, greedy: bool, before: Before) -> Decoded | None:
-        """A piece heard after the audio before it, whose words are forced as the transcript's start (Whisper's
-        prefix), and after the words said before those as the previous-text prompt. Decoded alone, a piece cut
+    def _continuation_input(self, audio: np.ndarray, tokenizer: Tokenizer, before: Before,
+                            window_s: float) -> _Input | None:
+        """What decodes a piece as heard after the audio before it: that audio's words forced as the transcript's
+        start (Whisper's prefix), the words said before those as the previous-text prompt. Decoded alone, a piece cut
         at a hesitation begins a sentence of its own ("It confused." for "a confused"), "ask not" after a pause
-        came back "as not", "two" in kitchen noise as nothing. Only the new words are kept; None where they
-        are nothing, the context again, or doubtful: the piece is then decoded alone."""
-        joint = np.concatenate([before.audio, audio])
-        encoded = self._encode(joint, self.options.window_s)
+        came back "as not", "two" in kitchen noise as nothing. None where there is nothing before it to
+        continue."""
+        if before.audio is None or not before.spoken or before.language not in (None, tokenizer.language_code):
+            return None
         # Forced tokens are decoded one step each, as dearly as generated ones; the prompt goes in one pass.
         previous = text.previous_tokens(tokenizer, before.earlier, self.options.context_tokens)
-        prefix = tokenizer.encode(" " + before.spoken.strip())
-        head = text.prompt(tokenizer, previous) + prefix
-        max_length = text.max_length(tokenizer, audio.size / SAMPLE_RATE, previous) + len(prefix)
-        result = self._decode(get_ctranslate2_storage(encoded), tokenizer, [head], max_length,
-                              beam_size=1 if greedy else self.options.beam_size)[0]
-        decoded = self._outcome(result, tokenizer, max_length)
+        return _Input(self._encode(np.concatenate([before.audio, audio]), window_s), previous,
+                     tokenizer.encode(" " + before.spoken.strip()), audio.size / SAMPLE_RATE)
+
+    def _continued(self, result, tokenizer: Tokenizer, lead: _Input) -> Decoded | None:
+        """Only the new words of a continuation's decode; None where they are nothing, the context again, or
+        doubtful: the piece is then decoded alone."""
+        decoded = self._outcome(result, tokenizer, lead.max_length(tokenizer))
+        prefix = lead.prefix
         if decoded.tokens[:len(prefix)] != prefix:  # CTranslate2 returns the forced prefix with the new words
             return None
         new = decoded.tokens[len(prefix):]
@@ -196,7 +220,7 @@ class WhisperEngine:
         decoded = decoded._replace(tokens=new)
         if (not decoded.tokens or not text.settled(decoded, tokenizer)
                 or text.silent(decoded.avg_logprob, decoded.no_speech_prob)
-                or text.repeats(tokenizer, decoded.tokens, previous + prefix)):
+                or text.repeats(tokenizer, decoded.tokens, lead.previous + prefix)):
             return None
         return decoded
 
@@ -204,35 +228,43 @@ class WhisperEngine:
                          befores: list[Before] | None = None) -> Iterator[tuple[int, Transcript | None]]:
         """Finals of a burst, as `transcribe(final=True, greedy=True, busy_window=True)` gives them,
         in one batched decode, which costs less than decoding them one by one: each step of Whisper's
-        decoder reads all of its weights, once for the whole batch.
+        decoder reads all of its weights, once for the whole batch. A piece that goes on from the words
+        before it is decoded as their continuation in the same batch, as `transcribe` would.
 
         Yields (index, transcript) as each is ready, so that one need not wait for the word timings
         of all the others: first those the batch settled, then, one at a time, the doubtful ones that
-        go on alone to the temperature fallback.
+        go on alone (to the temperature fallback, or decoded without their lead).
         """
-        encoded = [self._encode(audio, self.options.busy_window_s) for audio in audios]
-        frames = max(e.shape[1] for e in encoded)
-        batch = get_ctranslate2_storage(np.concatenate([self._pad(e, frames) for e in encoded]))
+        window = self.options.busy_window_s
+        befores = befores or [Before()] * len(audios)
         tokenizer = self._tokenizer(language)
-        previous, caps = self._batch_contexts(tokenizer, audios, befores)
-        results = self._decode(batch, tokenizer, [text.prompt(tokenizer, p) for p in previous], max(caps), beam_size=1)
-        tried = [self._outcome(result, tokenizer, cap) for result, cap in zip(results, caps)]
-        for i in sorted(range(len(audios)), key=lambda i: not text.settled(tried[i], tokenizer)):
+        encoded = [self._encode(audio, window) for audio in audios]
+        texts = [text.previous_tokens(tokenizer, b.text, self.options.context_tokens) for b in befores]
+        leads = [self._continuation_input(audio, tokenizer, before, window) for audio, before in zip(audios, befores)]
+        inputs, results = self._batched(tokenizer, [
+            lead or _Input(e, previous, [], audio.size / SAMPLE_RATE)
+            for lead, e, previous, audio in zip(leads, encoded, texts, audios)], beam_size=1)
+        tried = [self._continued(r, tokenizer, i) if i.prefix else self._outcome(r, tokenizer, i.max_length(tokenizer))
+                 for r, i in zip(results, inputs)]
+        for i in sorted(range(len(audios)), key=lambda i: tried[i] is None or not text.settled(tried[i], tokenizer)):
             seconds = audios[i].size / SAMPLE_RATE
-            decoded = self._generate(encoded[i], tokenizer, seconds, final=True, greedy=True,
-                                     previous=previous[i], tried=tried[i])
+            if leads[i] is None:
+                decoded = self._generate(encoded[i], tokenizer, seconds, final=True, greedy=True,
+                                         previous=inputs[i].previous, tried=tried[i])
+            else:  # continued, or, where that failed, alone as `transcribe` decodes it
+                decoded = tried[i] if tried[i] is not None else self._generate(
+                    encoded[i], tokenizer, seconds, final=True, greedy=True, previous=texts[i])
             yield i, self._transcript(decoded, tokenizer, encoded[i], audios[i], True, quick_words=True)
 
-    def _batch_contexts(self, tokenizer: Tokenizer, audios: list[np.ndarray],
-                        befores: list[Before] | None) -> tuple[list[list[int]], list[int]]:
-        """Each piece's previous-text tokens and its token cap, for one batched decode. One batch puts its
-        start-of-transcript token at one position: every context is cut to the shortest."""
-        previous = [text.previous_tokens(tokenizer, b.text, self.options.context_tokens)
-                    for b in befores or [Before()] * len(audios)]
-        shortest = min(len(p) for p in previous)
-        previous = [p[len(p) - shortest:] for p in previous]
-        caps = [text.max_length(tokenizer, audio.size / SAMPLE_RATE, p) for audio, p in zip(audios, previous)]
-        return previous, caps
+    def _batched(self, tokenizer: Tokenizer, inputs: list[_Input], **attempt) -> tuple[list[_Input], list]:
+        """One decode of several inputs. One batch puts its start-of-transcript token at one position: every
+        previous-text context is cut to the shortest, and the inputs are returned so cut."""
+        shortest = min(len(i.previous) for i in inputs)
+        inputs = [replace(i, previous=i.previous[len(i.previous) - shortest:]) for i in inputs]
+        frames = max(i.encoded.shape[1] for i in inputs)
+        batch = get_ctranslate2_storage(np.concatenate([self._pad(i.encoded, frames) for i in inputs]))
+        return inputs, self._decode(batch, tokenizer, [i.prompt(tokenizer) for i in inputs],
+                                    max(i.max_length(tokenizer) for i in inputs), **attempt)
 
     def transcribe_pieces(self, audios: list[np.ndarray], language: str | None,
                           befores: list[Before] | None = None) -> list[Transcript | None]:
@@ -245,15 +277,14 @@ class WhisperEngine:
             token, _ = self._ct2.detect_language(get_ctranslate2_storage(encoded[0]))[0][0]
             language = token[2:-2]
         tokenizer = self._tokenizer(language)
-        previous, caps = self._batch_contexts(tokenizer, audios, befores)
-        results = self._decode(get_ctranslate2_storage(np.concatenate(encoded)), tokenizer,
-                               [text.prompt(tokenizer, p) for p in previous], max(caps),
-                               beam_size=self.options.beam_size)
+        inputs, results = self._batched(tokenizer, [
+            _Input(e, text.previous_tokens(tokenizer, b.text, self.options.context_tokens), [], a.size / SAMPLE_RATE)
+            for e, b, a in zip(encoded, befores or [Before()] * len(audios), audios)], beam_size=self.options.beam_size)
         transcripts = []
-        for i, (result, cap) in enumerate(zip(results, caps)):
-            seconds = audios[i].size / SAMPLE_RATE
-            decoded = self._generate(encoded[i], tokenizer, seconds, final=True, greedy=False, previous=previous[i],
-                                     tried=self._outcome(result, tokenizer, cap))
+        for i, (result, piece) in enumerate(zip(results, inputs)):
+            decoded = self._generate(encoded[i], tokenizer, piece.seconds, final=True, greedy=False,
+                                     previous=piece.previous, tried=self._outcome(result, tokenizer,
+                                                                                  piece.max_length(tokenizer)))
             transcripts.append(self._transcript(decoded, tokenizer, encoded[i], audios[i], True))
         return transcripts
 

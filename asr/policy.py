@@ -8,7 +8,7 @@
   beam search (partials are no company for it);
 - a final or early final with as many of its kind waiting behind it as there are workers is in a
   burst: its worker takes its share of the burst and decodes them in one batch, greedily over the
-  busy window.
+  busy window (a piece after a hesitation still as the continuation of the words before it).
 
 Pure functions of the queues' state, so that each rule can be read and tested without threads or a
 model; asr/worker.py holds the queues and the workers, and asks these.

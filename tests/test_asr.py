@@ -874,6 +874,33 @@ async def test_the_piece_after_a_hesitation_is_heard_as_the_continuation_it_is(e
         assert word_errors(reference, " ".join(f["text"] for f in finals))[0] <= 1, finals
 
 
+def test_a_burst_hears_each_piece_after_the_words_before_it(engine):
+    """Finals in a burst are decoded in one batch; a piece after a hesitation among them is still heard as the
+    continuation of the words before it, as a final decoded alone is (above), beside a piece with nothing before
+    it. Without that, "prudently in his power" came back "Leon is power" and "against the wizard" "again..."."""
+    pieces, befores, expected = [], [], []
+    for name, after, until in (("librivox-ss01-0870", "be", "them"), ("ls-61-70968-0000", "complaint", "left")):
+        rec = recording(name)
+        words = engine.transcribe(rec.audio, "en", final=True).words
+        spoken = [w.word.strip(",.").lower() for w in words]
+        cut = words[spoken.index(after)].end + 0.05
+        lead = [w for w in words if cut - 2.5 <= w.start and w.end <= cut]
+        pieces.append(rec.audio[int(cut * 16000):int((words[spoken.index(until)].end + 0.1) * 16000)])
+        befores.append(Before(audio=rec.audio[int((lead[0].start - 0.1) * 16000):int(cut * 16000)],
+                              spoken=" ".join(w.word for w in lead).rstrip(".")))
+        reference = normalize(rec.text)
+        expected.append(" ".join(reference[reference.index(after) + 1:reference.index(until) + 1]))
+    alone = recording("jfk-inaugural-ask-not")
+    pieces.append(alone.audio)
+    befores.append(Before())
+    expected.append(alone.text)
+    said = dict(engine.transcribe_burst(pieces, "en", befores))
+    for i, reference in enumerate(expected):
+        assert word_errors(reference, said[i].text)[0] <= 1, (reference, said[i])
+    unled = dict(engine.transcribe_burst(pieces, "en"))
+    assert word_errors(expected[0], unled[0].text)[0] > 1, unled
+
+
 def test_dots_are_no_words_and_never_carry_over(engine):
     """Whisper's "..." is no speech. As a prompt, tiny.en answered "... ... ..." for every utterance after
     it (a browser session's finals all came back dots): such a decode is tried again without the prompt."""
