@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -60,6 +61,7 @@ class _Input:
     previous: list[int]  # previous-text tokens
     prefix: list[int]
     seconds: float  # of the piece, which caps the new tokens
+    lead_s: float = 0.0  # of the audio before the piece in `encoded`
 
     def prompt(self, tokenizer: Tokenizer) -> list[int]:
         return text.prompt(tokenizer, self.previous) + self.prefix
@@ -99,6 +101,9 @@ class DecodeOptions:
 _ENCODE_STEP_S = 2.0
 _ENCODE_PAD_S = 1.0
 _FALLBACK_TEMPERATURES = (0.2, 0.4)
+# Speech runs at 3 or more tokens a second. A continuation with fewer tokens than its piece has seconds past
+# the first 2 (pre-roll, a lone word, the endpoint's tail) left words unsaid: the piece is decoded alone.
+_CONTINUATION_SLACK_S = 2.0
 # A stream's language changes only where Whisper is sure of the new one: on a short piece it often
 # hears a neighbouring language, unsure ("zum Stillstand" as Portuguese).
 _SURE_OF_LANGUAGE = 0.5
@@ -173,9 +178,11 @@ class WhisperEngine:
         just before: its text is continued, its language kept where this utterance's is unsure.
         """
         window = self.options.busy_window_s if busy_window else self.options.window_s
-        encoded = self._encode(audio, window)
+        # A continued final is heard and timed over the audio before it and its own: the piece alone is
+        # encoded only where it is needed.
+        encoded = functools.cache(lambda: self._encode(audio, window))
         if language is None:
-            token, probability = self._ct2.detect_language(get_ctranslate2_storage(encoded))[0][0]
+            token, probability = self._ct2.detect_language(get_ctranslate2_storage(encoded()))[0][0]
             language = token[2:-2]
             if before.language and probability < _SURE_OF_LANGUAGE:
                 language = before.language
@@ -186,9 +193,9 @@ class WhisperEngine:
                                      lead.max_length(tokenizer), beam_size=1 if greedy else self.options.beam_size)
             continued = self._continued(result, tokenizer, lead)
             if continued is not None:
-                return self._transcript(continued, tokenizer, encoded, audio, final, quick_words=greedy)
+                return self._transcript(continued, tokenizer, encoded, audio, final, quick_words=greedy, lead=lead)
         previous = text.previous_tokens(tokenizer, before.text, self.options.context_tokens)
-        decoded = self._generate(encoded, tokenizer, audio.size / SAMPLE_RATE, final, greedy, previous)
+        decoded = self._generate(encoded(), tokenizer, audio.size / SAMPLE_RATE, final, greedy, previous)
         return self._transcript(decoded, tokenizer, encoded, audio, final, quick_words=greedy)
 
     def _continuation_input(self, audio: np.ndarray, tokenizer: Tokenizer, before: Before,
@@ -203,7 +210,8 @@ class WhisperEngine:
         # Forced tokens are decoded one step each, as dearly as generated ones; the prompt goes in one pass.
         previous = text.previous_tokens(tokenizer, before.earlier, self.options.context_tokens)
         return _Input(self._encode(np.concatenate([before.audio, audio]), window_s), previous,
-                     tokenizer.encode(" " + before.spoken.strip()), audio.size / SAMPLE_RATE)
+                      tokenizer.encode(" " + before.spoken.strip()), audio.size / SAMPLE_RATE,
+                      before.audio.size / SAMPLE_RATE)
 
     def _continued(self, result, tokenizer: Tokenizer, lead: _Input) -> Decoded | None:
         """Only the new words of a continuation's decode; None where they are nothing, the context again, or
@@ -218,7 +226,10 @@ class WhisperEngine:
         while new and text.punctuation(tokenizer.decode(new[:1])):
             new = new[1:]
         decoded = decoded._replace(tokens=new)
-        if (not decoded.tokens or not text.settled(decoded, tokenizer)
+        # Greedy, Whisper may finish the word the lead was cut in and stop there: "can..." for the 5 s of a new
+        # sentence after it.
+        if (not decoded.tokens or len(decoded.tokens) < lead.seconds - _CONTINUATION_SLACK_S
+                or not text.settled(decoded, tokenizer)
                 or text.silent(decoded.avg_logprob, decoded.no_speech_prob)
                 or text.repeats(tokenizer, decoded.tokens, lead.previous + prefix)):
             return None
@@ -238,23 +249,24 @@ class WhisperEngine:
         window = self.options.busy_window_s
         befores = befores or [Before()] * len(audios)
         tokenizer = self._tokenizer(language)
-        encoded = [self._encode(audio, window) for audio in audios]
+        encoded = [functools.cache(functools.partial(self._encode, audio, window)) for audio in audios]
         texts = [text.previous_tokens(tokenizer, b.text, self.options.context_tokens) for b in befores]
         leads = [self._continuation_input(audio, tokenizer, before, window) for audio, before in zip(audios, befores)]
         inputs, results = self._batched(tokenizer, [
-            lead or _Input(e, previous, [], audio.size / SAMPLE_RATE)
+            lead or _Input(e(), previous, [], audio.size / SAMPLE_RATE)
             for lead, e, previous, audio in zip(leads, encoded, texts, audios)], beam_size=1)
         tried = [self._continued(r, tokenizer, i) if i.prefix else self._outcome(r, tokenizer, i.max_length(tokenizer))
                  for r, i in zip(results, inputs)]
         for i in sorted(range(len(audios)), key=lambda i: tried[i] is None or not text.settled(tried[i], tokenizer)):
             seconds = audios[i].size / SAMPLE_RATE
             if leads[i] is None:
-                decoded = self._generate(encoded[i], tokenizer, seconds, final=True, greedy=True,
+                decoded = self._generate(encoded[i](), tokenizer, seconds, final=True, greedy=True,
                                          previous=inputs[i].previous, tried=tried[i])
             else:  # continued, or, where that failed, alone as `transcribe` decodes it
                 decoded = tried[i] if tried[i] is not None else self._generate(
-                    encoded[i], tokenizer, seconds, final=True, greedy=True, previous=texts[i])
-            yield i, self._transcript(decoded, tokenizer, encoded[i], audios[i], True, quick_words=True)
+                    encoded[i](), tokenizer, seconds, final=True, greedy=True, previous=texts[i])
+            yield i, self._transcript(decoded, tokenizer, encoded[i], audios[i], True, quick_words=True,
+                                      lead=leads[i] if tried[i] is not None else None)
 
     def _batched(self, tokenizer: Tokenizer, inputs: list[_Input], **attempt) -> tuple[list[_Input], list]:
         """One decode of several inputs. One batch puts its start-of-transcript token at one position: every
@@ -285,18 +297,20 @@ class WhisperEngine:
             decoded = self._generate(encoded[i], tokenizer, piece.seconds, final=True, greedy=False,
                                      previous=piece.previous, tried=self._outcome(result, tokenizer,
                                                                                   piece.max_length(tokenizer)))
-            transcripts.append(self._transcript(decoded, tokenizer, encoded[i], audios[i], True))
+            transcripts.append(self._transcript(decoded, tokenizer, lambda: encoded[i], audios[i], True))
         return transcripts
 
-    def _transcript(self, decoded: Decoded, tokenizer: Tokenizer, encoded: np.ndarray,
-                    audio: np.ndarray, final: bool, quick_words: bool = False) -> Transcript | None:
+    def _transcript(self, decoded: Decoded, tokenizer: Tokenizer, encoded: Callable[[], np.ndarray],
+                    audio: np.ndarray, final: bool, quick_words: bool = False,
+                    lead: _Input | None = None) -> Transcript | None:
+        """`encoded()`: the piece's encoding; `lead`: the continuation `decoded` was decoded as, if it was."""
         said = tokenizer.decode(decoded.tokens).strip()
         if tokenizer.language_code == "en":
             said = text.spell_lone_digit(said)
         if text.rejected(said, decoded.avg_logprob, decoded.no_speech_prob):
             return None
         seconds = audio.size / SAMPLE_RATE
-        words = self._words(tokenizer, decoded.tokens, encoded, seconds, quick_words) if final else []
+        words = self._words(tokenizer, decoded.tokens, encoded, seconds, quick_words, lead) if final else []
         if len(words) == 1:
             words = [replace(words[0], word=said)]
         return Transcript(text=said, language=tokenizer.language_code, words=words)
@@ -380,25 +394,41 @@ class WhisperEngine:
         tokens = text.cut_loop([t for t in result.sequences_ids[0][:max_length] if t < tokenizer.eot])
         return Decoded(tokens, result.scores[0] * len(tokens) / (len(tokens) + 1), result.no_speech_prob)
 
-    def _words(self, tokenizer: Tokenizer, tokens: list[int], encoded: np.ndarray, seconds: float,
-               quick: bool) -> list[Word]:
-        """Word timings from the decoder's cross-attention over `encoded`, or, `quick`, over its computed
+    def _words(self, tokenizer: Tokenizer, tokens: list[int], encoded: Callable[[], np.ndarray], seconds: float,
+               quick: bool, lead: _Input | None = None) -> list[Word]:
+        """Word timings from the decoder's cross-attention over `encoded()`, or, `quick`, over its computed
         part alone (the utterance plus 1 to 3 s).
 
         Over the computed part alone the alignment costs less, and its timings stay within what a
         reader could tell from the full window's; over the busy window they stray further, at no
         saving. So a final alone is aligned over its full window, and one decoded while others run
         or wait over the computed part.
+
+        A continuation's words are timed as they were decoded, after its prefix over the audio before it
+        and its own, unless a word spans both (a prefix that ends inside a word): then over its own.
         """
         if not tokens:
             return []
+        if lead is not None:
+            alignment = self._alignment(tokenizer, lead.prefix + tokens, lead.encoded, lead.lead_s + seconds, quick)
+            ends = list(np.cumsum([len(a["tokens"]) for a in alignment]))
+            if len(lead.prefix) in ends:
+                return self._timed(alignment[ends.index(len(lead.prefix)) + 1:], seconds, lead.lead_s)
+        return self._timed(self._alignment(tokenizer, tokens, encoded(), seconds, quick), seconds)
+
+    def _alignment(self, tokenizer: Tokenizer, tokens: list[int], encoded: np.ndarray, seconds: float,
+                   quick: bool) -> list[dict]:
         frames = int(seconds * 100) // 2 * 2
         if quick:
             encoded = encoded[:, :int(_computed_s(seconds) * 50)]
-        alignment = self._model.find_alignment(tokenizer, [tokens], get_ctranslate2_storage(encoded), frames)[0]
+        return self._model.find_alignment(tokenizer, [tokens], get_ctranslate2_storage(encoded), frames)[0]
+
+    @staticmethod
+    def _timed(alignment: list[dict], seconds: float, offset: float = 0.0) -> list[Word]:
+        """Words of `alignment`, their times less `offset`, within the utterance's `seconds`."""
         merge_punctuations(alignment, _PREPEND, _APPEND)
         return [
-            Word(a["word"].strip(), round(min(a["start"], seconds), 3),
-                 round(min(a["end"], seconds), 3), round(float(a["probability"]), 3))
+            Word(a["word"].strip(), round(min(max(a["start"] - offset, 0.0), seconds), 3),
+                 round(min(max(a["end"] - offset, 0.0), seconds), 3), round(float(a["probability"]), 3))
             for a in alignment if a["word"].strip()
         ]

@@ -901,6 +901,31 @@ def test_a_burst_hears_each_piece_after_the_words_before_it(engine):
     assert word_errors(expected[0], unled[0].text)[0] > 1, unled
 
 
+def test_a_continued_final_times_its_words_as_the_whole_recording_does(engine):
+    """A continuation's words are timed over the audio it was decoded from, the words before it and its own:
+    within its own audio, and where the whole recording's alignment puts them, alone or in a burst."""
+    rec = recording("librivox-ss01-0870")
+    words = engine.transcribe(rec.audio, "en", final=True).words
+    spoken = [w.word.strip(",.").lower() for w in words]
+    cut = words[spoken.index("be")].end + 0.05
+    end = words[spoken.index("them")].end + 0.1
+    lead = [w for w in words if cut - 2.5 <= w.start and w.end <= cut]
+    piece = rec.audio[int(cut * 16000):int(end * 16000)]
+    before = Before(audio=rec.audio[int((lead[0].start - 0.1) * 16000):int(cut * 16000)],
+                    spoken=" ".join(w.word for w in lead).rstrip("."))
+    whole = {w.word.strip(",.").lower(): (w.start - cut, w.end - cut) for w in words if cut < w.start < end}
+    alone = engine.transcribe(piece, "en", final=True, before=before)
+    (_, burst), = engine.transcribe_burst([piece], "en", [before])
+    for said in (alone, burst):
+        assert normalize(said.text)[:2] == ["prudently", "in"], said
+        assert [w.word for w in said.words] == said.text.split(), said
+        for w in said.words:
+            assert 0 <= w.start <= w.end <= piece.size / 16000, said
+            if w.word.strip(",.").lower() in whole and w.word.lower() != "prudently":
+                start, stop = whole[w.word.strip(",.").lower()]
+                assert abs(w.start - start) < 0.1 and abs(w.end - stop) < 0.1, (w, start, stop)
+
+
 def test_dots_are_no_words_and_never_carry_over(engine):
     """Whisper's "..." is no speech. As a prompt, tiny.en answered "... ... ..." for every utterance after
     it (a browser session's finals all came back dots): such a decode is tried again without the prompt."""
