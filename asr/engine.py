@@ -189,8 +189,7 @@ class WhisperEngine:
         tokenizer = self._tokenizer(language)
         lead = self._continuation_input(audio, tokenizer, before, window) if final else None
         if lead is not None:
-            (result,) = self._decode(get_ctranslate2_storage(lead.encoded), tokenizer, [lead.prompt(tokenizer)],
-                                     lead.max_length(tokenizer), beam_size=1 if greedy else self.options.beam_size)
+            _, (result,) = self._batched(tokenizer, [lead], beam_size=1 if greedy else self.options.beam_size)
             continued = self._continued(result, tokenizer, lead)
             if continued is not None:
                 return self._transcript(continued, tokenizer, encoded, audio, final, quick_words=greedy, lead=lead)
@@ -259,14 +258,16 @@ class WhisperEngine:
                  for r, i in zip(results, inputs)]
         for i in sorted(range(len(audios)), key=lambda i: tried[i] is None or not text.settled(tried[i], tokenizer)):
             seconds = audios[i].size / SAMPLE_RATE
-            if leads[i] is None:
+            continued = bool(inputs[i].prefix) and tried[i] is not None
+            if continued:
+                decoded = tried[i]
+            elif not inputs[i].prefix:
                 decoded = self._generate(encoded[i](), tokenizer, seconds, final=True, greedy=True,
                                          previous=inputs[i].previous, tried=tried[i])
-            else:  # continued, or, where that failed, alone as `transcribe` decodes it
-                decoded = tried[i] if tried[i] is not None else self._generate(
-                    encoded[i](), tokenizer, seconds, final=True, greedy=True, previous=texts[i])
+            else:  # the continuation failed: alone, as `transcribe` decodes it
+                decoded = self._generate(encoded[i](), tokenizer, seconds, final=True, greedy=True, previous=texts[i])
             yield i, self._transcript(decoded, tokenizer, encoded[i], audios[i], True, quick_words=True,
-                                      lead=leads[i] if tried[i] is not None else None)
+                                      lead=inputs[i] if continued else None)
 
     def _batched(self, tokenizer: Tokenizer, inputs: list[_Input], **attempt) -> tuple[list[_Input], list]:
         """One decode of several inputs. One batch puts its start-of-transcript token at one position: every

@@ -874,6 +874,19 @@ async def test_the_piece_after_a_hesitation_is_heard_as_the_continuation_it_is(e
         assert word_errors(reference, " ".join(f["text"] for f in finals))[0] <= 1, finals
 
 
+def after_a_cut(rec, words, after: str, until: str) -> tuple[np.ndarray, Before, float]:
+    """`rec` from just after the word `after` to the word `until` (found in `words`, Whisper's word timings of
+    it), and what a stream decodes that piece after: the words of the last 2.5 s before the cut and their audio.
+    Returns the piece, that Before, and the cut in seconds."""
+    spoken = [w.word.strip(",.").lower() for w in words]
+    cut = words[spoken.index(after)].end + 0.05
+    lead = [w for w in words if cut - 2.5 <= w.start and w.end <= cut]
+    piece = rec.audio[int(cut * 16000):int((words[spoken.index(until)].end + 0.1) * 16000)]
+    before = Before(audio=rec.audio[int((lead[0].start - 0.1) * 16000):int(cut * 16000)],
+                    spoken=" ".join(w.word for w in lead).rstrip("."))
+    return piece, before, cut
+
+
 def test_a_burst_hears_each_piece_after_the_words_before_it(engine):
     """Finals in a burst are decoded in one batch; a piece after a hesitation among them is still heard as the
     continuation of the words before it, as a final decoded alone is (above), beside a piece with nothing before
@@ -881,13 +894,9 @@ def test_a_burst_hears_each_piece_after_the_words_before_it(engine):
     pieces, befores, expected = [], [], []
     for name, after, until in (("librivox-ss01-0870", "be", "them"), ("ls-61-70968-0000", "complaint", "left")):
         rec = recording(name)
-        words = engine.transcribe(rec.audio, "en", final=True).words
-        spoken = [w.word.strip(",.").lower() for w in words]
-        cut = words[spoken.index(after)].end + 0.05
-        lead = [w for w in words if cut - 2.5 <= w.start and w.end <= cut]
-        pieces.append(rec.audio[int(cut * 16000):int((words[spoken.index(until)].end + 0.1) * 16000)])
-        befores.append(Before(audio=rec.audio[int((lead[0].start - 0.1) * 16000):int(cut * 16000)],
-                              spoken=" ".join(w.word for w in lead).rstrip(".")))
+        piece, before, _ = after_a_cut(rec, engine.transcribe(rec.audio, "en", final=True).words, after, until)
+        pieces.append(piece)
+        befores.append(before)
         reference = normalize(rec.text)
         expected.append(" ".join(reference[reference.index(after) + 1:reference.index(until) + 1]))
     alone = recording("jfk-inaugural-ask-not")
@@ -906,13 +915,8 @@ def test_a_continued_final_times_its_words_as_the_whole_recording_does(engine):
     within its own audio, and where the whole recording's alignment puts them, alone or in a burst."""
     rec = recording("librivox-ss01-0870")
     words = engine.transcribe(rec.audio, "en", final=True).words
-    spoken = [w.word.strip(",.").lower() for w in words]
-    cut = words[spoken.index("be")].end + 0.05
-    end = words[spoken.index("them")].end + 0.1
-    lead = [w for w in words if cut - 2.5 <= w.start and w.end <= cut]
-    piece = rec.audio[int(cut * 16000):int(end * 16000)]
-    before = Before(audio=rec.audio[int((lead[0].start - 0.1) * 16000):int(cut * 16000)],
-                    spoken=" ".join(w.word for w in lead).rstrip("."))
+    piece, before, cut = after_a_cut(rec, words, "be", "them")
+    end = cut + piece.size / 16000
     whole = {w.word.strip(",.").lower(): (w.start - cut, w.end - cut) for w in words if cut < w.start < end}
     alone = engine.transcribe(piece, "en", final=True, before=before)
     (_, burst), = engine.transcribe_burst([piece], "en", [before])
