@@ -357,7 +357,7 @@ async def test_faster_than_real_time_keeps_every_final_and_gives_its_memory_back
             await asyncio.sleep(0.5)
 
     try:
-        # The first session meets every decode buffer size the second one will need.
+        # The first session pays for what the server keeps once warm (thread arenas, decode buffers).
         await overload()
         before = await settled_rss()
         sampler = asyncio.create_task(sample())
