@@ -298,7 +298,7 @@ class WhisperEngine:
             decoded = self._generate(encoded[i], tokenizer, piece.seconds, final=True, greedy=False,
                                      previous=piece.previous, tried=self._outcome(result, tokenizer,
                                                                                   piece.max_length(tokenizer)))
-            transcripts.append(self._transcript(decoded, tokenizer, lambda: encoded[i], audios[i], True))
+            transcripts.append(self._transcript(decoded, tokenizer, lambda e=encoded[i]: e, audios[i], True))
         return transcripts
 
     def _transcript(self, decoded: Decoded, tokenizer: Tokenizer, encoded: Callable[[], np.ndarray],
