@@ -113,6 +113,10 @@ class Config:
     max_utterance_s: float = field(default=20.0, metadata={"help": "longer speech is split (max 30)"})
     max_sessions: int = field(default=16, metadata={"help": "concurrent sessions; more get 503"})
     ice_timeout_s: float = field(default=15.0, metadata={"help": "time for ICE to connect"})
+    opus_bitrate: int = field(default=96000, metadata={
+        "help": "average bit rate (bit/s) the SDP answer asks of a peer's Opus encoder (`maxaveragebitrate`): "
+                "browsers send 32000 unasked, which Whisper hears less well ([Accuracy](accuracy.md)); 6000 to "
+                "510000, or 0: ask nothing"})
     idle_timeout_s: float = field(default=30.0, metadata={"help": "end a session with no audio for this long"})
     max_session_s: float = field(default=3600.0, metadata={"help": "longest session"})
     max_offer_bytes: int = field(default=65536, metadata={"help": "largest accepted SDP offer"})
@@ -216,6 +220,8 @@ class Config:
             raise ValueError("sentence_endpoint must be between 0.2 and 1")
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
+        if self.opus_bitrate and not 6000 <= self.opus_bitrate <= 510000:
+            raise ValueError("opus_bitrate must be between 6000 and 510000 (Opus's range), or 0")
         if min(self.header_timeout_s, self.body_timeout_s, self.keepalive_timeout_s) <= 0:
             raise ValueError("header_timeout_s, body_timeout_s and keepalive_timeout_s must be above 0")
         if self.max_pending_connections < 1:

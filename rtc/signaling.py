@@ -63,7 +63,7 @@ async def open_peer(request: web.Request, sdp: str, options: SessionOptions,
     client = auth.client(request)
     registry.check_capacity(client)
     session = registry.create("webrtc", options, hold_events=True, client=client, api=api)
-    peer = PeerSession(session, config.ice_servers, config.ice_timeout_s, speaks)
+    peer = PeerSession(session, config.ice_servers, config.ice_timeout_s, speaks, config.opus_bitrate)
     try:
         answer = await peer.answer(sdp)
     except Exception as e:

@@ -286,6 +286,38 @@ def test_page_transcribes(page, page_server, speech, transport):
     assert srt[-1][1] < duration
 
 
+# Every second, the bytes of Opus the page's peer connection has sent (outbound-rtp, headers not counted).
+RECORD_SENT = """
+window.__sent = [];
+const NativePeerConnection = window.RTCPeerConnection;
+window.RTCPeerConnection = function (...args) {
+  const pc = new NativePeerConnection(...args);
+  const timer = setInterval(async () => {
+    if (pc.connectionState === "closed") return clearInterval(timer);
+    for (const s of (await pc.getStats()).values())
+      if (s.type === "outbound-rtp" && s.kind === "audio") window.__sent.push([s.timestamp, s.bytesSent]);
+  }, 1000);
+  return pc;
+};
+window.RTCPeerConnection.prototype = NativePeerConnection.prototype;
+"""
+
+
+def test_the_browser_sends_opus_at_the_rate_the_answer_asks(page, page_server):
+    """Unasked, Chromium codes the microphone at 32 kbit/s; the answer asks for `--opus-bitrate` (96000)."""
+    page.add_init_script(RECORD_SENT)
+    page.goto(f"{page_server.url}/?transport=rtc")
+    page.click("#start")
+    expect(state(page)).to_have_attribute("data-state", "listening", timeout=20_000)
+    page.wait_for_timeout((LEAD_S + 8) * 1000)  # into the first recording's speech
+    page.click("#stop")
+    expect(state(page)).to_have_attribute("data-state", "stopped", timeout=20_000)
+    sent = page.evaluate("window.__sent")
+    rates = [8 * (b2 - b1) / (t2 - t1) for (t1, b1), (t2, b2) in zip(sent, sent[1:])]  # kbit/s: t in ms
+    print(f"Opus sent, kbit/s a second: {[round(r) for r in rates]}")
+    assert max(rates) > 64, rates
+
+
 def test_without_webrtc_the_page_falls_back_to_the_websocket(page, page_server, speech):
     page.add_init_script("delete window.RTCPeerConnection; delete window.webkitRTCPeerConnection;")
     _, duration, reference = speech

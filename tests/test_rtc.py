@@ -183,3 +183,27 @@ def test_the_server_loop_reads_every_waiting_datagram_of_a_socket_in_one_turn():
     finally:
         loop.close()
     assert turns <= 10, f"100 waiting datagrams took {turns} turns of the loop"
+
+
+async def test_the_answer_asks_for_the_opus_bit_rate_and_changes_nothing_else():
+    from aiortc import RTCSessionDescription
+    from aiortc.mediastreams import AudioStreamTrack
+
+    from rtc.peer import asking_opus_bitrate
+
+    client, server = RTCPeerConnection(), RTCPeerConnection()
+    try:
+        client.addTrack(AudioStreamTrack())
+        client.createDataChannel("events")
+        await client.setLocalDescription(await client.createOffer())
+        await server.setRemoteDescription(client.localDescription)
+        answer = (await server.createAnswer()).sdp
+        asked = asking_opus_bitrate(answer, 96000)
+        opus = next(line.split()[0].removeprefix("a=rtpmap:") for line in answer.splitlines() if "opus/48000" in line)
+        added = [line for line in asked.splitlines() if line not in answer.splitlines()]
+        assert added == [f"a=fmtp:{opus} maxaveragebitrate=96000"], asked
+        assert [line for line in asked.splitlines() if line not in added] == answer.splitlines()
+        await server.setLocalDescription(RTCSessionDescription(sdp=asked, type="answer"))  # aiortc takes it
+    finally:
+        await client.close()
+        await server.close()
