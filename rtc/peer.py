@@ -55,9 +55,9 @@ def asking_opus_bitrate(sdp: str, bitrate: int) -> str:
     Unasked, browsers send 32 kbit/s, and Whisper misses more words in Opus coded that thinly
     (docs/accuracy.md). aiortc offers no setting for a codec's parameters in its answers."""
     description = SessionDescription.parse(sdp)
-    for media in description.media:
+    for media in (m for m in description.media if m.kind == "audio"):
         for codec in media.rtp.codecs:
-            if media.kind == "audio" and codec.mimeType.lower() == "audio/opus":
+            if codec.mimeType.lower() == "audio/opus":
                 codec.parameters["maxaveragebitrate"] = bitrate
     return str(description)
 

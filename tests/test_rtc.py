@@ -189,9 +189,10 @@ async def test_the_answer_asks_for_the_opus_bit_rate_and_changes_nothing_else():
     from aiortc import RTCSessionDescription
     from aiortc.mediastreams import AudioStreamTrack
 
-    from rtc.peer import asking_opus_bitrate
+    from rtc.peer import asking_opus_bitrate, rtc_configuration
 
-    client, server = RTCPeerConnection(), RTCPeerConnection()
+    # Never aiortc's default public STUN server: both ends gather host candidates only.
+    client, server = RTCPeerConnection(rtc_configuration([])), RTCPeerConnection(rtc_configuration([]))
     try:
         client.addTrack(AudioStreamTrack())
         client.createDataChannel("events")
