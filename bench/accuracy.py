@@ -27,7 +27,7 @@ import re
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -205,10 +205,16 @@ async def run(args: argparse.Namespace) -> dict:
         results["offline"][item.id] = {"text": offline_text(offline, item, None if multilingual else "en")}
         print(f"offline {item.id}: {results['offline'][item.id]['text'][:80]}", flush=True)
     del offline
+    if args.repeat > 1:  # one long session: the recordings said again and again, each pass scored on its own
+        passes = [[replace(i, id=f"{i.id} #{k}", conditions=(*i.conditions, f"pass {k}")) for i in items]
+                  for k in range(1, args.repeat + 1)]
+        results["offline"].update({copy.id: results["offline"][i.id] for copies in passes
+                                   for copy, i in zip(copies, items)})
+        items = [copy for copies in passes for copy in copies]
     if args.streams > 1:  # that many sessions at once, each a programme of about equal length
         groups = [g for g in split_by_duration(items, args.streams) if g]
     else:
-        groups = [items] if args.one_session else [[item] for item in items]
+        groups = [items] if args.one_session or args.repeat > 1 else [[item] for item in items]
     query = {"partials": "true", **({"language": "auto"} if multilingual else {})}
     for path in args.paths:
         if path in IN_PROCESS:
@@ -238,7 +244,7 @@ async def run(args: argparse.Namespace) -> dict:
                 server.stop()
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine()["cpu"],
               "model": args.model, "devset": str(args.devset), "server_args": args.server_args,
-              "one_session": args.one_session, "streams": args.streams,
+              "one_session": args.one_session or args.repeat > 1, "repeat": args.repeat, "streams": args.streams,
               "paths": list(args.paths), "elapsed_s": round(time.time() - started),
               "items": [{"id": i.id, "corpus": i.corpus, "language": i.language, "groups": i.groups,
                          "reference": i.text,
@@ -309,7 +315,9 @@ def table(report: dict) -> list[str]:
              + (f", server {' '.join(report['server_args'])}" if report["server_args"] else "")
              + f", {Path(report['devset']).name}"
              + (f", {report['streams']} sessions at once, the recordings shared among them"
-                if report.get("streams", 1) > 1 else ", every recording in one session" if report.get("one_session")
+                if report.get("streams", 1) > 1
+                else f", one session saying every recording {report['repeat']} times" if report.get("repeat", 1) > 1
+                else ", every recording in one session" if report.get("one_session")
                 else ", a session per recording")
              + ". Word error rate of the streamed finals "
              "(ratio to offline faster-whisper on the whole files, same model, beam 5; lost sentences).", "",
@@ -359,9 +367,14 @@ def main() -> None:
                         help="sessions streaming at once (server paths), the recordings shared among them")
     parser.add_argument("--one-session", action="store_true",
                         help="every recording in one session, with pauses between them, instead of one session each")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="one session that says the recordings N times over, each pass scored as `pass K` "
+                             "(a long session: does it hear its last pass as its first?)")
     parser.add_argument("--out", default="accuracy", help="report name under bench/results/")
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="more server flags (last)")
     args = parser.parse_args()
+    if args.repeat > 1 and args.streams > 1:
+        parser.error("--repeat is one session: it takes no --streams")
     report = asyncio.run(run(args))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
@@ -375,7 +388,8 @@ def main() -> None:
 def quoted(args: argparse.Namespace) -> bool:
     """The run docs/performance.md quotes: both transports, one stream, devset-wide, default model and settings."""
     return (Path(args.devset) == WIDE and args.model == "tiny.en" and not (args.server_args or args.only)
-            and not args.one_session and args.streams == 1 and {"webrtc", "websocket"} <= set(args.paths))
+            and not args.one_session and args.repeat == 1 and args.streams == 1
+            and {"webrtc", "websocket"} <= set(args.paths))
 
 
 if __name__ == "__main__":
