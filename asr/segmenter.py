@@ -212,6 +212,7 @@ class Segmenter:
             if prob >= c.threshold:
                 self._active = True
                 self._windows = list(self._recent)
+                self._recent.clear()  # what follows the utterance must not be taken for what came before it
                 self._probs = [0.0] * (len(self._windows) - 1) + [prob]
                 self._first = self._position - len(self._windows) + 1
                 self._onset = self._position

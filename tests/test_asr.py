@@ -692,6 +692,31 @@ def test_end_in_pause_closes_the_utterance_at_its_last_speech(vad_model):
     assert segmenter.push(np.zeros(16000, np.float32)) == []  # the same utterance never ends twice
 
 
+def test_speech_soon_after_a_flush_begins_with_its_own_pre_roll(vad_model):
+    """An utterance's pre-roll is the audio just before its onset, never what came before the last one: speech
+    that began 100 ms after a flush once took in the flushed utterance's own pre-roll, from a second before."""
+    segmenter = Segmenter(SileroVAD(vad_model), SegmenterConfig())
+    position = 0
+
+    def feed(prob: float, n: int) -> list:
+        nonlocal position
+        windows = np.arange(position, position + n, dtype=np.float32)[:, None] * np.ones(512, np.float32)
+        position += n
+        return segmenter.advance(windows / 1000, np.full(n, prob, np.float32))
+
+    feed(0.1, 20)
+    feed(0.9, 30)
+    assert segmenter.flush("flush")
+    feed(0.1, 3)
+    feed(0.9, 30)
+    ended = [e for e in feed(0.1, 40) if isinstance(e, SpeechEnded)]
+    assert len(ended) == 1
+    # Each window holds its own index: the audio is the timeline's, window for window, from audio_start.
+    first = round(ended[0].audio_start * 16000 / 512)
+    indices = ended[0].audio[::512] * 1000
+    assert np.allclose(indices, np.arange(first, first + indices.size)), indices[:12]
+
+
 def test_a_blip_of_room_tone_in_a_pause_keeps_the_early_final_but_a_voice_does_not(vad_model):
     """The pause counts from where the audio went quiet, ahead of the VAD, so a window of room tone louder
     than that quiet moves the end of speech later. In a quiet recording such a blip once made the early
