@@ -48,7 +48,7 @@ class Before:
     # The audio just before a final's (ending where it begins) and the words said in it: the final is
     # decoded as their continuation (see WhisperEngine.transcribe). None: alone.
     audio: np.ndarray | None = field(default=None, compare=False)
-    spoken: str = ""
+    spoken: str = ""  # "": audio in which Whisper heard no words, decoded again with the piece
     earlier: str = ""  # what was said before `spoken`: the continuation's previous-text prompt
 
 
@@ -62,6 +62,11 @@ class _Input:
     prefix: list[int]
     seconds: float  # of the piece, which caps the new tokens
     lead_s: float = 0.0  # of the audio before the piece in `encoded`
+
+    @property
+    def continues(self) -> bool:
+        """Decoded after what came before it, rather than alone."""
+        return bool(self.prefix) or self.lead_s > 0
 
     def prompt(self, tokenizer: Tokenizer) -> list[int]:
         return text.prompt(tokenizer, self.previous) + self.prefix
@@ -204,13 +209,13 @@ class WhisperEngine:
         at a hesitation begins a sentence of its own ("It confused." for "a confused"), "ask not" after a pause
         came back "as not", "two" in kitchen noise as nothing. None where there is nothing before it to
         continue."""
-        if before.audio is None or not before.spoken or before.language not in (None, tokenizer.language_code):
+        if before.audio is None or before.language not in (None, tokenizer.language_code):
             return None
         # Forced tokens are decoded one step each, as dearly as generated ones; the prompt goes in one pass.
         previous = text.previous_tokens(tokenizer, before.earlier, self.options.context_tokens)
         return _Input(self._encode(np.concatenate([before.audio, audio]), window_s), previous,
-                      tokenizer.encode(" " + before.spoken.strip()), audio.size / SAMPLE_RATE,
-                      before.audio.size / SAMPLE_RATE)
+                      tokenizer.encode(" " + before.spoken.strip()) if before.spoken.strip() else [],
+                      audio.size / SAMPLE_RATE, before.audio.size / SAMPLE_RATE)
 
     def _continued(self, result, tokenizer: Tokenizer, lead: _Input) -> Decoded | None:
         """Only the new words of a continuation's decode; None where they are nothing, the context again, or
@@ -254,14 +259,14 @@ class WhisperEngine:
         inputs, results = self._batched(tokenizer, [
             lead or _Input(e(), previous, [], audio.size / SAMPLE_RATE)
             for lead, e, previous, audio in zip(leads, encoded, texts, audios)], beam_size=1)
-        tried = [self._continued(r, tokenizer, i) if i.prefix else self._outcome(r, tokenizer, i.max_length(tokenizer))
-                 for r, i in zip(results, inputs)]
+        tried = [self._continued(r, tokenizer, i) if i.continues
+                 else self._outcome(r, tokenizer, i.max_length(tokenizer)) for r, i in zip(results, inputs)]
         for i in sorted(range(len(audios)), key=lambda i: tried[i] is None or not text.settled(tried[i], tokenizer)):
             seconds = audios[i].size / SAMPLE_RATE
-            continued = bool(inputs[i].prefix) and tried[i] is not None
+            continued = inputs[i].continues and tried[i] is not None
             if continued:
                 decoded = tried[i]
-            elif not inputs[i].prefix:
+            elif not inputs[i].continues:
                 decoded = self._generate(encoded[i](), tokenizer, seconds, final=True, greedy=True,
                                          previous=inputs[i].previous, tried=tried[i])
             else:  # the continuation failed: alone, as `transcribe` decodes it
@@ -412,9 +417,9 @@ class WhisperEngine:
             return []
         if lead is not None:
             alignment = self._alignment(tokenizer, lead.prefix + tokens, lead.encoded, lead.lead_s + seconds, quick)
-            ends = list(np.cumsum([len(a["tokens"]) for a in alignment]))
+            ends = [0, *np.cumsum([len(a["tokens"]) for a in alignment])]
             if len(lead.prefix) in ends:
-                return self._timed(alignment[ends.index(len(lead.prefix)) + 1:], seconds, lead.lead_s)
+                return self._timed(alignment[ends.index(len(lead.prefix)):], seconds, lead.lead_s)
         return self._timed(self._alignment(tokenizer, tokens, encoded(), seconds, quick), seconds)
 
     def _alignment(self, tokenizer: Tokenizer, tokens: list[int], encoded: np.ndarray, seconds: float,

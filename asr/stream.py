@@ -48,11 +48,12 @@ class StreamOptions:
 class _Said:
     """One final, as the decodes after it are conditioned on it."""
 
-    language: str
+    language: str | None  # None: not known (no words were heard)
     text: str
     continued: bool  # cut for length while the speaker went on
     speech_end: float
     words: list[tuple[float, float, str]]  # (start, end, word) on the stream timeline
+    audio_start: float | None  # where its audio began on the timeline; None once that audio is forgotten
 
 
 class _Recent:
@@ -177,8 +178,8 @@ class SpeechStream:
             self._partial_task.cancel()
         self._drop_early_final()
         self._segmenter.discard()
-        if self._said:  # the audio forgotten lies before the next fragment: it must not be decoded with it
-            self._said[-1] = replace(self._said[-1], words=[])
+        # The audio forgotten lies before the next fragment: it must not be decoded with it.
+        self._said = deque(replace(s, words=[], audio_start=None) for s in self._said)
 
     def configure(self, options: StreamOptions, segmenter: SegmenterConfig) -> None:
         """New options for the audio that comes next (a client changed its session)."""
@@ -273,26 +274,34 @@ class SpeechStream:
 
     async def _final(self, event: SpeechEnded, pending: asyncio.Future,
                      previous: asyncio.Task | None) -> None:
+        decoded = True
         try:
             result = await pending
         except Overloaded as e:
-            result = None
+            result, decoded = None, False
             self._emit(events.error(events.OVERLOADED, str(e)))
         except Exception:
             log.exception("final decode failed")
-            result = None
+            result, decoded = None, False
             self._emit(events.error(events.DECODE_FAILED, "transcription of an utterance failed"))
         if previous is not None:
             await asyncio.shield(previous)  # finals leave in utterance order
         self._finals_pending -= 1
         self._final_done.set()
-        if result is not None:
+        if decoded:
             self._remember(result, event)
         self._emit(_final_event(event, result, self.options.language))
 
-    def _remember(self, result: Transcript, event: SpeechEnded) -> None:
-        self._said.append(_Said(result.language, result.text, event.continued, event.end, [
-            (event.audio_start + w.start, event.audio_start + w.end, w.word) for w in result.words]))
+    def _remember(self, result: Transcript | None, event: SpeechEnded) -> None:
+        """`result` None: Whisper heard no words in it."""
+        if result is None:
+            language = self.options.language or (self._said[-1].language if self._said else None)
+            said = _Said(language, "", event.continued, event.end, [], event.audio_start)
+        else:
+            said = _Said(result.language, result.text, event.continued, event.end, [
+                (event.audio_start + w.start, event.audio_start + w.end, w.word) for w in result.words],
+                event.audio_start)
+        self._said.append(said)
         while len(self._said) > 1 and sum(len(s.text) for s in self._said) > self.options.context_chars:
             self._said.popleft()
 
@@ -300,9 +309,9 @@ class SpeechStream:
         """What this stream said last. Its text is continued only where its last final stopped mid-clause
         (cut for length, or a pause after "including"): after a whole sentence, tiny.en tends to say a
         prompt again ("You can call me Abigail Klaflin."). Its language stands where detection is unsure."""
-        if not self._said:
+        last = next((s for s in reversed(self._said) if s.text), None)  # an empty final says nothing of it
+        if last is None:
             return Before(self.options.prompt.strip())
-        last = self._said[-1]
         language = last.language
         prior = language if self.options.language is None else None
         if (not self.options.context_chars or not (last.continued or unfinished(last.text, language))
@@ -321,25 +330,45 @@ class SpeechStream:
 
     def _before_fragment(self, start: float, end: float, audio_start: float) -> Before:
         """What a final of speech from `start` to `end` (its audio from `audio_start`) is decoded after: for a
-        piece begun soon after the last final, the end of that final's audio and words, and the words before."""
-        before, last = self._before(), self._said[-1] if self._said else None
-        if (self._recent is None or last is None or not last.words or end - start > self.options.fragment_s
-                or start - last.speech_end > _LEAD_GAP_S or (self.options.language or last.language) != last.language):
+        piece begun soon after the last final, the end of that final's audio and words, and the words before;
+        else, soon after a final that heard no words, that final's audio."""
+        before = self._before()
+        if self._recent is None or end - start > self.options.fragment_s:
             return before
+        return self._after_words(before, start, audio_start) or self._after_no_words(before, start, audio_start)
+
+    def _near(self, said: _Said, start: float) -> bool:
+        """A piece begun at `start` goes on from `said`: soon after it, in its language."""
+        return start - said.speech_end <= _LEAD_GAP_S and (self.options.language or said.language) == said.language
+
+    def _after_words(self, before: Before, start: float, audio_start: float) -> Before | None:
+        last = next((s for s in reversed(self._said) if s.text), None)
+        if last is None or not last.words or not self._near(last, start):
+            return None
         # The last final's words from at most _LEAD_S before this audio, cut between two words.
         kept = [i for i, (w_start, _, _) in enumerate(last.words) if w_start >= audio_start - _LEAD_S]
         if not kept:
-            return before
+            return None
         first = kept[0]  # its onset as the pre-roll would keep it, or the gap after the word before
         lead_start = max(last.words[first][0] - 0.1, last.words[first - 1][1]) if first else last.words[0][0] - 0.3
         audio = self._recent.between(max(0.0, lead_start), audio_start)
         if audio is None:
-            return before
+            return None
         # Without its end mark: begun this soon, the fragment may well go on the sentence, and after a period
         # Whisper starts a new one ("who's. Place." for "whose place").
         spoken = " ".join(w for _, _, w in last.words[first:]).rstrip(".!?。！？…")
         earlier = self._prompt_text(last.language, last=" ".join(w for _, _, w in last.words[:first]))
         return replace(before, audio=audio, spoken=spoken, earlier=earlier)
+
+    def _after_no_words(self, before: Before, start: float, audio_start: float) -> Before:
+        """A final that heard no words is heard again before the piece after it, nothing forced: alone, a lone
+        "Yet" before a pause said nothing, and the piece after it, "these thoughts affected", "He starts
+        affected"."""
+        last = self._said[-1] if self._said else None
+        if last is None or last.text or last.audio_start is None or not self._near(last, start):
+            return before
+        audio = self._recent.between(last.audio_start, audio_start)
+        return before if audio is None else replace(before, audio=audio, spoken="", earlier=before.text)
 
     @property
     def _no_words_shown(self) -> bool:

@@ -1,8 +1,9 @@
-"""Quiet and noisy copies of every English recording, for judging a lever by more than a couple of words.
+"""Quiet, noisy and hesitant copies of every English recording, for judging a lever by more than a couple of
+words.
 
 devset-wide holds two quiet-derived and two noisy-derived recordings: a lever that moves one word there
 moves the condition by a fifth. This writes a corpus folder (manifest.jsonl and WAVs, as devset-wide's) with
-three copies of each English original of devset-wide and of the small devset:
+these copies of each English original of devset-wide and of the small devset:
 
   - quiet45-*: attenuated to an active speech level of -45 dBFS;
   - kitchen10-*: real kitchen noise at 10 dB SNR (the noise of devset-wide's noisy copies, recovered as
@@ -11,7 +12,10 @@ three copies of each English original of devset-wide and of the small devset:
     that Silero hears as speech;
   - paused-*: the hesitations of spontaneous speech, where devset-wide has one meeting clip: a pause of
     0.5 to 1.5 s (room tone at the recording's own floor) for about every six words, placed by
-    Whisper's word timings (tiny.en, greedy), never after a sentence's end and never inside a word.
+    Whisper's word timings (tiny.en, greedy), never after a sentence's end and never inside a word;
+  - lone-*: the commonest hesitation of all, after a sentence's first word ("Yet... these thoughts"): a
+    pause of 1 s of room tone at the quietest 10 ms between the first two words of every sentence, quiet or
+    not (readers run them together).
 
 The active level is measured as devset-wide's SOURCES.md says: the RMS of the 20 ms frames within 25 dB of
 the 95th-percentile frame. Deterministic: the same folders give the same files.
@@ -106,6 +110,32 @@ def paused(speech: np.ndarray, words: list, key: str) -> np.ndarray:
     return np.concatenate(pieces + [rest])
 
 
+def lone_first_words(speech: np.ndarray, words: list) -> np.ndarray | None:
+    """`speech` with a pause of 1 s of room tone after the first word of every sentence; None if none has two."""
+    frames = speech[: speech.size // 160 * 160].reshape(-1, 160)
+    rms = np.sqrt((frames**2).mean(axis=1)) + 1e-9
+    floor = max(np.percentile(rms, 5), 10 ** (-75 / 20))
+    cuts = []
+    for i, (word, following) in enumerate(zip(words, words[1:])):
+        first = i == 0 or words[i - 1].word.rstrip().endswith((".", "?", "!"))
+        near = np.arange(max(0, int((word.end - 0.05) * 100)), min(rms.size, int((following.start + 0.05) * 100)))
+        if first and not word.word.rstrip().endswith((".", "?", "!")) and near.size:
+            cuts.append(int(near[rms[near].argmin()]) * 160 + 80)
+    if not cuts:
+        return None
+    rng = np.random.default_rng(1)
+    fade = np.linspace(1.0, 0.0, 80)
+    pieces, start = [], 0
+    for cut in cuts:
+        piece = speech[start:cut].copy()
+        piece[-80:] *= fade
+        pieces += [piece, rng.normal(0.0, floor, 16000)]
+        start = cut
+    rest = speech[start:].copy()
+    rest[:80] *= fade[::-1]
+    return np.concatenate(pieces + [rest])
+
+
 def derive(out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     noises = {"kitchen10": kitchen_noise(SOURCES[0]), "babble10": babble(SOURCES[0])}
@@ -126,7 +156,11 @@ def derive(out: Path) -> int:
                 copies[name] = (speech + gain * stretch, "noisy-derived")
             timed, _ = model.transcribe(speech.astype(np.float32), language="en", beam_size=1, temperature=0.0,
                                         word_timestamps=True, condition_on_previous_text=False)
-            copies["paused"] = (paused(speech, [w for s in timed for w in s.words], entry["id"]), "hesitant")
+            words = [w for s in timed for w in s.words]
+            copies["paused"] = (paused(speech, words, entry["id"]), "hesitant")
+            lone = lone_first_words(speech, words)
+            if lone is not None:
+                copies["lone"] = (lone, "hesitant")
             for name, (audio, condition) in copies.items():
                 wav = f"{name}-{entry['id']}.wav"
                 write_wav(out / wav, audio)

@@ -899,6 +899,18 @@ async def test_the_piece_after_a_hesitation_is_heard_as_the_continuation_it_is(e
         assert word_errors(reference, " ".join(f["text"] for f in finals))[0] <= 1, finals
 
 
+async def test_a_word_heard_as_nothing_is_heard_again_before_the_words_after_it(engine, vad_model):
+    """ "Yet [1 s] these thoughts affected Hester Prynne ...": the lone "Yet" is an utterance of its own, and
+    Whisper hears no words in it. Its sound is decoded again before the piece after it, as that piece's
+    lead, so the word is not lost; the piece alone began "He starts affected"."""
+    audio, reference, _ = with_pause(engine, recording("ls-1221-135766-0002"), "yet", "apprehension", 1.0)
+    for heard in (audio, over_opus(audio)):
+        finals = await streamed_finals(engine, vad_model, heard)
+        assert len(finals) == 2 and not finals[0]["text"], finals  # "Yet" alone says nothing
+        assert normalize(finals[1]["text"])[:3] == ["yet", "these", "thoughts"], finals
+        assert word_errors(reference, finals[1]["text"])[0] <= 2, finals
+
+
 def after_a_cut(rec, words, after: str, until: str) -> tuple[np.ndarray, Before, float]:
     """`rec` from just after the word `after` to the word `until` (found in `words`, Whisper's word timings of
     it), and what a stream decodes that piece after: the words of the last 2.5 s before the cut and their audio.
@@ -907,7 +919,7 @@ def after_a_cut(rec, words, after: str, until: str) -> tuple[np.ndarray, Before,
     cut = words[spoken.index(after)].end + 0.05
     lead = [w for w in words if cut - 2.5 <= w.start and w.end <= cut]
     piece = rec.audio[int(cut * 16000):int((words[spoken.index(until)].end + 0.1) * 16000)]
-    before = Before(audio=rec.audio[int((lead[0].start - 0.1) * 16000):int(cut * 16000)],
+    before = Before(audio=rec.audio[max(0, int((lead[0].start - 0.1) * 16000)):int(cut * 16000)],
                     spoken=" ".join(w.word for w in lead).rstrip("."))
     return piece, before, cut
 
