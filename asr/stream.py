@@ -108,7 +108,7 @@ class SpeechStream:
         self._finals_pending = 0
         self._early_final: _EarlyFinal | None = None
         self._final_done = asyncio.Event()
-        self._said: deque[_Said] = deque()  # the last finals, at least the last one
+        self._said: deque[_Said] = deque()  # the last finals with words, at least one; then maybe an empty one
         # Held: the lead, its gap and the fragment, with room for pre-roll, tail and windows yet to be decided.
         self._recent = _Recent(_LEAD_S + _LEAD_GAP_S + options.fragment_s + 4.0) if options.fragment_s else None
         self._key = id(self)  # this stream's slot in the pool's keyed queues
@@ -301,9 +301,12 @@ class SpeechStream:
             said = _Said(result.language, result.text, event.continued, event.end, [
                 (event.audio_start + w.start, event.audio_start + w.end, w.word) for w in result.words],
                 event.audio_start)
-        self._said.append(said)
-        while len(self._said) > 1 and sum(len(s.text) for s in self._said) > self.options.context_chars:
-            self._said.popleft()
+        # The finals with words that context_chars covers, at least the last; an empty final only as the last,
+        # for the piece after it may be decoded with its audio.
+        kept = [s for s in self._said if s.text] + ([said] if said.text else [])
+        while len(kept) > 1 and sum(len(s.text) for s in kept) > self.options.context_chars:
+            kept.pop(0)
+        self._said = deque(kept if said.text else [*kept, said])
 
     def _before(self) -> Before:
         """What this stream said last. Its text is continued only where its last final stopped mid-clause
