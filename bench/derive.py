@@ -80,60 +80,71 @@ def noise_for(noise: np.ndarray, length: int, key: str) -> np.ndarray:
     return np.resize(np.roll(noise, -start), length)
 
 
+_FADE = np.linspace(1.0, 0.0, 80)  # 5 ms either side of a cut
+
+
+def _levels(speech: np.ndarray) -> tuple[np.ndarray, float]:
+    """The RMS of each 10 ms of `speech`, and its room tone's: the 5th percentile, at least -75 dBFS."""
+    frames = speech[: speech.size // 160 * 160].reshape(-1, 160)
+    rms = np.sqrt((frames**2).mean(axis=1)) + 1e-9
+    return rms, max(np.percentile(rms, 5), 10 ** (-75 / 20))
+
+
+def _between(rms: np.ndarray, word, following) -> np.ndarray:
+    """The 10 ms frames from just before the end of `word` to just after the start of `following`."""
+    return np.arange(max(0, int((word.end - 0.05) * 100)), min(rms.size, int((following.start + 0.05) * 100)))
+
+
+def _ends_sentence(word) -> bool:
+    return word.word.rstrip().endswith((".", "?", "!"))
+
+
+def _spliced(speech: np.ndarray, pauses: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """`speech` with each (sample, pause) put in at that sample, the speech faded out before it and in after."""
+    pieces, start = [], 0
+    for cut, pause in pauses:
+        piece = speech[start:cut].copy()
+        piece[-80:] *= _FADE
+        pieces += [piece, pause]
+        start = cut
+    rest = speech[start:].copy()
+    if start:
+        rest[:80] *= _FADE[::-1]
+    return np.concatenate(pieces + [rest])
+
+
 def paused(speech: np.ndarray, words: list, key: str) -> np.ndarray:
     """`speech` with hesitations: a pause of 0.5 to 1.5 s of room tone for about every six words, each at
     the quietest 10 ms between two words of a sentence. Word timings are approximate: a boundary with no
     quiet moment near it (words run together) is passed over, so no word is cut in two."""
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big"))
-    frames = speech[: speech.size // 160 * 160].reshape(-1, 160)
-    rms = np.sqrt((frames**2).mean(axis=1)) + 1e-9
-    floor = max(np.percentile(rms, 5), 10 ** (-75 / 20))
+    rms, floor = _levels(speech)
     quiet = max(2 * floor, 10 ** ((active_level_db(speech) - 40) / 20))
-    fade = np.linspace(1.0, 0.0, 80)
     cuts = []  # the quietest 10 ms between two words of a sentence, where it is quiet
     for word, following in zip(words, words[1:]):
-        near = np.arange(max(0, int((word.end - 0.05) * 100)), min(rms.size, int((following.start + 0.05) * 100)))
-        if not word.word.rstrip().endswith((".", "?", "!")) and near.size and rms[near].min() <= quiet:
+        near = _between(rms, word, following)
+        if not _ends_sentence(word) and near.size and rms[near].min() <= quiet:
             cuts.append(int(near[rms[near].argmin()]) * 160 + 80)
     chance = min(1.0, len(words) / 6 / max(1, len(cuts)))
-    pieces, start = [], 0
+    pauses, start = [], 0
     for cut in cuts:
         if rng.random() >= chance or not start + 80 < cut < speech.size - 80:
             continue
-        piece = speech[start:cut].copy()
-        piece[-80:] *= fade
-        pieces += [piece, rng.normal(0.0, floor, int(rng.uniform(0.5, 1.5) * 16000))]
+        pauses.append((cut, rng.normal(0.0, floor, int(rng.uniform(0.5, 1.5) * 16000))))
         start = cut
-    rest = speech[start:].copy()
-    if start:
-        rest[:80] *= fade[::-1]
-    return np.concatenate(pieces + [rest])
+    return _spliced(speech, pauses)
 
 
 def lone_first_words(speech: np.ndarray, words: list) -> np.ndarray | None:
     """`speech` with a pause of 1 s of room tone after the first word of every sentence; None if none has two."""
-    frames = speech[: speech.size // 160 * 160].reshape(-1, 160)
-    rms = np.sqrt((frames**2).mean(axis=1)) + 1e-9
-    floor = max(np.percentile(rms, 5), 10 ** (-75 / 20))
+    rms, floor = _levels(speech)
     cuts = []
     for i, (word, following) in enumerate(zip(words, words[1:])):
-        first = i == 0 or words[i - 1].word.rstrip().endswith((".", "?", "!"))
-        near = np.arange(max(0, int((word.end - 0.05) * 100)), min(rms.size, int((following.start + 0.05) * 100)))
-        if first and not word.word.rstrip().endswith((".", "?", "!")) and near.size:
+        near = _between(rms, word, following)
+        if (i == 0 or _ends_sentence(words[i - 1])) and not _ends_sentence(word) and near.size:
             cuts.append(int(near[rms[near].argmin()]) * 160 + 80)
-    if not cuts:
-        return None
     rng = np.random.default_rng(1)
-    fade = np.linspace(1.0, 0.0, 80)
-    pieces, start = [], 0
-    for cut in cuts:
-        piece = speech[start:cut].copy()
-        piece[-80:] *= fade
-        pieces += [piece, rng.normal(0.0, floor, 16000)]
-        start = cut
-    rest = speech[start:].copy()
-    rest[:80] *= fade[::-1]
-    return np.concatenate(pieces + [rest])
+    return _spliced(speech, [(cut, rng.normal(0.0, floor, 16000)) for cut in cuts]) if cuts else None
 
 
 def derive(out: Path) -> int:
