@@ -308,11 +308,16 @@ class SpeechStream:
             kept.pop(0)
         self._said = deque(kept if said.text else [*kept, said])
 
+    @property
+    def _last_words(self) -> _Said | None:
+        """The last final with words: an empty one, kept only as the very last, says nothing of what was said."""
+        return next((s for s in reversed(self._said) if s.text), None)
+
     def _before(self) -> Before:
         """What this stream said last. Its text is continued only where its last final stopped mid-clause
         (cut for length, or a pause after "including"): after a whole sentence, tiny.en tends to say a
         prompt again ("You can call me Abigail Klaflin."). Its language stands where detection is unsure."""
-        last = next((s for s in reversed(self._said) if s.text), None)  # an empty final says nothing of it
+        last = self._last_words
         if last is None:
             return Before(self.options.prompt.strip())
         language = last.language
@@ -345,7 +350,7 @@ class SpeechStream:
         return start - said.speech_end <= _LEAD_GAP_S and (self.options.language or said.language) == said.language
 
     def _after_words(self, before: Before, start: float, audio_start: float) -> Before | None:
-        last = next((s for s in reversed(self._said) if s.text), None)
+        last = self._last_words
         if last is None or not last.words or not self._near(last, start):
             return None
         # The last final's words from at most _LEAD_S before this audio, cut between two words.
