@@ -903,12 +903,15 @@ async def test_a_word_heard_as_nothing_is_heard_again_before_the_words_after_it(
     """ "Yet [1 s] these thoughts affected Hester Prynne ...": the lone "Yet" is an utterance of its own, and
     Whisper hears no words in it. Its sound is decoded again before the piece after it, as that piece's
     lead, so the word is not lost; the piece alone began "He starts affected"."""
-    audio, reference, _ = with_pause(engine, recording("ls-1221-135766-0002"), "yet", "apprehension", 1.0)
+    rec = recording("ls-1221-135766-0002")
+    audio, reference, _ = with_pause(engine, rec, "yet", "apprehension", 1.0)
+    # "Hester Prynne" is a name tiny.en spells as the machine's arithmetic has it ("has to print" on one)
+    offline = word_errors(reference, engine.transcribe(rec.audio, "en", final=True).text)[0]
     for heard in (audio, over_opus(audio)):
         finals = await streamed_finals(engine, vad_model, heard)
         assert len(finals) == 2 and not finals[0]["text"], finals  # "Yet" alone says nothing
         assert normalize(finals[1]["text"])[:3] == ["yet", "these", "thoughts"], finals
-        assert word_errors(reference, finals[1]["text"])[0] <= 2, finals
+        assert word_errors(reference, finals[1]["text"])[0] <= offline + 1, finals
 
 
 def after_a_cut(rec, words, after: str, until: str) -> tuple[np.ndarray, Before, float]:
