@@ -48,8 +48,10 @@ class Before:
     # The audio just before a final's (ending where it begins) and the words said in it: the final is
     # decoded as their continuation (see WhisperEngine.transcribe). None: alone.
     audio: np.ndarray | None = field(default=None, compare=False)
-    spoken: str = ""  # "": audio in which Whisper heard no words, decoded again with the piece
+    spoken: str = ""  # forced as the continuation's start; "": the audio is heard again, nothing forced
     earlier: str = ""  # what was said before `spoken`: the continuation's previous-text prompt
+    # Heard again, the audio's words were given already (doubtful ones): those heard in it are left out.
+    shown: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class _Input:
     prefix: list[int]
     seconds: float  # of the piece, which caps the new tokens
     lead_s: float = 0.0  # of the audio before the piece in `encoded`
+    shown: bool = False  # the words heard in that audio are not the piece's: see Before.shown
 
     @property
     def continues(self) -> bool:
@@ -197,7 +200,8 @@ class WhisperEngine:
             _, (result,) = self._batched(tokenizer, [lead], beam_size=1 if greedy else self.options.beam_size)
             continued = self._continued(result, tokenizer, lead)
             if continued is not None:
-                return self._transcript(continued, tokenizer, encoded, audio, final, quick_words=greedy, lead=lead)
+                decoded, lead = continued
+                return self._transcript(decoded, tokenizer, encoded, audio, final, quick_words=greedy, lead=lead)
         previous = text.previous_tokens(tokenizer, before.text, self.options.context_tokens)
         decoded = self._generate(encoded(), tokenizer, audio.size / SAMPLE_RATE, final, greedy, previous)
         return self._transcript(decoded, tokenizer, encoded, audio, final, quick_words=greedy)
@@ -215,12 +219,15 @@ class WhisperEngine:
         previous = text.previous_tokens(tokenizer, before.earlier, self.options.context_tokens)
         return _Input(self._encode(np.concatenate([before.audio, audio]), window_s), previous,
                       tokenizer.encode(" " + before.spoken.strip()) if before.spoken.strip() else [],
-                      audio.size / SAMPLE_RATE, before.audio.size / SAMPLE_RATE)
+                      audio.size / SAMPLE_RATE, before.audio.size / SAMPLE_RATE, before.shown)
 
-    def _continued(self, result, tokenizer: Tokenizer, lead: _Input) -> Decoded | None:
-        """Only the new words of a continuation's decode; None where they are nothing, the context again, or
-        doubtful: the piece is then decoded alone."""
+    def _continued(self, result, tokenizer: Tokenizer, lead: _Input) -> tuple[Decoded, _Input] | None:
+        """Only the new words of a continuation's decode, and the input as they were decoded (the words heard
+        again in shown audio as its prefix); None where they are nothing, the context again, or doubtful: the
+        piece is then decoded alone."""
         decoded = self._outcome(result, tokenizer, lead.max_length(tokenizer))
+        if lead.shown:
+            lead = replace(lead, prefix=self._heard_in_lead(tokenizer, decoded.tokens, lead), shown=False)
         prefix = lead.prefix
         if decoded.tokens[:len(prefix)] != prefix:  # CTranslate2 returns the forced prefix with the new words
             return None
@@ -237,7 +244,20 @@ class WhisperEngine:
                 or text.silent(decoded.avg_logprob, decoded.no_speech_prob)
                 or text.repeats(tokenizer, decoded.tokens, lead.previous + prefix)):
             return None
-        return decoded
+        return decoded, lead
+
+    def _heard_in_lead(self, tokenizer: Tokenizer, tokens: list[int], lead: _Input) -> list[int]:
+        """The first of `tokens` that are words heard within the lead audio: ended in it. A word's start is a
+        poor guide, for the alignment stretches a word after a pause back over it."""
+        if not tokens:
+            return []
+        alignment = self._alignment(tokenizer, tokens, lead.encoded, lead.lead_s + lead.seconds, quick=True)
+        cut = 0
+        for word in alignment:
+            if word["end"] > lead.lead_s:
+                break
+            cut += len(word["tokens"])
+        return tokens[:cut]
 
     def transcribe_burst(self, audios: list[np.ndarray], language: str,
                          befores: list[Before] | None = None) -> Iterator[tuple[int, Transcript | None]]:
@@ -259,8 +279,15 @@ class WhisperEngine:
         inputs, results = self._batched(tokenizer, [
             lead or _Input(e(), previous, [], audio.size / SAMPLE_RATE)
             for lead, e, previous, audio in zip(leads, encoded, texts, audios)], beam_size=1)
-        tried = [self._continued(r, tokenizer, i) if i.continues
-                 else self._outcome(r, tokenizer, i.max_length(tokenizer)) for r, i in zip(results, inputs)]
+        tried: list[Decoded | None] = []
+        for n, (result, piece) in enumerate(zip(results, inputs)):
+            if not piece.continues:
+                tried.append(self._outcome(result, tokenizer, piece.max_length(tokenizer)))
+                continue
+            continued = self._continued(result, tokenizer, piece)
+            if continued is not None:
+                inputs[n] = continued[1]
+            tried.append(None if continued is None else continued[0])
         for i in sorted(range(len(audios)), key=lambda i: tried[i] is None or not text.settled(tried[i], tokenizer)):
             seconds = audios[i].size / SAMPLE_RATE
             continued = inputs[i].continues and tried[i] is not None

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import events
 from .audio import SAMPLE_RATE
-from .engine import Before, Transcript
+from .engine import Before, Transcript, Word
 from .events import Event
 from .segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
 from .vad import VadBatch
@@ -28,6 +28,8 @@ _FIRST_PARTIAL_RETRY_MS = 200
 # of a longer one is a decoder step more.
 _LEAD_GAP_S = 2.0
 _LEAD_S = 3.0
+# Words whose mean probability is under this are doubtful: not forced on the piece after them.
+_DOUBTFUL = 0.5
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class _Said:
     text: str
     continued: bool  # cut for length while the speaker went on
     speech_end: float
-    words: list[tuple[float, float, str]]  # (start, end, word) on the stream timeline
+    words: list[Word]  # timed on the stream timeline
     audio_start: float | None  # where its audio began on the timeline; None once that audio is forgotten
 
 
@@ -299,7 +301,7 @@ class SpeechStream:
             said = _Said(language, "", event.continued, event.end, [], event.audio_start)
         else:
             said = _Said(result.language, result.text, event.continued, event.end, [
-                (event.audio_start + w.start, event.audio_start + w.end, w.word) for w in result.words],
+                replace(w, start=event.audio_start + w.start, end=event.audio_start + w.end) for w in result.words],
                 event.audio_start)
         # The finals with words that context_chars covers, at least the last; an empty final only as the last,
         # for the piece after it may be decoded with its audio.
@@ -338,8 +340,9 @@ class SpeechStream:
 
     def _before_fragment(self, start: float, end: float, audio_start: float) -> Before:
         """What a final of speech from `start` to `end` (its audio from `audio_start`) is decoded after: for a
-        piece begun soon after the last final, the end of that final's audio and words, and the words before;
-        else, soon after a final that heard no words, that final's audio."""
+        piece begun soon after the last final, the end of that final's audio and words (heard again where
+        Whisper doubted them), and the words before; else, soon after a final that heard no words, that
+        final's audio."""
         before = self._before()
         if self._recent is None or end - start > self.options.fragment_s:
             return before
@@ -354,18 +357,21 @@ class SpeechStream:
         if last is None or not last.words or not self._near(last, start):
             return None
         # The last final's words from at most _LEAD_S before this audio, cut between two words.
-        kept = [i for i, (w_start, _, _) in enumerate(last.words) if w_start >= audio_start - _LEAD_S]
+        words = last.words
+        kept = [i for i, w in enumerate(words) if w.start >= audio_start - _LEAD_S]
         if not kept:
             return None
         first = kept[0]  # its onset as the pre-roll would keep it, or the gap after the word before
-        lead_start = max(last.words[first][0] - 0.1, last.words[first - 1][1]) if first else last.words[0][0] - 0.3
+        lead_start = max(words[first].start - 0.1, words[first - 1].end) if first else words[0].start - 0.3
         audio = self._recent.between(max(0.0, lead_start), audio_start)
         if audio is None:
             return None
+        earlier = self._prompt_text(last.language, last=" ".join(w.word for w in words[:first]))
+        if _doubtful(words[first:]):
+            return replace(before, audio=audio, spoken="", earlier=earlier, shown=True)
         # Without its end mark: begun this soon, the fragment may well go on the sentence, and after a period
         # Whisper starts a new one ("who's. Place." for "whose place").
-        spoken = " ".join(w for _, _, w in last.words[first:]).rstrip(".!?。！？…")
-        earlier = self._prompt_text(last.language, last=" ".join(w for _, _, w in last.words[:first]))
+        spoken = " ".join(w.word for w in words[first:]).rstrip(".!?。！？…")
         return replace(before, audio=audio, spoken=spoken, earlier=earlier)
 
     def _after_no_words(self, before: Before, start: float, audio_start: float) -> Before:
@@ -446,6 +452,12 @@ def unfinished(text: str, language: str) -> bool:
     finished nor unfinished."""
     text = text.rstrip()
     return text.endswith(_CLAUSE_END) or (language == "en" and _last_word(text) in _CONTINUING)
+
+
+def _doubtful(words: list[Word]) -> bool:
+    """Words Whisper was unsure of: a lone "Many" heard as "Thanks." (0.12), which, forced as a continuation's
+    start, went on "for watching!"."""
+    return sum(w.probability for w in words) / len(words) < _DOUBTFUL
 
 
 def _common_prefix(a: list[str], b: list[str]) -> list[str]:

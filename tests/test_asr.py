@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ctranslate2
@@ -914,6 +915,18 @@ async def test_a_word_heard_as_nothing_is_heard_again_before_the_words_after_it(
         assert word_errors(reference, finals[1]["text"])[0] <= offline + 1, finals
 
 
+async def test_a_word_heard_in_doubt_is_heard_again_before_the_words_after_it(engine, vad_model):
+    """ "He [1 s] began a confused complaint...": the lone "He" may come back "Hey, big.", Whisper unsure of
+    both words. Forced as the start of the piece after it, they made that piece "Ganna confused complaint";
+    heard again with it, nothing forced, they are left out of its text and the piece is heard as said."""
+    rec = data_recording("lone-ls-61-70968-0000")
+    audio = np.concatenate([np.zeros(8000, np.float32), rec.audio, np.zeros(16000, np.float32)])
+    finals = await streamed_finals(engine, vad_model, audio)
+    said = [normalize(f["text"]) for f in finals]
+    assert said[-1][:3] == (["began", "a", "confused"] if len(said) == 2 and said[0] else ["he", "began", "a"]), finals
+    assert word_errors(rec.text, " ".join(f["text"] for f in finals))[0] <= 2, finals
+
+
 def after_a_cut(rec, words, after: str, until: str) -> tuple[np.ndarray, Before, float]:
     """`rec` from just after the word `after` to the word `until` (found in `words`, Whisper's word timings of
     it), and what a stream decodes that piece after: the words of the last 2.5 s before the cut and their audio.
@@ -948,6 +961,25 @@ def test_a_burst_hears_each_piece_after_the_words_before_it(engine):
         assert word_errors(reference, said[i].text)[0] <= 1, (reference, said[i])
     unled = dict(engine.transcribe_burst(pieces, "en"))
     assert word_errors(expected[0], unled[0].text)[0] > 1, unled
+
+
+def test_doubtful_words_before_a_piece_are_heard_again_not_forced(engine):
+    """What a stream said in doubt is no start to force on the piece after it: "Hey, big." for a lone "He"
+    made "He [pause] began a confused complaint" "Anna confused complaint", and "Thanks" (a lone "Many"
+    misheard) went on "for watching!". Shown already, the audio before the piece is decoded again with it,
+    nothing forced, and the words heard in it are left out, alone or in a burst."""
+    rec = recording("ls-61-70968-0000")
+    piece, before, _ = after_a_cut(rec, engine.transcribe(rec.audio, "en", final=True).words, "he", "left")
+    expected = "began a confused complaint against the wizard who had vanished behind the curtain on the left"
+    for wrong in ("Hey, big", "Thanks"):
+        forced = engine.transcribe(piece, "en", final=True, before=replace(before, spoken=wrong))
+        assert forced is None or word_errors(expected, forced.text)[0] > 1, forced
+    shown = replace(before, spoken="", shown=True)
+    (_, burst), = engine.transcribe_burst([piece], "en", [shown])
+    for said in (engine.transcribe(piece, "en", final=True, before=shown), burst):
+        assert word_errors(expected, said.text)[0] <= 1, said
+        assert [w.word for w in said.words] == said.text.split(), said
+        assert all(0 <= w.start <= w.end <= piece.size / 16000 for w in said.words), said
 
 
 def test_a_continued_final_times_its_words_as_the_whole_recording_does(engine):
