@@ -229,7 +229,7 @@ async def run(args: argparse.Namespace) -> dict:
                 audio, spans = programme(group)
                 heard = await finals(audio)
                 for item, (start, end) in zip(group, spans):
-                    results[path][item.id] = _outcome([f for f in heard if start <= (f["start"] + f["end"]) / 2 < end])
+                    results[path][item.id] = _outcome([p for f in heard if (p := _within(f, start, end))])
                     print(f"{path} {item.id}: {results[path][item.id]['text'][:100]}", flush=True)
 
             if args.streams > 1 and path not in IN_PROCESS:
@@ -255,7 +255,7 @@ async def run(args: argparse.Namespace) -> dict:
 
 def programme(items: list[Item]) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """The recordings as one stream: silence before, between and after; each one's span on its timeline
-    (a final belongs to the recording its middle falls in)."""
+    (a final's words belong to the recording their middle falls in: `_within`)."""
     parts, spans, at = [np.zeros(int(LEAD_S * 16000), np.float32)], [], LEAD_S
     for item in items:
         gap = GAP_S if item is not items[-1] else TAIL_S
@@ -278,6 +278,18 @@ def _registry(args: argparse.Namespace):
     pool = DecodePool(load_engine(config), max_finals=64, workers=config.decode_workers)
     pool.start()
     return SessionRegistry(config, pool, SileroModel())
+
+
+def _within(final: dict, start: float, end: float) -> dict | None:
+    """The part of a final that one recording of a session said: its words timed within the recording's
+    span. A pause that held between two recordings ("one, two, three" [1.5 s] "It is really good news.")
+    makes one final of both, each of whose words is the right recording's."""
+    words = final["words"]
+    inside = [w for w in words if start <= (w["start"] + w["end"]) / 2 < end]
+    if len(inside) == len(words):
+        return final if inside or start <= (final["start"] + final["end"]) / 2 < end else None
+    joint = "" if final.get("language") in _NO_SPACES else " "
+    return {**final, "text": joint.join(w["word"].strip() for w in inside), "words": inside} if inside else None
 
 
 def _outcome(finals: list[dict]) -> dict:

@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import accuracy  # noqa: E402
 import run as bench  # noqa: E402
 import speech  # noqa: E402
 from speech import load_devset  # noqa: E402
@@ -103,3 +104,23 @@ def test_held_out_speech_need_not_be_16_khz_mono_wav(tmp_path, monkeypatch):
     assert heard.text == jfk.text and abs(heard.seconds - jfk.seconds) < 0.05
     n = min(heard.audio.size, jfk.audio.size)
     assert np.corrcoef(heard.audio[:n], jfk.audio[:n])[0, 1] > 0.99
+
+
+def test_a_final_across_two_recordings_gives_each_its_own_words():
+    """In one session a pause between two recordings may hold ("one, two, three" [1.5 s] "It is really good
+    news."): each recording is scored on the words timed within its span, not the whole final."""
+    word = lambda text, start, end: {"word": text, "start": start, "end": end, "probability": 0.9}  # noqa: E731
+    both = {"text": "One, two, three. It is really good news.", "start": 0.5, "end": 5.0, "cause": "endpoint",
+            "language": "en", "words": [word("One,", 0.5, 0.8), word("two,", 0.9, 1.2), word("three.", 1.3, 1.6),
+                                        word("It", 3.1, 3.3), word("is", 3.3, 3.5), word("really", 3.5, 3.9),
+                                        word("good", 3.9, 4.2), word("news.", 4.2, 4.6)]}
+    alone = {**both, "text": "Yes.", "start": 6.0, "end": 6.4, "words": [word("Yes.", 6.0, 6.4)]}
+    empty = {**both, "text": "", "start": 2.0, "end": 2.6, "words": []}
+    first, second = (0.0, 2.35), (2.35, float("inf"))
+    assert accuracy._within(both, *first)["text"] == "One, two, three."
+    assert accuracy._within(both, *second)["text"] == "It is really good news."
+    assert accuracy._within(alone, *first) is None and accuracy._within(alone, *second) is alone
+    assert accuracy._within(empty, *first) is empty and accuracy._within(empty, *second) is None
+    said = {**both, "text": "你好。谢谢。", "language": "zh",
+            "words": [word("你好。", 0.5, 1.0), word("谢谢。", 3.0, 3.6)]}
+    assert accuracy._within(said, *first)["text"] == "你好。"
