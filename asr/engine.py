@@ -337,15 +337,16 @@ class WhisperEngine:
                     audio: np.ndarray, final: bool, quick_words: bool = False,
                     lead: _Input | None = None) -> Transcript | None:
         """`encoded()`: the piece's encoding; `lead`: the continuation `decoded` was decoded as, if it was."""
-        said = tokenizer.decode(decoded.tokens).strip()
-        if tokenizer.language_code == "en":
-            said = text.spell_lone_digit(said)
+        heard = tokenizer.decode(decoded.tokens).strip()
+        said = text.spell_lone_digits(heard) if tokenizer.language_code == "en" else heard
         if text.rejected(said, decoded.avg_logprob, decoded.no_speech_prob):
             return None
         seconds = audio.size / SAMPLE_RATE
         words = self._words(tokenizer, decoded.tokens, encoded, seconds, quick_words, lead) if final else []
         if len(words) == 1:
             words = [replace(words[0], word=said)]
+        elif said != heard and len(words) == len(said.split()):  # digits spelt, word by word
+            words = [replace(w, word=spelt) for w, spelt in zip(words, said.split())]
         return Transcript(text=said, language=tokenizer.language_code, words=words)
 
     def _encode(self, audio: np.ndarray, window_s: float) -> np.ndarray:

@@ -19,7 +19,8 @@ _HALLUCINATIONS = {
     "you", "thank you", "thanks for watching", "thank you for watching", "bye", "so",
     "please subscribe", "subtitles by the amara org community", "okay", "oh", "uh", "um",
 }
-_LONE_DIGIT = re.compile(r"(\d)([.!?]?)")
+_LONE_DIGIT = re.compile(r"(\d)([.,!?]?)")
+_LONE_DIGITS = re.compile(r"\d[.!?]?|(?:\d[.,!?] )+\d[.,!?]?")  # one, or a list marked off as said
 _DIGIT_NAMES = ("Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine")
 
 
@@ -81,17 +82,25 @@ def cut_loop(tokens: list[int], min_period: int = 5) -> list[int]:
     return tokens[:keep]
 
 
-def spell_lone_digit(text: str) -> str:
-    """A digit said on its own, as its word: "3" becomes "Three", "1." "One.".
+def spell_lone_digits(text: str) -> str:
+    """Digits said on their own, as their words: "3" becomes "Three", "1." "One.", "1, 2, 3." "One, two,
+    three.".
 
-    With no sentence around it, Whisper writes a lone number as a digit about as often as a word:
-    "one", "two", "three" said with pauses came out "1.", "Two.", "3", where offline, over the
-    whole recording, it wrote "One, two, three." Streaming cuts speech at pauses, so it meets lone
-    numbers that offline never does; spelling them restores the offline text and the style
-    (AP's) that writes single digits as words.
+    With no sentence around them, Whisper writes lone numbers as digits about as often as words:
+    "one", "two", "three" said with pauses came out "1.", "Two.", "3", and said together in babble "1, 2,
+    3.", where offline, over the whole recording, it wrote "One, two, three." Streaming cuts speech at
+    pauses, so it meets lone numbers that offline never does; spelling them restores the offline text
+    and the style (AP's) that writes single digits as words. Text with anything but single digits is
+    left as it is.
     """
-    lone = _LONE_DIGIT.fullmatch(text)
-    return _DIGIT_NAMES[int(lone[1])] + lone[2] if lone else text
+    if not _LONE_DIGITS.fullmatch(text):
+        return text
+    spelt, capital = [], True
+    for digit, mark in _LONE_DIGIT.findall(text):
+        name = _DIGIT_NAMES[int(digit)]
+        spelt.append((name if capital else name.lower()) + mark)
+        capital = mark in (".", "!", "?")
+    return " ".join(spelt)
 
 
 def wordless(text: str) -> bool:
