@@ -16,7 +16,7 @@ _LOW_LOGPROB = -1.0
 _REPETITIVE = 2.4  # compression ratio of a repetition loop
 # What Whisper tends to say over near-silence; dropped only when the model itself is unsure.
 _HALLUCINATIONS = {
-    "you", "thank you", "thanks for watching", "thank you for watching", "bye", "so",
+    "you", "thank you", "thanks", "thanks for watching", "thank you for watching", "bye", "so",
     "please subscribe", "subtitles by the amara org community", "okay", "oh", "uh", "um",
 }
 _LONE_DIGIT = re.compile(r"(\d)([.,!?]?)")

@@ -1013,6 +1013,13 @@ def test_a_continued_final_times_its_words_as_the_whole_recording_does(engine):
                 assert abs(w.start - start) < 0.1 and abs(w.end - stop) < 0.1, (w, start, stop)
 
 
+def test_a_thanks_whisper_doubts_is_no_speech():
+    """Whisper's stock words over near-silence include a bare "Thanks.": a lone "Many" through Opus came back
+    so (word probability 0.12), in place of the word. Said and heard surely, it stays."""
+    assert rejected("Thanks.", -2.1, 0.2) and rejected("Thanks!", -0.4, 0.4)
+    assert not rejected("Thanks.", -0.2, 0.05) and not rejected("Thanks, Anna.", -2.1, 0.2)
+
+
 def test_dots_are_no_words_and_never_carry_over(engine):
     """Whisper's "..." is no speech. As a prompt, tiny.en answered "... ... ..." for every utterance after
     it (a browser session's finals all came back dots): such a decode is tried again without the prompt."""
