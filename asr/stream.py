@@ -455,8 +455,8 @@ def unfinished(text: str, language: str) -> bool:
 
 
 def _doubtful(words: list[Word]) -> bool:
-    """Words Whisper was unsure of: a lone "Many" heard as "Thanks." (0.12), which, forced as a continuation's
-    start, went on "for watching!"."""
+    """Words Whisper was unsure of: a lone "He" heard as "Hey, big." (0.09 and 0.52), which, forced as a
+    continuation's start, made "began a confused complaint" "Ganna confused complaint"."""
     return sum(w.probability for w in words) / len(words) < _DOUBTFUL
 
 
