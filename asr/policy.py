@@ -5,7 +5,7 @@
 - a partial that waited past STALE_PARTIAL_S is dropped, unless it is its utterance's first;
 - (streams ask for no partials or early finals while finals wait: asr/stream.py;)
 - a final with other finals or early finals running or waiting is decoded greedily instead of with
-  beam search (partials are no company for it);
+  beam search (partials are no company for it, nor finals nobody awaits any more);
 - a final or early final with as many of its kind waiting behind it as there are workers is in a
   burst: its worker takes its share of the burst and decodes them in one batch, greedily over the
   busy window (a piece after a hesitation still as the continuation of the words before it).
@@ -41,17 +41,19 @@ def mode(final: bool, burst: bool, company: bool) -> Mode:
 
 
 def has_company(final: bool, busy: int, busy_partials: int, finals: int, early_finals: int,
-                partials: int) -> bool:
-    """Another decode runs (`busy` workers, `busy_partials` of them on partials) or waits (`finals`,
-    `early_finals`, `partials`).
+                partials: int, busy_abandoned: int = 0) -> bool:
+    """Another decode runs (`busy` workers, `busy_partials` of them on partials, `busy_abandoned` on finals
+    nobody awaits any more) or waits (`finals`, `early_finals`, `partials`).
 
     Partials are no company for a final: they give way to finals (they never take the last idle worker,
     and are shed once stale), and a busy server always has some running. Counted, they made nearly every
     final greedy at 16 streams, and greedy search garbles the short and quiet pieces that hesitant speech
-    is cut into (docs/accuracy.md).
+    is cut into (docs/accuracy.md). Nor is an abandoned final, which runs on only because a decode cannot
+    be stopped: an early final outdated by a breath in the pause made the final asked for after it, of the
+    same stream, greedy ("ill-disposed" read "old-sposed").
     """
     if final:
-        return bool(busy - busy_partials or finals or early_finals)
+        return bool(busy - busy_partials - busy_abandoned or finals or early_finals)
     return bool(busy or finals or early_finals or partials)
 
 

@@ -70,8 +70,7 @@ class DecodePool:
         # last idle thread, so that a live final never waits behind a file's decode.
         self.live: Callable[[], bool] = lambda: True
         self._closed = False
-        self._busy = 0  # workers decoding now
-        self._busy_partials = 0  # workers decoding a partial
+        self._running: list[list[_Job]] = []  # what each busy worker decodes
         self._workers = [threading.Thread(target=self._run, name=f"whisper-decode-{i}", daemon=True)
                          for i in range(workers)]
         self.busy_seconds = 0.0
@@ -93,6 +92,18 @@ class DecodePool:
             await asyncio.to_thread(thread.join)
 
     @property
+    def _busy(self) -> int:
+        """Workers decoding now."""
+        return len(self._running)
+
+    def _company(self, final: bool) -> bool:
+        """Under the lock: whether a decode taken now has company (asr/policy.py)."""
+        busy_partials = sum(not jobs[0].final for jobs in self._running)
+        busy_abandoned = sum(jobs[0].final and all(j.abandoned for j in jobs) for jobs in self._running)
+        return policy.has_company(final, self._busy, busy_partials, len(self._finals), len(self._early_finals),
+                                  len(self._partials), busy_abandoned)
+
+    @property
     def depth(self) -> int:
         return len(self._finals) + len(self._early_finals) + len(self._partials)
 
@@ -105,8 +116,7 @@ class DecodePool:
     def finals_idle(self) -> bool:
         """No final or early final runs or waits: one asked for now would have no company."""
         with self._cond:
-            return not policy.has_company(True, self._busy, self._busy_partials, len(self._finals),
-                                          len(self._early_finals), len(self._partials))
+            return not self._company(final=True)
 
     @property
     def finals_waiting(self) -> int:
@@ -194,9 +204,7 @@ class DecodePool:
         with self._cond:
             jobs = self._pick()
             if jobs:
-                self._busy += 1
-                if not jobs[0].final:
-                    self._busy_partials += 1
+                self._running.append(jobs)
             return jobs
 
     def _pick(self) -> list[_Job]:
@@ -238,9 +246,7 @@ class DecodePool:
 
     def _take(self, job: _Job, burst: bool) -> _Job:
         """Under the lock: sets how `job` is decoded, from what else runs or waits."""
-        company = policy.has_company(job.final, self._busy, self._busy_partials, len(self._finals),
-                                     len(self._early_finals), len(self._partials))
-        job.greedy, job.busy_window = policy.mode(job.final, burst, company)
+        job.greedy, job.busy_window = policy.mode(job.final, burst, self._company(job.final))
         return job
 
     def _partials_allowed(self) -> bool:
@@ -261,10 +267,10 @@ class DecodePool:
                 if delivered == len(jobs):
                     # Idle before the last result is seen, so that a decode asked for on seeing it finds
                     # this worker free (and, alone, gets beam search).
-                    self._done(time.monotonic() - started, job)
+                    self._done(time.monotonic() - started, taken)
                 self._deliver(job, outcome, batched=len(jobs) > 1)
             if not jobs:
-                self._done(0.0, taken[0])
+                self._done(0.0, taken)
 
     def _outcomes(self, jobs: list[_Job]) -> Iterator[tuple[_Job, Transcript | None | BaseException]]:
         """One outcome per job."""
@@ -301,11 +307,10 @@ class DecodePool:
         except RuntimeError:  # that loop is closed: nobody is waiting
             pass
 
-    def _done(self, seconds: float, job: _Job) -> None:
+    def _done(self, seconds: float, taken: list[_Job]) -> None:
+        """A worker is through with what `_next` gave it."""
         with self._cond:
-            self._busy -= 1
-            if not job.final:
-                self._busy_partials -= 1
+            self._running = [jobs for jobs in self._running if jobs is not taken]
             self.busy_seconds += seconds
             self._cond.notify()  # a partial held back for a free worker may start now
 

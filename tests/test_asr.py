@@ -481,6 +481,35 @@ async def test_pool_hurries_a_burst_of_finals_and_early_finals(engine):
     assert (pool.decodes, pool.batched_decodes, pool.busy_window_decodes, pool.greedy_decodes) == (5, 4, 4, 4)
 
 
+async def test_a_final_nobody_awaits_is_no_company(engine):
+    """An early final outdated while it runs (a breath in the pause) cannot be stopped, but its stream
+    no longer awaits it: the final asked for next keeps beam search. A final someone awaits is company."""
+    rec = next(r for r in load_devset() if r.id == "ls-1221-135766-0001")  # 16.7 s
+    greedy_decodes: list[bool] = []
+    transcribe = engine.transcribe
+
+    def spy(audio, language, final, greedy=False, busy_window=False, **kw):
+        greedy_decodes.append(greedy)
+        return transcribe(audio, language, final, greedy, busy_window, **kw)
+
+    engine.transcribe = spy
+    pool = DecodePool(engine, max_finals=4, workers=2)
+    pool.start()
+    try:
+        outdated = pool.early_final("a", rec.audio, "en")
+        await asyncio.sleep(0.05)  # a worker decodes it
+        outdated.cancel()
+        await asyncio.sleep(0.01)
+        assert (await pool.final(rec.audio[:16000 * 3], "en")) is not None
+        awaited = pool.final(rec.audio, "en")
+        await asyncio.sleep(0.05)
+        assert (await pool.final(rec.audio[:16000 * 3], "en")) is not None and (await awaited) is not None
+    finally:
+        await pool.close()
+        del engine.transcribe
+    assert greedy_decodes == [False, False, False, True]
+
+
 async def test_pool_hands_on_each_final_of_a_burst_as_soon_as_it_is_ready(engine):
     """A burst's finals are decoded together, but none waits for the word timings of the others."""
     audio = next(r for r in load_devset() if r.id == "ls-1221-135766-0001").audio
@@ -520,8 +549,8 @@ async def test_pool_shares_a_burst_among_its_free_workers(engine):
     assert all(job.greedy and job.busy_window for job in first)
     assert second[0].greedy and not second[0].busy_window  # company, no burst
     assert [job.future for job in first + second] == futures[:4]
-    pool._done(0.1, first[-1])
-    pool._done(0.1, second[-1])
+    pool._done(0.1, first)
+    pool._done(0.1, second)
     detect = [pool.final(audio, None) for _ in range(3)]
     assert [len(pool._next()) for _ in range(3)] == [1, 1, 1]  # the remaining "en" final's turn comes first
     assert pool.depth == 1 and len(detect) == 3
@@ -1050,18 +1079,18 @@ async def test_partials_are_no_company_for_a_final(engine):
     pool = DecodePool(engine, max_finals=8, workers=3)  # not started: this test takes the jobs itself
     pool.partial("a", audio, "en")
     pool.partial("b", audio, "en")
-    partials = pool._next() + pool._next()
+    partials = [pool._next(), pool._next()]
     assert pool.finals_idle
     pool.final(audio, "en")
-    (beside_partials,) = pool._next()
-    assert not beside_partials.greedy and not beside_partials.busy_window
+    beside_partials = pool._next()
+    assert not beside_partials[0].greedy and not beside_partials[0].busy_window
     assert not pool.finals_idle
     pool._done(0.1, partials.pop())
     pool.final(audio, "en")
-    (beside_final,) = pool._next()
-    assert beside_final.greedy and not beside_final.busy_window
-    for job in (beside_final, beside_partials, *partials):
-        pool._done(0.1, job)
+    beside_final = pool._next()
+    assert beside_final[0].greedy and not beside_final[0].busy_window
+    for taken in (beside_final, beside_partials, *partials):
+        pool._done(0.1, taken)
     assert pool.idle
 
 

@@ -15,14 +15,17 @@ def test_beam_search_over_the_full_window_goes_to_decodes_alone():
 
 
 def test_partials_are_no_company_for_a_final():
-    def company(final=True, busy=0, busy_partials=0, finals=0, early_finals=0, partials=0):
-        return policy.has_company(final, busy, busy_partials, finals, early_finals, partials)
+    def company(final=True, busy=0, busy_partials=0, finals=0, early_finals=0, partials=0, busy_abandoned=0):
+        return policy.has_company(final, busy, busy_partials, finals, early_finals, partials, busy_abandoned)
 
     assert not company()
     assert not company(busy=2, busy_partials=2)  # partials running
     assert not company(partials=3)  # partials waiting
     assert company(busy=2, busy_partials=1)  # a partial and a final running
     assert company(finals=1) and company(early_finals=1)
+    # A final nobody awaits any more runs on, but is no company for a final; it still is for a partial.
+    assert not company(busy=1, busy_abandoned=1) and company(busy=2, busy_abandoned=1)
+    assert company(final=False, busy=1, busy_abandoned=1)
     # A partial has company in any other decode.
     assert company(final=False, busy=1, busy_partials=1) and company(final=False, partials=1)
     assert company(final=False, finals=1)
