@@ -131,9 +131,9 @@ class Segmenter:
 
     @property
     def voiced(self) -> int:
-        """The last window the VAD did not call silence, counted from the stream's start. While it stands, no
-        word has been said since: a decode of the utterance so far still holds, however the pause's start
-        moves with the audio's level."""
+        """The last window the VAD did not call silence, counted from the stream's start, or, once a pause has
+        begun, called speech. While it stands, no word has been said since: a decode of the utterance so far
+        still holds, however the pause's start moves with the audio's level."""
         return self._voiced
 
     @property
@@ -205,7 +205,9 @@ class Segmenter:
 
     def _step(self, window: np.ndarray, prob: float, level: float, events: list[SegmentEvent]) -> None:
         c = self.config
-        if prob >= c.neg_threshold:
+        # A doubtful window (between the two thresholds) carries speech on; once a pause has begun it does not
+        # end the pause, and is no word said that would outdate a decode of the utterance so far.
+        if prob >= c.threshold or (prob >= c.neg_threshold and not self._silence):
             self._voiced = self._position
         if not self._active:
             self._recent.append(window)

@@ -762,7 +762,8 @@ def test_a_blip_of_room_tone_in_a_pause_keeps_the_early_final_but_a_voice_does_n
     """The pause counts from where the audio went quiet, ahead of the VAD, so a window of room tone louder
     than that quiet moves the end of speech later. In a quiet recording such a blip once made the early
     final stale and its verdict ("Many people don't think...", unfinished) was lost; the utterance then ended
-    600 ms into a 1 s hesitation. The early final holds until the VAD hears a voice again."""
+    600 ms into a 1 s hesitation. The early final holds until the VAD hears a voice again: in a pause, a window
+    it only doubts (a breath) does not end the pause, nor outdate the early final."""
     def windows(level_db: float, n: int) -> np.ndarray:
         return np.full((n, 512), 10 ** (level_db / 20), np.float32)
 
@@ -779,7 +780,9 @@ def test_a_blip_of_room_tone_in_a_pause_keeps_the_early_final_but_a_voice_does_n
     feed(-36, 1, 0.1)  # the blip: louder than the quiet, silence to the VAD
     feed(-60, 3, 0.1)
     assert segmenter.speech_end > asked[0] and segmenter.voiced == asked[1]
-    feed(-25, 1, 0.4)  # a soft voice, doubtful to the VAD
+    feed(-25, 1, 0.4)  # a breath, doubtful to the VAD: it does not end the pause either
+    assert segmenter.voiced == asked[1]
+    feed(-25, 1, 0.6)  # a voice
     assert segmenter.voiced != asked[1]
 
 
