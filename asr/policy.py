@@ -40,8 +40,8 @@ def mode(final: bool, burst: bool, company: bool) -> Mode:
     return Mode(greedy=final and (burst or company), busy_window=burst or (company and not final))
 
 
-def has_company(final: bool, busy: int, busy_partials: int, finals: int, early_finals: int,
-                partials: int, busy_abandoned: int = 0) -> bool:
+def has_company(final: bool, busy: int, busy_partials: int, busy_abandoned: int, finals: int, early_finals: int,
+                partials: int) -> bool:
     """Another decode runs (`busy` workers, `busy_partials` of them on partials, `busy_abandoned` on finals
     nobody awaits any more) or waits (`finals`, `early_finals`, `partials`).
 
@@ -49,8 +49,7 @@ def has_company(final: bool, busy: int, busy_partials: int, finals: int, early_f
     and are shed once stale), and a busy server always has some running. Counted, they made nearly every
     final greedy at 16 streams, and greedy search garbles the short and quiet pieces that hesitant speech
     is cut into (docs/accuracy.md). Nor is an abandoned final, which runs on only because a decode cannot
-    be stopped: an early final outdated by a breath in the pause made the final asked for after it, of the
-    same stream, greedy ("ill-disposed" read "old-sposed").
+    be stopped: an early final outdated when the speaker went on would make the stream's next one greedy.
     """
     if final:
         return bool(busy - busy_partials - busy_abandoned or finals or early_finals)

@@ -100,8 +100,8 @@ class DecodePool:
         """Under the lock: whether a decode taken now has company (asr/policy.py)."""
         busy_partials = sum(not jobs[0].final for jobs in self._running)
         busy_abandoned = sum(jobs[0].final and all(j.abandoned for j in jobs) for jobs in self._running)
-        return policy.has_company(final, self._busy, busy_partials, len(self._finals), len(self._early_finals),
-                                  len(self._partials), busy_abandoned)
+        return policy.has_company(final, self._busy, busy_partials, busy_abandoned, len(self._finals),
+                                  len(self._early_finals), len(self._partials))
 
     @property
     def depth(self) -> int:

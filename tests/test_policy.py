@@ -16,7 +16,7 @@ def test_beam_search_over_the_full_window_goes_to_decodes_alone():
 
 def test_partials_are_no_company_for_a_final():
     def company(final=True, busy=0, busy_partials=0, finals=0, early_finals=0, partials=0, busy_abandoned=0):
-        return policy.has_company(final, busy, busy_partials, finals, early_finals, partials, busy_abandoned)
+        return policy.has_company(final, busy, busy_partials, busy_abandoned, finals, early_finals, partials)
 
     assert not company()
     assert not company(busy=2, busy_partials=2)  # partials running
