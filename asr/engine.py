@@ -425,7 +425,8 @@ class WhisperEngine:
     @staticmethod
     def _outcome(result, tokenizer: Tokenizer, max_length: int) -> Decoded:
         """Tokens, average log probability and no-speech probability of one generated sequence."""
-        tokens = text.cut_loop([t for t in result.sequences_ids[0][:max_length] if t < tokenizer.eot])
+        tokens = [t for t in result.sequences_ids[0][:max_length] if t < tokenizer.eot]
+        tokens = text.cut_loop(text.cut_word_loop(tokenizer, tokens))
         return Decoded(tokens, result.scores[0] * len(tokens) / (len(tokens) + 1), result.no_speech_prob)
 
     def _words(self, tokenizer: Tokenizer, tokens: list[int], encoded: Callable[[], np.ndarray], seconds: float,

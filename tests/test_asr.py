@@ -24,7 +24,7 @@ from asr.engine import Before, DecodeOptions, WhisperEngine
 from asr.policy import MAX_BATCH
 from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
 from asr.stream import SpeechStream, StreamOptions
-from asr.text import Decoded, cut_loop, punctuation, rejected, spell_lone_digits
+from asr.text import Decoded, cut_loop, cut_word_loop, punctuation, rejected, spell_lone_digits
 from asr.vad import LIFT_DB, SileroModel, SileroVAD, VadBatch
 from asr.worker import DecodePool
 from speech import (at_level, data_recording, devset_variants, load_devset, lost_sentences, normalize, over_opus,
@@ -718,6 +718,24 @@ def test_cut_loop_keeps_one_copy_of_a_repeated_tail():
     assert cut_loop([7, 8] * 4) == [7, 8] * 4  # "no, no, no, no"
     assert cut_loop([1, 2] + [7, 8, 9, 6] * 3 + [7, 8]) == [1, 2, 7, 8, 9, 6]  # "Bling trees." three times
 
+
+
+def test_a_loop_spelt_in_other_tokens_is_cut_by_its_words(engine):
+    """A burst at 16 streams gave "20th century research issue." three times over: the same words in other
+    tokens escape the token check, not the word check."""
+    tokenizer = engine._tokenizer("en")
+    copy = tokenizer.encode(" 20th century research issue.")
+    first = tokenizer.encode("20th century research issue.")  # the output's first word, without its space
+    respelt = tokenizer.encode(" 20th century re") + tokenizer.encode("search issue.")
+    assert first != copy and respelt != copy and tokenizer.decode(respelt) == tokenizer.decode(copy)
+    cut = lambda tokens: tokenizer.decode(cut_loop(cut_word_loop(tokenizer, tokens)))  # noqa: E731
+    assert cut(first + copy + tokenizer.encode(" 20th century research")) == "20th century research issue."
+    assert cut(copy + respelt + copy) == " 20th century research issue."
+    assert tokenizer.decode(cut_loop(first + copy + tokenizer.encode(" 20th century research"))) != \
+        "20th century research issue."  # what the token check alone leaves
+    for speech in (" I think, I think that it was.", " No, no, no, no.", " It is what it is, it is what it is."):
+        said = tokenizer.encode(speech)
+        assert cut_word_loop(tokenizer, said) == said, speech
 
 def test_end_in_pause_closes_the_utterance_at_its_last_speech(vad_model):
     rec = next(r for r in load_devset() if r.id == "ls-61-70968-0002")
