@@ -20,7 +20,7 @@ _HALLUCINATIONS = {
     "please subscribe", "subtitles by the amara org community", "okay", "oh", "uh", "um",
 }
 _LONE_DIGIT = re.compile(r"(\d)([.,!?]?)")
-_LONE_DIGITS = re.compile(r"\d[.!?]?|(?:\d[.,!?] )+\d[.,!?]?")  # one, or a list marked off as said
+_LONE_DIGITS = re.compile(r"\d[.!?]?|(?:\d[.,!?]? )+\d[.,!?]?")  # one, or a list of them
 _UNSPACED = {"zh", "ja", "th", "lo", "my", "yue"}  # as faster-whisper splits their words
 _DIGIT_NAMES = ("Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine")
 
@@ -116,12 +116,12 @@ def _loop_start(items: list, shortest: int, min_period: int, respelt: bool) -> i
 
 def spell_lone_digits(text: str) -> str:
     """Digits said on their own, as their words: "3" becomes "Three", "1." "One.", "1, 2, 3." "One, two,
-    three.".
+    three.", "3 4" "Three four".
 
     With no sentence around them, Whisper writes lone numbers as digits about as often as words:
     "one", "two", "three" said with pauses came out "1.", "Two.", "3", and said together in babble "1, 2,
-    3.", where offline, over the whole recording, it wrote "One, two, three." Streaming cuts speech at
-    pauses, so it meets lone numbers that offline never does; spelling them restores the offline text
+    3." (greedy, "1 2 3"), where offline, over the whole recording, it wrote "One, two, three." Streaming
+    cuts speech at pauses, so it meets lone numbers that offline never does; spelling them restores the offline text
     and the style (AP's) that writes single digits as words. Text with anything but single digits is
     left as it is.
     """

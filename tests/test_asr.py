@@ -366,19 +366,21 @@ def test_numbers_said_alone_are_written_as_offline_writes_them(engine, vad_model
     finals = [engine.transcribe(e.audio, "en", final=True) for e in ends]
     assert all(f is not None and [w.word for w in f.words] == [f.text] for f in finals), finals
     assert word_errors(rec.text, " ".join(f.text for f in finals)) == (0, 3), finals
-    assert [spell_lone_digits(t) for t in ("3", "1.", "7?", "25", "At 3.", "3 4", "1, 2, 3.", "1. 2. 3", "1, 25.")] == [
-        "Three", "One.", "Seven?", "25", "At 3.", "3 4", "One, two, three.", "One. Two. Three", "1, 25."]
+    assert [spell_lone_digits(t) for t in ("3", "1.", "7?", "25", "At 3.", "1 2 3", "1, 2, 3.", "1. 2. 3", "1, 25.",
+                                           "3 45", "3.5")] == [
+        "Three", "One.", "Seven?", "25", "At 3.", "One two three", "One, two, three.", "One. Two. Three", "1, 25.",
+        "3 45", "3.5"]
 
 
 def test_a_list_of_lone_digits_is_spelt_in_its_words_too(engine):
-    """In babble at 16 streams, "one two three" said together came back "1, 2, 3.": text and words alike are
-    written as offline Whisper writes them."""
+    """In babble at 16 streams, "one two three" said together came back "1, 2, 3.", and from bursts, greedy,
+    "1 2 3": text and words alike are written as offline Whisper writes them."""
     rec = next(r for r in load_devset() if r.id == "sr-english-one-two-three")
     tokenizer = engine._tokenizer("en")
-    decoded = Decoded(tokenizer.encode(" 1, 2, 3."), -0.3, 0.01)
     encoded = lambda: engine._encode(rec.audio, engine.options.window_s)  # noqa: E731
-    said = engine._transcript(decoded, tokenizer, encoded, rec.audio, final=True)
-    assert said.text == "One, two, three." and [w.word for w in said.words] == ["One,", "two,", "three."], said
+    for heard, words in ((" 1, 2, 3.", ["One,", "two,", "three."]), (" 1 2 3", ["One", "two", "three"])):
+        said = engine._transcript(Decoded(tokenizer.encode(heard), -0.3, 0.01), tokenizer, encoded, rec.audio, True)
+        assert said.text == " ".join(words) and [w.word for w in said.words] == words, said
 
 
 @pytest.mark.parametrize("kind", ["silence", "white noise"])
