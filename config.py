@@ -65,7 +65,7 @@ class Config:
                 "in the audio comes first; every other process on the machine does too (0: the same priority; 0 to "
                 "19; see [Architecture](architecture.md#architecture))"})
     beam_size: int = field(default=5, metadata={
-        "help": "beam size for a final that runs alone (partials, and finals while other finals run or wait, are "
+        "help": "beam size for a final (partials, and finals while other finals wait for a decode worker, are "
                 "greedy)"})
     decode_window_s: float = field(default=30.0, metadata={
         "help": "seconds of encoder output the decoder attends over: the encoder runs over the utterance plus 1 to 3 "

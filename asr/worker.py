@@ -98,10 +98,7 @@ class DecodePool:
 
     def _company(self, final: bool) -> bool:
         """Under the lock: whether a decode taken now has company (asr/policy.py)."""
-        busy_partials = sum(not jobs[0].final for jobs in self._running)
-        busy_abandoned = sum(jobs[0].final and all(j.abandoned for j in jobs) for jobs in self._running)
-        return policy.has_company(final, self._busy, busy_partials, busy_abandoned, len(self._finals),
-                                  len(self._early_finals), len(self._partials))
+        return policy.has_company(final, self._busy, len(self._finals), len(self._early_finals), len(self._partials))
 
     @property
     def depth(self) -> int:
@@ -114,9 +111,10 @@ class DecodePool:
 
     @property
     def finals_idle(self) -> bool:
-        """No final or early final runs or waits: one asked for now would have no company."""
+        """No final or early final runs or waits, but those nobody awaits any more."""
         with self._cond:
-            return not self._company(final=True)
+            running = sum(jobs[0].final and not all(j.abandoned for j in jobs) for jobs in self._running)
+            return not policy.finals_busy(running, len(self._finals), len(self._early_finals))
 
     @property
     def finals_waiting(self) -> int:

@@ -184,7 +184,7 @@ class _DecodeCollector(Collector):
                                   "(--busy-decode-window-s): partials while other decodes ran or waited, "
                                   "finals in a burst", value=pool.busy_window_decodes)
         yield CounterMetricFamily("stt_decodes_greedy", "Finals and early finals decoded greedily "
-                                  "because other decodes ran or waited", value=pool.greedy_decodes)
+                                  "because other finals waited for a decode worker", value=pool.greedy_decodes)
         yield CounterMetricFamily("stt_decodes_batched", "Finals of bursts decoded together in one batch",
                                   value=pool.batched_decodes)
         yield CounterMetricFamily("stt_partials_shed", "Partials dropped as stale before decoding",

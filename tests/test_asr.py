@@ -483,35 +483,6 @@ async def test_pool_hurries_a_burst_of_finals_and_early_finals(engine):
     assert (pool.decodes, pool.batched_decodes, pool.busy_window_decodes, pool.greedy_decodes) == (5, 4, 4, 4)
 
 
-async def test_a_final_nobody_awaits_is_no_company(engine):
-    """An early final outdated while it runs (a breath in the pause) cannot be stopped, but its stream
-    no longer awaits it: the final asked for next keeps beam search. A final someone awaits is company."""
-    rec = next(r for r in load_devset() if r.id == "ls-1221-135766-0001")  # 16.7 s
-    greedy_decodes: list[bool] = []
-    transcribe = engine.transcribe
-
-    def spy(audio, language, final, greedy=False, busy_window=False, **kw):
-        greedy_decodes.append(greedy)
-        return transcribe(audio, language, final, greedy, busy_window, **kw)
-
-    engine.transcribe = spy
-    pool = DecodePool(engine, max_finals=4, workers=2)
-    pool.start()
-    try:
-        outdated = pool.early_final("a", rec.audio, "en")
-        await asyncio.sleep(0.05)  # a worker decodes it
-        outdated.cancel()
-        await asyncio.sleep(0.01)
-        assert (await pool.final(rec.audio[:16000 * 3], "en")) is not None
-        awaited = pool.final(rec.audio, "en")
-        await asyncio.sleep(0.05)
-        assert (await pool.final(rec.audio[:16000 * 3], "en")) is not None and (await awaited) is not None
-    finally:
-        await pool.close()
-        del engine.transcribe
-    assert greedy_decodes == [False, False, False, True]
-
-
 async def test_pool_hands_on_each_final_of_a_burst_as_soon_as_it_is_ready(engine):
     """A burst's finals are decoded together, but none waits for the word timings of the others."""
     audio = next(r for r in load_devset() if r.id == "ls-1221-135766-0001").audio
@@ -1095,9 +1066,10 @@ def test_marks_alone_are_punctuation_but_a_characters_first_byte_is_not(engine):
     assert rest and not punctuation(tokenizer.decode([first]))
 
 
-async def test_partials_are_no_company_for_a_final(engine):
-    """A final is greedy beside another final, never beside partials, which give way to it: a busy server
-    always has some running, and counting them made nearly every final greedy at 16 streams."""
+async def test_only_finals_waiting_make_a_final_greedy(engine):
+    """A final's beam search delays only the decodes that wait for its worker. Beside partials, which give
+    way to it (a busy server always has some running), and beside another final running, it keeps beam
+    search; with a final waiting behind it, it is greedy."""
     audio = np.zeros(16000, np.float32)
     pool = DecodePool(engine, max_finals=8, workers=3)  # not started: this test takes the jobs itself
     pool.partial("a", audio, "en")
@@ -1110,10 +1082,28 @@ async def test_partials_are_no_company_for_a_final(engine):
     assert not pool.finals_idle
     pool._done(0.1, partials.pop())
     pool.final(audio, "en")
+    pool.final(audio, "en")
+    ahead = pool._next()
     beside_final = pool._next()
-    assert beside_final[0].greedy and not beside_final[0].busy_window
-    for taken in (beside_final, beside_partials, *partials):
+    assert ahead[0].greedy and not ahead[0].busy_window  # a final waited behind it
+    assert not beside_final[0].greedy  # nothing waited; a final ran beside it
+    for taken in (ahead, beside_final, beside_partials, *partials):
         pool._done(0.1, taken)
+    assert pool.idle
+
+
+async def test_an_early_final_nobody_awaits_leaves_capacity_for_the_next(engine):
+    """An early final outdated while it runs (a breath in the pause) cannot be stopped, but nobody awaits it:
+    the stream's next early final may start on the voice's own pause, as on an idle pool."""
+    audio = np.zeros(16000, np.float32)
+    pool = DecodePool(engine, max_finals=8, workers=2)  # not started: this test takes the jobs itself
+    outdated = pool.early_final("a", audio, "en")
+    taken = pool._next()
+    assert not pool.finals_idle
+    outdated.cancel()
+    await asyncio.sleep(0)  # the done callback runs on the loop
+    assert pool.finals_idle
+    pool._done(0.1, taken)
     assert pool.idle
 
 

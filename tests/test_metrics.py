@@ -105,8 +105,8 @@ async def test_metrics_and_audit_log_follow_a_session(server):
     greedy = grew(before, after, "stt_decodes_greedy_total")
     print(f"decodes {decodes}, busy window {busy_window}, greedy {greedy}, finals {len(finals)}")
     assert busy_window < decodes
-    # Exported, though one stream cannot pin its value: a final is greedy only while the stream's previous
-    # final is still decoded (test_asr tests when a final is greedy).
+    # Exported, though one stream cannot pin its value: a final is greedy only while another of the stream's
+    # finals waits for a worker (test_asr tests when a final is greedy).
     assert ("stt_decodes_greedy_total", frozenset()) in after
     assert grew(before, after, "stt_decodes_batched_total") == 0
     # Every 32 ms of audio is one VAD window; one stream alone has no company to be batched with.

@@ -14,21 +14,24 @@ def test_beam_search_over_the_full_window_goes_to_decodes_alone():
     assert policy.mode(final=False, burst=False, company=True) == Mode(greedy=False, busy_window=True)
 
 
-def test_partials_are_no_company_for_a_final():
-    def company(final=True, busy=0, busy_partials=0, finals=0, early_finals=0, partials=0, busy_abandoned=0):
-        return policy.has_company(final, busy, busy_partials, busy_abandoned, finals, early_finals, partials)
+def test_only_finals_waiting_are_company_for_a_final():
+    def company(final=True, busy=0, finals=0, early_finals=0, partials=0):
+        return policy.has_company(final, busy, finals, early_finals, partials)
 
     assert not company()
-    assert not company(busy=2, busy_partials=2)  # partials running
-    assert not company(partials=3)  # partials waiting
-    assert company(busy=2, busy_partials=1)  # a partial and a final running
+    assert not company(busy=2)  # partials or other finals running: this final delays none of them
+    assert not company(partials=3)  # partials waiting give way to finals
     assert company(finals=1) and company(early_finals=1)
-    # A final nobody awaits any more runs on, but is no company for a final; it still is for a partial.
-    assert not company(busy=1, busy_abandoned=1) and company(busy=2, busy_abandoned=1)
-    assert company(final=False, busy=1, busy_abandoned=1)
     # A partial has company in any other decode.
-    assert company(final=False, busy=1, busy_partials=1) and company(final=False, partials=1)
+    assert company(final=False, busy=1) and company(final=False, partials=1)
     assert company(final=False, finals=1)
+
+
+def test_an_early_final_by_the_voice_alone_waits_for_finals_running_or_waiting():
+    assert not policy.finals_busy(running=0, finals=0, early_finals=0)
+    assert policy.finals_busy(running=1, finals=0, early_finals=0)
+    assert policy.finals_busy(running=0, finals=1, early_finals=0)
+    assert policy.finals_busy(running=0, finals=0, early_finals=1)
 
 
 def test_a_burst_is_shared_among_the_idle_workers():
