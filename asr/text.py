@@ -121,9 +121,9 @@ def spell_lone_digits(text: str) -> str:
     With no sentence around them, Whisper writes lone numbers as digits about as often as words:
     "one", "two", "three" said with pauses came out "1.", "Two.", "3", and said together in babble "1, 2,
     3." (greedy, "1 2 3"), where offline, over the whole recording, it wrote "One, two, three." Streaming
-    cuts speech at pauses, so it meets lone numbers that offline never does; spelling them restores the offline text
-    and the style (AP's) that writes single digits as words. Text with anything but single digits is
-    left as it is.
+    cuts speech at pauses, so it meets lone numbers that offline never does; spelling them restores the
+    offline text and the style (AP's) that writes single digits as words. Text with anything but single
+    digits is left as it is.
     """
     if not _LONE_DIGITS.fullmatch(text):
         return text
