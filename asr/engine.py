@@ -426,6 +426,7 @@ class WhisperEngine:
     def _outcome(result, tokenizer: Tokenizer, max_length: int) -> Decoded:
         """Tokens, average log probability and no-speech probability of one generated sequence."""
         tokens = [t for t in result.sequences_ids[0][:max_length] if t < tokenizer.eot]
+        # Words first: on a copy spelt in other tokens, the token check alone would cut inside the second copy.
         tokens = text.cut_loop(text.cut_word_loop(tokenizer, tokens))
         return Decoded(tokens, result.scores[0] * len(tokens) / (len(tokens) + 1), result.no_speech_prob)
 

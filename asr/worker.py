@@ -96,10 +96,6 @@ class DecodePool:
         """Workers decoding now."""
         return len(self._running)
 
-    def _company(self, final: bool) -> bool:
-        """Under the lock: whether a decode taken now has company (asr/policy.py)."""
-        return policy.has_company(final, self._busy, len(self._finals), len(self._early_finals), len(self._partials))
-
     @property
     def depth(self) -> int:
         return len(self._finals) + len(self._early_finals) + len(self._partials)
@@ -111,7 +107,7 @@ class DecodePool:
 
     @property
     def finals_idle(self) -> bool:
-        """No final or early final runs or waits, but those nobody awaits any more."""
+        """No final or early final waits, or runs for someone who still awaits it."""
         with self._cond:
             running = sum(jobs[0].final and not all(j.abandoned for j in jobs) for jobs in self._running)
             return not policy.finals_busy(running, len(self._finals), len(self._early_finals))
@@ -244,7 +240,9 @@ class DecodePool:
 
     def _take(self, job: _Job, burst: bool) -> _Job:
         """Under the lock: sets how `job` is decoded, from what else runs or waits."""
-        job.greedy, job.busy_window = policy.mode(job.final, burst, self._company(job.final))
+        company = policy.has_company(job.final, self._busy, len(self._finals), len(self._early_finals),
+                                     len(self._partials))
+        job.greedy, job.busy_window = policy.mode(job.final, burst, company)
         return job
 
     def _partials_allowed(self) -> bool:
