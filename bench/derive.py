@@ -17,6 +17,10 @@ these copies of each English original of devset-wide and of the small devset:
     pause of 1 s of room tone at the quietest 10 ms between the first two words of every sentence, quiet or
     not (readers run them together).
 
+`--other` writes the same kinds at settings no lever was tuned on (bench/.derived-other/): -55 dBFS,
+kitchen noise at 5 dB SNR, babble at 15 dB, pauses of 1 to 2.5 s, and lone first words followed by 0.4 to
+2.4 s. A lever that wins on the first set and loses on this one fits the first set's numbers.
+
 The active level is measured as devset-wide's SOURCES.md says: the RMS of the 20 ms frames within 25 dB of
 the 95th-percentile frame. Deterministic: the same folders give the same files.
 
@@ -30,6 +34,7 @@ import argparse
 import hashlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +50,19 @@ from speech import active_level_db, read_audio, write_wav  # noqa: E402
 SHARED = ROOT.parent / "shared" / "eval"
 SOURCES = (SHARED / "devset-wide", SHARED / "devset")
 OUT = ROOT / "bench" / ".derived"
+
+
+@dataclass(frozen=True)
+class Settings:
+    quiet_dbfs: float  # active level of the quiet copies
+    kitchen_snr_db: float
+    babble_snr_db: float
+    pause_s: tuple[float, float]  # the hesitant copies' pauses, drawn between these
+    lone_pause_s: tuple[float, float]  # the pause after each lone first word, drawn between these
+
+
+TUNED = Settings(quiet_dbfs=-45, kitchen_snr_db=10, babble_snr_db=10, pause_s=(0.5, 1.5), lone_pause_s=(1.0, 1.0))
+OTHER = Settings(quiet_dbfs=-55, kitchen_snr_db=5, babble_snr_db=15, pause_s=(1.0, 2.5), lone_pause_s=(0.4, 2.4))
 
 
 def manifest(folder: Path) -> list[dict]:
@@ -113,8 +131,8 @@ def _spliced(speech: np.ndarray, pauses: list[tuple[int, np.ndarray]]) -> np.nda
     return np.concatenate(pieces + [rest])
 
 
-def paused(speech: np.ndarray, words: list, key: str) -> np.ndarray:
-    """`speech` with hesitations: a pause of 0.5 to 1.5 s of room tone for about every six words, each at
+def paused(speech: np.ndarray, words: list, key: str, pause_s: tuple[float, float]) -> np.ndarray:
+    """`speech` with hesitations: a pause of `pause_s` (from, to) of room tone for about every six words, each at
     the quietest 10 ms between two words of a sentence. Word timings are approximate: a boundary with no
     quiet moment near it (words run together) is passed over, so no word is cut in two."""
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big"))
@@ -130,26 +148,34 @@ def paused(speech: np.ndarray, words: list, key: str) -> np.ndarray:
     for cut in cuts:
         if rng.random() >= chance or not start + 80 < cut < speech.size - 80:
             continue
-        pauses.append((cut, rng.normal(0.0, floor, int(rng.uniform(0.5, 1.5) * 16000))))
+        pauses.append((cut, rng.normal(0.0, floor, int(rng.uniform(*pause_s) * 16000))))
         start = cut
     return _spliced(speech, pauses)
 
 
-def lone_first_words(speech: np.ndarray, words: list) -> np.ndarray | None:
-    """`speech` with a pause of 1 s of room tone after the first word of every sentence; None if none has two."""
+def lone_first_words(speech: np.ndarray, words: list, pause_s: tuple[float, float]) -> np.ndarray | None:
+    """`speech` with a pause of `pause_s` (from, to) of room tone after the first word of every sentence; None if
+    none has two."""
     rms, floor = _levels(speech)
     cuts = []
     for i, (word, following) in enumerate(zip(words, words[1:])):
         near = _between(rms, word, following)
         if (i == 0 or _ends_sentence(words[i - 1])) and not _ends_sentence(word) and near.size:
             cuts.append(int(near[rms[near].argmin()]) * 160 + 80)
-    rng = np.random.default_rng(1)
-    return _spliced(speech, [(cut, rng.normal(0.0, floor, 16000)) for cut in cuts]) if cuts else None
+    if not cuts:
+        return None
+    tone, lengths = np.random.default_rng(1), np.random.default_rng(2).uniform(*pause_s, len(cuts))
+    return _spliced(speech, [(cut, tone.normal(0.0, floor, int(s * 16000))) for cut, s in zip(cuts, lengths)])
 
 
-def derive(out: Path) -> int:
+def _db(value: float) -> str:
+    return f"{abs(value):g}".replace(".", "")
+
+
+def derive(out: Path, settings: Settings = TUNED) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    noises = {"kitchen10": kitchen_noise(SOURCES[0]), "babble10": babble(SOURCES[0])}
+    noises = {f"kitchen{_db(settings.kitchen_snr_db)}": (kitchen_noise(SOURCES[0]), settings.kitchen_snr_db),
+              f"babble{_db(settings.babble_snr_db)}": (babble(SOURCES[0]), settings.babble_snr_db)}
     model = WhisperModel(models.resolve(models.EMBEDDED), compute_type="int8")
     entries = []
     for folder in SOURCES:
@@ -160,16 +186,17 @@ def derive(out: Path) -> int:
             speech = read_audio(folder / entry["wav"]).astype(np.float64)
             level = active_level_db(speech)
             base = {k: entry[k] for k in ("text", "language") if k in entry}
-            copies = {"quiet45": (speech * 10 ** ((-45 - level) / 20), "quiet-derived")}
-            for name, noise in noises.items():
+            copies = {f"quiet{_db(settings.quiet_dbfs)}": (speech * 10 ** ((settings.quiet_dbfs - level) / 20),
+                                                           "quiet-derived")}
+            for name, (noise, snr) in noises.items():
                 stretch = noise_for(noise, speech.size, f"{name}-{entry['id']}")
-                gain = 10 ** ((level - 10 - 10 * np.log10((stretch**2).mean())) / 20)
+                gain = 10 ** ((level - snr - 10 * np.log10((stretch**2).mean())) / 20)
                 copies[name] = (speech + gain * stretch, "noisy-derived")
             timed, _ = model.transcribe(speech.astype(np.float32), language="en", beam_size=1, temperature=0.0,
                                         word_timestamps=True, condition_on_previous_text=False)
             words = [w for s in timed for w in s.words]
-            copies["paused"] = (paused(speech, words, entry["id"]), "hesitant")
-            lone = lone_first_words(speech, words)
+            copies["paused"] = (paused(speech, words, entry["id"], settings.pause_s), "hesitant")
+            lone = lone_first_words(speech, words, settings.lone_pause_s)
             if lone is not None:
                 copies["lone"] = (lone, "hesitant")
             for name, (audio, condition) in copies.items():
@@ -184,9 +211,11 @@ def derive(out: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, help=f"default {OUT.name}, or {OUT.name}-other with --other")
+    parser.add_argument("--other", action="store_true", help="the settings no lever was tuned on")
     args = parser.parse_args()
-    print(f"{derive(args.out)} recordings in {args.out}")
+    out = args.out or (OUT.with_name(OUT.name + "-other") if args.other else OUT)
+    print(f"{derive(out, OTHER if args.other else TUNED)} recordings in {out}")
 
 
 if __name__ == "__main__":
