@@ -23,10 +23,14 @@ log = logging.getLogger(__name__)
 # Half a second of speech is often too little for Whisper to say anything credible: the first
 # partial is asked for again after this much more audio, not after a whole partial interval.
 _FIRST_PARTIAL_RETRY_MS = 200
-# A piece is continued from the last final only where it began this soon after that one's speech ended,
-# and after at most this much of that one's audio: a context from long ago is not its own, and each word
-# of a longer one is a decoder step more.
-_LEAD_GAP_S = 2.0
+# A piece is continued from the last final with words only where it began this soon after that one's speech
+# ended: Whisper ends a piece cut at a long hesitation with a period as readily as one cut at a short one, so
+# this is longer than the endpoint a piece left open waits for. A context from long ago is not its own.
+_REACH_S = 4.0
+# A lead holds at most _LEAD_PAUSE_S of the pause, and the last final's words of the _LEAD_S before the lead's
+# end: each word of a longer one is a decoder step more. A final that heard no words is heard again whole, pause
+# and all, before a piece begun within _LEAD_PAUSE_S of it.
+_LEAD_PAUSE_S = 2.0
 _LEAD_S = 3.0
 # Words whose mean probability is under this are doubtful: not forced on the piece after them.
 _DOUBTFUL = 0.5
@@ -112,7 +116,7 @@ class SpeechStream:
         self._final_done = asyncio.Event()
         self._said: deque[_Said] = deque()  # the last finals with words, at least one; then maybe an empty one
         # Held: the lead, its gap and the fragment, with room for pre-roll, tail and windows yet to be decided.
-        self._recent = _Recent(_LEAD_S + _LEAD_GAP_S + options.fragment_s + 4.0) if options.fragment_s else None
+        self._recent = _Recent(_LEAD_S + _REACH_S + options.fragment_s + 4.0) if options.fragment_s else None
         self._key = id(self)  # this stream's slot in the pool's keyed queues
 
     @property
@@ -350,20 +354,22 @@ class SpeechStream:
 
     def _near(self, said: _Said, start: float) -> bool:
         """A piece begun at `start` goes on from `said`: soon after it, in its language."""
-        return start - said.speech_end <= _LEAD_GAP_S and (self.options.language or said.language) == said.language
+        reach = _REACH_S if said.text else _LEAD_PAUSE_S
+        return start - said.speech_end <= reach and (self.options.language or said.language) == said.language
 
     def _after_words(self, before: Before, start: float, audio_start: float) -> Before | None:
         last = self._last_words
         if last is None or not last.words or not self._near(last, start):
             return None
-        # The last final's words from at most _LEAD_S before this audio, cut between two words.
+        # The last final's words from at most _LEAD_S before the lead's end, cut between two words.
+        lead_end = min(audio_start, last.speech_end + _LEAD_PAUSE_S)
         words = last.words
-        kept = [i for i, w in enumerate(words) if w.start >= audio_start - _LEAD_S]
+        kept = [i for i, w in enumerate(words) if w.start >= lead_end - _LEAD_S]
         if not kept:
             return None
         first = kept[0]  # its onset as the pre-roll would keep it, or the gap after the word before
         lead_start = max(words[first].start - 0.1, words[first - 1].end) if first else words[0].start - 0.3
-        audio = self._recent.between(max(0.0, lead_start), audio_start)
+        audio = self._recent.between(max(0.0, lead_start), lead_end)
         if audio is None:
             return None
         earlier = self._prompt_text(last.language, last=" ".join(w.word for w in words[:first]))
