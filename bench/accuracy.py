@@ -43,7 +43,7 @@ WIDE = ROOT.parent / "shared" / "eval" / "devset-wide"
 PATHS = ("webrtc", "websocket", "sim", "opus")
 IN_PROCESS = ("sim", "opus")
 TAIL_S = 2.0  # silence the microphone sends after the speech, so the last endpoint comes by itself
-GAP_S = 1.5  # between recordings in one session (--one-session)
+GAP_S = 1.5  # between recordings in one session (--one-session), unless --gap-s says otherwise
 LEAD_S = 0.5  # silence before the speech (the WebRTC client's, and the others' alike)
 _NO_SPACES = {"ja", "zh", "th", "lo", "my", "km"}
 
@@ -226,7 +226,7 @@ async def run(args: argparse.Namespace) -> dict:
             finals = functools.partial(webrtc_finals if path == "webrtc" else websocket_finals, server.url, query=query)
         try:
             async def hear(group: list[Item]) -> None:
-                audio, spans = programme(group)
+                audio, spans = programme(group, args.gap_s)
                 heard = await finals(audio)
                 for item, (start, end) in zip(group, spans):
                     results[path][item.id] = _outcome([p for f in heard if (p := _within(f, start, end))])
@@ -245,6 +245,7 @@ async def run(args: argparse.Namespace) -> dict:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine()["cpu"],
               "model": args.model, "devset": str(args.devset), "server_args": args.server_args,
               "one_session": args.one_session or args.repeat > 1, "repeat": args.repeat, "streams": args.streams,
+              "gap_s": args.gap_s,
               "paths": list(args.paths), "elapsed_s": round(time.time() - started),
               "items": [{"id": i.id, "corpus": i.corpus, "language": i.language, "groups": i.groups,
                          "reference": i.text,
@@ -253,14 +254,14 @@ async def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def programme(items: list[Item]) -> tuple[np.ndarray, list[tuple[float, float]]]:
-    """The recordings as one stream: silence before, between and after; each one's span on its timeline
+def programme(items: list[Item], gap_s: float = GAP_S) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """The recordings as one stream: silence before, `gap_s` between and after; each one's span on its timeline
     (a final's words belong to the recording their middle falls in: `_within`)."""
     parts, spans, at = [np.zeros(int(LEAD_S * 16000), np.float32)], [], LEAD_S
     for item in items:
-        gap = GAP_S if item is not items[-1] else TAIL_S
+        gap = gap_s if item is not items[-1] else TAIL_S
         parts += [item.audio, np.zeros(int(gap * 16000), np.float32)]
-        spans.append((at - GAP_S / 2 if spans else 0.0, at + item.audio.size / 16000 + gap / 2))
+        spans.append((at - gap_s / 2 if spans else 0.0, at + item.audio.size / 16000 + gap / 2))
         at += item.audio.size / 16000 + gap
     spans[-1] = (spans[-1][0], float("inf"))
     return np.concatenate(parts), spans
@@ -331,6 +332,7 @@ def table(report: dict) -> list[str]:
                 else f", one session saying every recording {report['repeat']} times" if report.get("repeat", 1) > 1
                 else ", every recording in one session" if report.get("one_session")
                 else ", a session per recording")
+             + (f", {report['gap_s']:g} s between recordings" if report.get("gap_s", GAP_S) != GAP_S else "")
              + ". Word error rate of the streamed finals "
              "(ratio to offline faster-whisper on the whole files, same model, beam 5; lost sentences).", "",
              "| English | items | words | offline | " + " | ".join(paths) + " |",
@@ -379,6 +381,8 @@ def main() -> None:
                         help="sessions streaming at once (server paths), the recordings shared among them")
     parser.add_argument("--one-session", action="store_true",
                         help="every recording in one session, with pauses between them, instead of one session each")
+    parser.add_argument("--gap-s", type=float, default=GAP_S,
+                        help="silence between two recordings in one session (--one-session, --streams, --repeat)")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="one session that says the recordings N times over, each pass scored as `pass K` "
                              "(a long session: does it hear its last pass as its first?)")
@@ -400,7 +404,7 @@ def main() -> None:
 def quoted(args: argparse.Namespace) -> bool:
     """The run docs/performance.md quotes: both transports, one stream, devset-wide, default model and settings."""
     return (Path(args.devset) == WIDE and args.model == "tiny.en" and not (args.server_args or args.only)
-            and not args.one_session and args.repeat == 1 and args.streams == 1
+            and not args.one_session and args.repeat == 1 and args.streams == 1 and args.gap_s == GAP_S
             and {"webrtc", "websocket"} <= set(args.paths))
 
 
