@@ -90,9 +90,9 @@ class Config:
                 "prompt), used when the last final stopped mid-clause and for a piece decoded as its continuation; "
                 "0: never"})
     fragment_context_s: float = field(default=20.0, metadata={
-        "help": "speech up to this long, begun within 4 s of the last final, is decoded as that final's "
-                "continuation: after the last 3 s of its audio, those words forced first and the words before "
-                "them as the prompt (0: alone)"})
+        "help": "speech up to this long, begun within 2 s of the last final (4 s of one left open), is decoded "
+                "as that final's continuation: after the last 3 s of its audio, those words forced first and the "
+                "words before them as the prompt (0: alone)"})
     partial_interval_ms: int = field(default=600, metadata={
         "help": "new audio between two partial hypotheses"})
     sentence_endpoint: float = field(default=0.8, metadata={

@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 # Half a second of speech is often too little for Whisper to say anything credible: the first
 # partial is asked for again after this much more audio, not after a whole partial interval.
 _FIRST_PARTIAL_RETRY_MS = 200
-# A piece is continued from the last final with words only where it began this soon after that one's speech
-# ended: Whisper ends a piece cut at a long hesitation with a period as readily as one cut at a short one, so
-# this is longer than the endpoint a piece left open waits for. A context from long ago is not its own.
+# A piece is continued from the last final with words only where it began within _LEAD_PAUSE_S of that one's
+# speech end, or within _REACH_S where that final did not end its sentence: the speaker is still in it after a
+# pause longer than the endpoint such a final waits for. Continued, a new sentence often comes back without
+# its end mark, and its pause then waits for that endpoint too. A context from long ago is not its own.
 _REACH_S = 4.0
 # A lead holds at most _LEAD_PAUSE_S of the pause, and the last final's words of the _LEAD_S before the lead's
 # end: each word of a longer one is a decoder step more. A final that heard no words is heard again whole, pause
@@ -354,7 +355,7 @@ class SpeechStream:
 
     def _near(self, said: _Said, start: float) -> bool:
         """A piece begun at `start` goes on from `said`: soon after it, in its language."""
-        reach = _REACH_S if said.text else _LEAD_PAUSE_S
+        reach = _REACH_S if said.text and not finished(said.text, said.language) else _LEAD_PAUSE_S
         return start - said.speech_end <= reach and (self.options.language or said.language) == said.language
 
     def _after_words(self, before: Before, start: float, audio_start: float) -> Before | None:
