@@ -254,7 +254,7 @@ async def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def programme(items: list[Item], gap_s: float = GAP_S) -> tuple[np.ndarray, list[tuple[float, float]]]:
+def programme(items: list[Item], gap_s: float) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """The recordings as one stream: silence before, `gap_s` between and after; each one's span on its timeline
     (a final's words belong to the recording their middle falls in: `_within`)."""
     parts, spans, at = [np.zeros(int(LEAD_S * 16000), np.float32)], [], LEAD_S
@@ -324,6 +324,7 @@ def table(report: dict) -> list[str]:
         words = sum(i["offline"]["words"] for i in items)
         return f"| {name} | {len(items)} | {words} | " + " | ".join(cells) + " |"
 
+    shared = report.get("streams", 1) > 1 or report.get("one_session")  # sessions that say several recordings
     lines = [f"{report['date']}, {report['machine']}, model {report['model']}"
              + (f", server {' '.join(report['server_args'])}" if report["server_args"] else "")
              + f", {Path(report['devset']).name}"
@@ -332,7 +333,7 @@ def table(report: dict) -> list[str]:
                 else f", one session saying every recording {report['repeat']} times" if report.get("repeat", 1) > 1
                 else ", every recording in one session" if report.get("one_session")
                 else ", a session per recording")
-             + (f", {report['gap_s']:g} s between recordings" if report.get("gap_s", GAP_S) != GAP_S else "")
+             + (f", {report['gap_s']:g} s between recordings" if shared and report.get("gap_s", GAP_S) != GAP_S else "")
              + ". Word error rate of the streamed finals "
              "(ratio to offline faster-whisper on the whole files, same model, beam 5; lost sentences).", "",
              "| English | items | words | offline | " + " | ".join(paths) + " |",
@@ -404,7 +405,7 @@ def main() -> None:
 def quoted(args: argparse.Namespace) -> bool:
     """The run docs/performance.md quotes: both transports, one stream, devset-wide, default model and settings."""
     return (Path(args.devset) == WIDE and args.model == "tiny.en" and not (args.server_args or args.only)
-            and not args.one_session and args.repeat == 1 and args.streams == 1 and args.gap_s == GAP_S
+            and not args.one_session and args.repeat == 1 and args.streams == 1
             and {"webrtc", "websocket"} <= set(args.paths))
 
 
