@@ -14,7 +14,8 @@ multilingual model (`--model base`), finals are also checked for their detected 
 written without spaces are scored by characters.
 
 Writes bench/results/accuracy.{md,json}; a run of every path on devset-wide with the default model and
-settings also rewrites docs/performance.md's accuracy block. `make bench-accuracy`.
+settings also rewrites docs/performance.md's accuracy block and the README's summary of it.
+`make bench-accuracy`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ TAIL_S = 2.0  # silence the microphone sends after the speech, so the last endpo
 GAP_S = 1.5  # between recordings in one session (--one-session), unless --gap-s says otherwise
 LEAD_S = 0.5  # silence before the speech (the WebRTC client's, and the others' alike)
 _NO_SPACES = {"ja", "zh", "th", "lo", "my", "km"}
+README = ROOT / "README.md"  # quotes a summary of the run docs/performance.md quotes whole
+SUMMARY_CONDITIONS = ("clean", "quiet", "noisy", "long-form", "spontaneous")
 
 
 @dataclass(frozen=True)
@@ -245,7 +248,7 @@ async def run(args: argparse.Namespace) -> dict:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine()["cpu"],
               "model": args.model, "devset": str(args.devset), "server_args": args.server_args,
               "one_session": args.one_session or args.repeat > 1, "repeat": args.repeat, "streams": args.streams,
-              "gap_s": args.gap_s,
+              "gap_s": args.gap_s, "only": args.only,
               "paths": list(args.paths), "elapsed_s": round(time.time() - started),
               "items": [{"id": i.id, "corpus": i.corpus, "language": i.language, "groups": i.groups,
                          "reference": i.text,
@@ -302,27 +305,32 @@ def _outcome(finals: list[dict]) -> dict:
 
 # --- The report ----------------------------------------------------------------------------------
 
+def _rate(items: list[dict], path: str) -> float:
+    words = sum(i[path]["words"] for i in items)
+    return sum(i[path]["errors"] for i in items) / words if words else 0.0
+
+
+def _cells(items: list[dict], paths: list[str]) -> list[str]:
+    """Offline's word error rate, then each path's with its ratio to offline and its lost sentences."""
+    off = _rate(items, "offline")
+    cells = [f"{off:.1%}"]
+    for p in paths:
+        r = _rate(items, p)
+        lost = sum(len(i[p]["lost"]) for i in items)
+        ratio = f"{r / off:.2f}×" if off else ("1.00×" if r == 0 else "∞")
+        cells.append(f"{r:.1%} ({ratio}, lost {lost})")
+    return cells
+
+
 def table(report: dict) -> list[str]:
     paths = report["paths"]
     english = [i for i in report["items"] if i["language"] == "en"]
     groups = sorted({g for i in english for g in i["groups"]})
     corpora = sorted({i["corpus"] for i in english})
 
-    def rate(items, path):
-        e = sum(i[path]["errors"] for i in items)
-        n = sum(i[path]["words"] for i in items)
-        return e / n if n else 0.0
-
     def row(name, items):
-        off = rate(items, "offline")
-        cells = [f"{off:.1%}"]
-        for p in paths:
-            r = rate(items, p)
-            lost = sum(len(i[p]["lost"]) for i in items)
-            ratio = f"{r / off:.2f}×" if off else ("1.00×" if r == 0 else "∞")
-            cells.append(f"{r:.1%} ({ratio}, lost {lost})")
         words = sum(i["offline"]["words"] for i in items)
-        return f"| {name} | {len(items)} | {words} | " + " | ".join(cells) + " |"
+        return f"| {name} | {len(items)} | {words} | " + " | ".join(_cells(items, paths)) + " |"
 
     shared = report.get("streams", 1) > 1 or report.get("one_session")  # sessions that say several recordings
     lines = [f"{report['date']}, {report['machine']}, model {report['model']}"
@@ -367,6 +375,22 @@ def table(report: dict) -> list[str]:
     return lines
 
 
+def summary(report: dict) -> list[str]:
+    """The README's few lines: all English words and the conditions issue 22 names, from the quoted run."""
+    paths = report["paths"]
+    english = [i for i in report["items"] if i["language"] == "en"]
+    lines = [f"`make bench-accuracy`, {report['date']}, {report['machine']}, {report['model']}: word error rate "
+             f"of the streamed finals on {Path(report['devset']).name} (ratio to offline faster-whisper on the "
+             "whole files; lost sentences).", "",
+             "| English | words | offline | " + " | ".join(paths) + " |", "|---|---:|---:|" + "---:|" * len(paths)]
+    for name in ("all", *SUMMARY_CONDITIONS):
+        items = [i for i in english if name == "all" or name in i["groups"]]
+        if items:
+            words = sum(i["offline"]["words"] for i in items)
+            lines.append(f"| {name} | {words} | " + " | ".join(_cells(items, paths)) + " |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     return "\n".join(["# Accuracy of streamed finals", "", *table(report), "",
                       f"Run time {report['elapsed_s']} s. Produced by `make bench-accuracy`.", ""])
@@ -397,16 +421,18 @@ def main() -> None:
     (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     (RESULTS / f"{args.out}.md").write_text(markdown(report))
     print(markdown(report))
-    if quoted(args):
+    if quoted(report):
         replace_doc_block("accuracy", table(report) + [
             "", f"Full report: [bench/results/{args.out}.md](../bench/results/{args.out}.md)."])
+        replace_doc_block("accuracy", summary(report) + [
+            "", f"Per corpus and condition: [bench/results/{args.out}.md](bench/results/{args.out}.md)."], README)
 
 
-def quoted(args: argparse.Namespace) -> bool:
-    """The run docs/performance.md quotes: both transports, one stream, devset-wide, default model and settings."""
-    return (Path(args.devset) == WIDE and args.model == "tiny.en" and not (args.server_args or args.only)
-            and not args.one_session and args.repeat == 1 and args.streams == 1
-            and {"webrtc", "websocket"} <= set(args.paths))
+def quoted(report: dict) -> bool:
+    """The run the docs quote: both transports, one stream, all of devset-wide, default model and settings."""
+    return (Path(report["devset"]).name == WIDE.name and report["model"] == "tiny.en"
+            and not (report["server_args"] or report.get("only") or report["one_session"])
+            and report["repeat"] == 1 and report["streams"] == 1 and {"webrtc", "websocket"} <= set(report["paths"]))
 
 
 if __name__ == "__main__":

@@ -517,12 +517,12 @@ def update_performance(report: dict) -> None:
     replace_doc_block("bench", lines)
 
 
-def replace_doc_block(name: str, lines: list[str]) -> None:
-    """Rewrites docs/performance.md between <!-- name:start --> and <!-- name:end -->."""
+def replace_doc_block(name: str, lines: list[str], page: Path = PERFORMANCE) -> None:
+    """Rewrites `page` between <!-- name:start --> and <!-- name:end -->."""
     first, last = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = PERFORMANCE.read_text()
+    text = page.read_text()
     start, end = text.index(first), text.index(last) + len(last)
-    PERFORMANCE.write_text(text[:start] + "\n".join([first, "", *lines, "", last]) + text[end:])
+    page.write_text(text[:start] + "\n".join([first, "", *lines, "", last]) + text[end:])
 
 
 def _streams(level: dict) -> str:

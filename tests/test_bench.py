@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -74,11 +75,24 @@ def test_speakers_start_anywhere_in_a_sentence_period(programme):
     assert 9 < max(bench.start_delays(200, long, random.Random(0))) < 10
 
 
-def test_only_a_complete_run_on_the_devset_rewrites_the_readme():
+def test_only_a_complete_run_on_the_devset_rewrites_the_performance_page():
     assert bench.complete(bench.arguments([]))
     for partial in (["--levels", "1", "16"], ["--transports", "webrtc"], ["--quick"], ["--unison", "0"],
                     ["--no-compare"], ["--devset", "/held/out"], ["--server-args", "--endpoint-ms", "300"]):
         assert not bench.complete(bench.arguments(partial)), partial
+
+
+def test_the_accuracy_figures_in_the_docs_are_a_runs_own():
+    """The README and docs/performance.md quote the run whose report their blocks link to, as it wrote them:
+    a figure typed in, or a report replaced without its blocks, fails here."""
+    root = Path(__file__).resolve().parents[1]
+    for page, lines in ((root / "README.md", accuracy.summary), (root / "docs" / "performance.md", accuracy.table)):
+        text = page.read_text()
+        block = text[text.index("<!-- accuracy:start -->"):text.index("<!-- accuracy:end -->")]
+        report = json.loads((root / re.search(r"(bench/results/[\w.-]+)\.md", block)[1]).with_suffix(".json")
+                            .read_text())
+        assert accuracy.quoted(report), page
+        assert "\n".join(lines(report)) in block, page
 
 
 def test_a_missing_final_fails_the_stream(programme):
