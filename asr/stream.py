@@ -35,6 +35,9 @@ _LEAD_PAUSE_S = 2.0
 _LEAD_S = 3.0
 # Words whose mean probability is under this are doubtful: not forced on the piece after them.
 _DOUBTFUL = 0.5
+# Nor is a final of this many words or fewer, however sure Whisper was: alone, a lone word is guessed ("I'll
+# go." for "A"), and forced, the guess made the piece after it "fold in fortune" for "golden fortune".
+_FEW_WORDS = 2
 
 
 @dataclass(frozen=True)
@@ -346,8 +349,8 @@ class SpeechStream:
     def _before_fragment(self, start: float, end: float, audio_start: float) -> Before:
         """What a final of speech from `start` to `end` (its audio from `audio_start`) is decoded after: for a
         piece begun soon after the last final, the end of that final's audio and words (heard again where
-        Whisper doubted them), and the words before; else, soon after a final that heard no words, that
-        final's audio."""
+        Whisper doubted them, or where they were a word or two), and the words before; else, soon after a final
+        that heard no words, that final's audio."""
         before = self._before()
         if self._recent is None or end - start > self.options.fragment_s:
             return before
@@ -374,7 +377,7 @@ class SpeechStream:
         if audio is None:
             return None
         earlier = self._prompt_text(last.language, last=" ".join(w.word for w in words[:first]))
-        if _doubtful(words[first:]):
+        if _doubtful(words[first:]) or (not first and len(words) <= _FEW_WORDS):
             return replace(before, audio=audio, spoken="", earlier=earlier, shown=True)
         # Without its end mark: begun this soon, the fragment may well go on the sentence, and after a period
         # Whisper starts a new one ("who's. Place." for "whose place").

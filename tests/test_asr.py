@@ -973,6 +973,17 @@ async def test_a_word_heard_in_doubt_is_heard_again_before_the_words_after_it(en
     assert word_errors(rec.text, " ".join(f["text"] for f in finals))[0] <= 2, finals
 
 
+async def test_a_lone_word_heard_as_other_words_is_heard_again_before_the_words_after_it(engine, vad_model):
+    """ "A [1 s] golden fortune and a happy life": the lone "A" may come back "I'll go.", Whisper sure of it.
+    Forced as the start of the piece after it, that made the piece "fold in fortune"; a final of one or two
+    words is heard again with the piece, nothing forced, whatever Whisper's confidence."""
+    rec = data_recording("lone-ls-61-70968-0002")
+    audio = np.concatenate([np.zeros(8000, np.float32), rec.audio, np.zeros(32000, np.float32)])
+    finals = await streamed_finals(engine, vad_model, audio)
+    assert " ".join(normalize(finals[-1]["text"])).endswith("golden fortune and a happy life"), finals
+    assert word_errors(rec.text, " ".join(f["text"] for f in finals))[0] <= 2, finals
+
+
 def after_a_cut(rec, words, after: str, until: str) -> tuple[np.ndarray, Before, float]:
     """`rec` from just after the word `after` to the word `until` (found in `words`, Whisper's word timings of
     it), and what a stream decodes that piece after: the words of the last 2.5 s before the cut and their audio.
