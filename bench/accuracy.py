@@ -376,7 +376,7 @@ def table(report: dict) -> list[str]:
 
 
 def summary(report: dict) -> list[str]:
-    """The README's few lines: all English words and the conditions issue 22 names, from the quoted run."""
+    """The README's few lines from the quoted run: all English words, and the conditions users ask after."""
     paths = report["paths"]
     english = [i for i in report["items"] if i["language"] == "en"]
     lines = [f"`make bench-accuracy`, {report['date']}, {report['machine']}, {report['model']}: word error rate "
