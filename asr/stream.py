@@ -33,10 +33,9 @@ _REACH_S = 4.0
 # and all, before a piece begun within _LEAD_PAUSE_S of it.
 _LEAD_PAUSE_S = 2.0
 _LEAD_S = 3.0
-# Words whose mean probability is under this are doubtful: not forced on the piece after them.
+# A lead's words are not forced on the piece after them where their mean probability is under _DOUBTFUL, or
+# where they are a whole final of _FEW_WORDS or fewer, however sure: see _unforceable.
 _DOUBTFUL = 0.5
-# Nor is a final of this many words or fewer, however sure Whisper was: alone, a lone word is guessed ("I'll
-# go." for "A"), and forced, the guess made the piece after it "fold in fortune" for "golden fortune".
 _FEW_WORDS = 2
 
 
@@ -377,7 +376,7 @@ class SpeechStream:
         if audio is None:
             return None
         earlier = self._prompt_text(last.language, last=" ".join(w.word for w in words[:first]))
-        if _doubtful(words[first:]) or (not first and len(words) <= _FEW_WORDS):
+        if _unforceable(words, first):
             return replace(before, audio=audio, spoken="", earlier=earlier, shown=True)
         # Without its end mark: begun this soon, the fragment may well go on the sentence, and after a period
         # Whisper starts a new one ("who's. Place." for "whose place").
@@ -464,10 +463,13 @@ def unfinished(text: str, language: str) -> bool:
     return text.endswith(_CLAUSE_END) or (language == "en" and _last_word(text) in _CONTINUING)
 
 
-def _doubtful(words: list[Word]) -> bool:
-    """Words Whisper was unsure of: a lone "He" heard as "Hey, big." (0.09 and 0.52), which, forced as a
-    continuation's start, made "began a confused complaint" "Ganna confused complaint"."""
-    return sum(w.probability for w in words) / len(words) < _DOUBTFUL
+def _unforceable(words: list[Word], first: int) -> bool:
+    """A final's words from `first` on are no start to force on the piece after them: Whisper was unsure of
+    them (a lone "He" heard as "Hey, big.", 0.09 and 0.52, made "began a confused complaint" "Ganna confused
+    complaint"), or they are the whole of a final of a word or two, which Whisper guesses alone and may be
+    sure of ("I'll go." for a lone "A" made "golden fortune" "fold in fortune")."""
+    lead = words[first:]
+    return sum(w.probability for w in lead) / len(lead) < _DOUBTFUL or (not first and len(words) <= _FEW_WORDS)
 
 
 def _common_prefix(a: list[str], b: list[str]) -> list[str]:

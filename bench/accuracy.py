@@ -310,16 +310,22 @@ def _rate(items: list[dict], path: str) -> float:
     return sum(i[path]["errors"] for i in items) / words if words else 0.0
 
 
-def _cells(items: list[dict], paths: list[str]) -> list[str]:
-    """Offline's word error rate, then each path's with its ratio to offline and its lost sentences."""
+def _row(name: str, items: list[dict], paths: list[str]) -> str:
+    """Items and words, offline's word error rate, then each path's with its ratio to offline and its lost
+    sentences."""
     off = _rate(items, "offline")
-    cells = [f"{off:.1%}"]
+    cells = [str(len(items)), str(sum(i["offline"]["words"] for i in items)), f"{off:.1%}"]
     for p in paths:
         r = _rate(items, p)
         lost = sum(len(i[p]["lost"]) for i in items)
         ratio = f"{r / off:.2f}×" if off else ("1.00×" if r == 0 else "∞")
         cells.append(f"{r:.1%} ({ratio}, lost {lost})")
-    return cells
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def _english_header(paths: list[str]) -> list[str]:
+    return ["| English | items | words | offline | " + " | ".join(paths) + " |",
+            "|---|---:|---:|---:|" + "---:|" * len(paths)]
 
 
 def table(report: dict) -> list[str]:
@@ -327,11 +333,7 @@ def table(report: dict) -> list[str]:
     english = [i for i in report["items"] if i["language"] == "en"]
     groups = sorted({g for i in english for g in i["groups"]})
     corpora = sorted({i["corpus"] for i in english})
-
-    def row(name, items):
-        words = sum(i["offline"]["words"] for i in items)
-        return f"| {name} | {len(items)} | {words} | " + " | ".join(_cells(items, paths)) + " |"
-
+    row = functools.partial(_row, paths=paths)
     shared = report.get("streams", 1) > 1 or report.get("one_session")  # sessions that say several recordings
     lines = [f"{report['date']}, {report['machine']}, model {report['model']}"
              + (f", server {' '.join(report['server_args'])}" if report["server_args"] else "")
@@ -344,9 +346,7 @@ def table(report: dict) -> list[str]:
              + (f", {report['gap_s']:g} s between recordings" if shared and report.get("gap_s", GAP_S) != GAP_S else "")
              + ". Word error rate of the streamed finals "
              "(ratio to offline faster-whisper on the whole files, same model, beam 5; lost sentences).", "",
-             "| English | items | words | offline | " + " | ".join(paths) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(paths),
-             row("**all**", english)]
+             *_english_header(paths), row("**all**", english)]
     lines += [row(g, [i for i in english if g in i["groups"]]) for g in groups]
     lines += [row(f"corpus {c}", [i for i in english if i["corpus"] == c]) for c in corpora]
     others = [i for i in report["items"] if i["language"] != "en"]
@@ -381,13 +381,11 @@ def summary(report: dict) -> list[str]:
     english = [i for i in report["items"] if i["language"] == "en"]
     lines = [f"`make bench-accuracy`, {report['date']}, {report['machine']}, {report['model']}: word error rate "
              f"of the streamed finals on {Path(report['devset']).name} (ratio to offline faster-whisper on the "
-             "whole files; lost sentences).", "",
-             "| English | words | offline | " + " | ".join(paths) + " |", "|---|---:|---:|" + "---:|" * len(paths)]
+             "whole files; lost sentences).", "", *_english_header(paths)]
     for name in ("all", *SUMMARY_CONDITIONS):
         items = [i for i in english if name == "all" or name in i["groups"]]
         if items:
-            words = sum(i["offline"]["words"] for i in items)
-            lines.append(f"| {name} | {words} | " + " | ".join(_cells(items, paths)) + " |")
+            lines.append(_row(name, items, paths))
     return lines
 
 
