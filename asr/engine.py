@@ -52,6 +52,7 @@ class Before:
     earlier: str = ""  # what was said before `spoken`: the continuation's previous-text prompt
     # Heard again, the audio's words were given already (doubtful ones): those heard in it are left out.
     shown: bool = False
+    onset: float = 0.0  # where the piece's speech begins in its own audio, after the pre-roll
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class _Input:
     seconds: float  # of the piece, which caps the new tokens
     lead_s: float = 0.0  # of the audio before the piece in `encoded`
     shown: bool = False  # the words heard in that audio are not the piece's: see Before.shown
+    onset_s: float = 0.0  # into the piece, where its speech begins
 
     @property
     def continues(self) -> bool:
@@ -219,7 +221,7 @@ class WhisperEngine:
         previous = text.previous_tokens(tokenizer, before.earlier, self.options.context_tokens)
         return _Input(self._encode(np.concatenate([before.audio, audio]), window_s), previous,
                       tokenizer.encode(" " + before.spoken.strip()) if before.spoken.strip() else [],
-                      audio.size / SAMPLE_RATE, before.audio.size / SAMPLE_RATE, before.shown)
+                      audio.size / SAMPLE_RATE, before.audio.size / SAMPLE_RATE, before.shown, before.onset)
 
     def _continued(self, result, tokenizer: Tokenizer, lead: _Input) -> tuple[Decoded, _Input] | None:
         """Only the new words of a continuation's decode, and the input as they were decoded (the words heard
@@ -247,14 +249,16 @@ class WhisperEngine:
         return decoded, lead
 
     def _heard_in_lead(self, tokenizer: Tokenizer, tokens: list[int], lead: _Input) -> list[int]:
-        """The first of `tokens` that are words heard within the lead audio: ended in it. A word's start is a
-        poor guide, for the alignment stretches a word after a pause back over it."""
+        """The first of `tokens` that are words heard in the lead audio: ended before the piece's speech began.
+        A word's start is a poor guide, for the alignment stretches a word after a pause back over it; the last
+        word before the pause it stretches on over the pause, past the lead ("keeping this" heard again ended
+        "this" in the piece's pre-roll, and the piece came back "this declaration")."""
         if not tokens:
             return []
         alignment = self._alignment(tokenizer, tokens, lead.encoded, lead.lead_s + lead.seconds, quick=True)
         cut = 0
         for word in alignment:
-            if word["end"] > lead.lead_s:
+            if word["end"] > lead.lead_s + lead.onset_s:
                 break
             cut += len(word["tokens"])
         return tokens[:cut]

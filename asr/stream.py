@@ -377,7 +377,7 @@ class SpeechStream:
             return None
         earlier = self._prompt_text(last.language, last=" ".join(w.word for w in words[:first]))
         if _unforceable(words, first):
-            return replace(before, audio=audio, spoken="", earlier=earlier, shown=True)
+            return replace(before, audio=audio, spoken="", earlier=earlier, shown=True, onset=start - audio_start)
         # Without its end mark: begun this soon, the fragment may well go on the sentence, and after a period
         # Whisper starts a new one ("who's. Place." for "whose place").
         spoken = " ".join(w.word for w in words[first:]).rstrip(".!?。！？…")

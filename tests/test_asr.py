@@ -1039,6 +1039,20 @@ def test_doubtful_words_before_a_piece_are_heard_again_not_forced(engine):
         assert all(0 <= w.start <= w.end <= piece.size / 16000 for w in said.words), said
 
 
+def test_a_word_heard_again_is_left_out_though_aligned_on_into_the_piece(engine):
+    """Heard again, the last word of a final may be aligned on over the pause after it, into the piece's
+    pre-roll: "keeping this" [pause] "declaration constantly in mind" came back "this declaration constantly
+    in mind", "this" twice in the transcript. A word that ends before the piece's speech begins was said before
+    the piece."""
+    rec = data_recording("lead-udhr-en-preamble-keeping-this")
+    lead = round(2.156 * 16000)  # the final's audio and the pause, as the stream heard them
+    before = Before(audio=rec.audio[:lead], shown=True, onset=0.288)
+    piece = rec.audio[lead:]
+    (_, burst), = engine.transcribe_burst([piece], "en", [before])
+    for said in (engine.transcribe(piece, "en", final=True, before=before), burst):
+        assert word_errors("declaration constantly in mind", said.text)[0] == 0, said
+
+
 def test_a_continued_final_times_its_words_as_the_whole_recording_does(engine):
     """A continuation's words are timed over the audio it was decoded from, the words before it and its own:
     within its own audio, and where the whole recording's alignment puts them, alone or in a burst."""
