@@ -52,7 +52,7 @@ class Before:
     earlier: str = ""  # what was said before `spoken`: the continuation's previous-text prompt
     # Heard again, the audio's words were given already (doubtful ones): those heard in it are left out.
     shown: bool = False
-    onset: float = 0.0  # where the piece's speech begins in its own audio, after the pre-roll
+    onset: float = 0.0  # where the piece's speech begins in its own audio, after the pre-roll (for `shown`)
 
 
 @dataclass(frozen=True)
@@ -250,9 +250,9 @@ class WhisperEngine:
 
     def _heard_in_lead(self, tokenizer: Tokenizer, tokens: list[int], lead: _Input) -> list[int]:
         """The first of `tokens` that are words heard in the lead audio: ended before the piece's speech began.
-        A word's start is a poor guide, for the alignment stretches a word after a pause back over it; the last
-        word before the pause it stretches on over the pause, past the lead ("keeping this" heard again ended
-        "this" in the piece's pre-roll, and the piece came back "this declaration")."""
+        A word's start is a poor guide, for the alignment stretches a word after a pause back over it; and the
+        lead's last word may run on over the pause into the piece's pre-roll ("keeping this" heard again ended
+        "this" there, and the piece came back "this declaration")."""
         if not tokens:
             return []
         alignment = self._alignment(tokenizer, tokens, lead.encoded, lead.lead_s + lead.seconds, quick=True)
