@@ -82,9 +82,9 @@ class Config:
     unfinished_endpoint_ms: int = field(default=1600, metadata={
         "help": "silence that ends an utterance whose early final stops mid-clause (on a comma or dash, or a word "
                 "such as \"the\" or \"and\") or ends several words with no end mark; at least `--endpoint-ms`"})
-    verdict_wait_ms: int = field(default=1000, metadata={
+    verdict_wait_ms: int = field(default=300, metadata={
         "help": "how much longer than `--endpoint-ms` a pause may run while its early final, which may call the "
-                "words unfinished, is still being decoded; never past `--unfinished-endpoint-ms`"})
+                "words unfinished, is still being decoded"})
     context_chars: int = field(default=200, metadata={
         "help": "characters of a session's last finals that the next decode continues (Whisper's previous-text "
                 "prompt), used when the last final stopped mid-clause and for a piece decoded as its continuation; "

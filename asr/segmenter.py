@@ -29,9 +29,8 @@ class SegmenterConfig:
     # than most hesitations.
     unfinished_endpoint_ms: int = 1600
     # How much longer than endpoint_ms a pause may run while the stream still waits for that verdict: the
-    # early final that would call it unfinished may be a decode away. Waiting costs a final that reuses the
-    # early final nothing, for it leaves only once decoded; the wait never runs past the unfinished endpoint.
-    verdict_wait_ms: int = 1000
+    # early final that would call it unfinished may be a decode away.
+    verdict_wait_ms: int = 300
     tail_ms: int = 200  # silence kept after the last speech: Whisper ends words better with it
     # Never beyond Whisper's 30 s window. A shorter limit makes the final that ends a long sentence cheaper,
     # but cuts more sentences where the reader only took a breath.
