@@ -52,7 +52,7 @@ class Before:
     earlier: str = ""  # what was said before `spoken`: the continuation's previous-text prompt
     # Heard again, the audio's words were given already (doubtful ones): those heard in it are left out.
     shown: bool = False
-    onset: float = 0.0  # where the piece's speech begins in its own audio, after the pre-roll (for `shown`)
+    onset: float = 0.0  # where the piece's speech begins in its own audio, after the pre-roll
 
 
 @dataclass(frozen=True)
