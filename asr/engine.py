@@ -180,17 +180,18 @@ class WhisperEngine:
 
     def transcribe(self, audio: np.ndarray, language: str | None, final: bool,
                    greedy: bool = False, busy_window: bool = False,
-                   before: Before = Before()) -> Transcript | None:
+                   before: Before = Before(), whole: bool = False) -> Transcript | None:
         """Text of one utterance, or None when there is no credible speech in it.
 
         `greedy` (for a final: partials always are) and `busy_window` (`busy_window_s` instead of
         `window_s`) trade accuracy for time when other decodes run or wait. `before`: what the stream said
-        just before: its text is continued, its language kept where this utterance's is unsure.
+        just before: its text is continued, its language kept where this utterance's is unsure. `whole`:
+        the encoder runs over the whole window, as offline, not over the utterance and a little after it.
         """
         window = self.options.busy_window_s if busy_window else self.options.window_s
         # A continued final is heard and timed over the audio before it and its own: the piece alone is
         # encoded only where it is needed.
-        encoded = functools.cache(lambda: self._encode(audio, window))
+        encoded = functools.cache(lambda: self._encode_window(audio, window) if whole else self._encode(audio, window))
         if language is None:
             token, probability = self._ct2.detect_language(get_ctranslate2_storage(encoded()))[0][0]
             language = token[2:-2]

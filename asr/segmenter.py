@@ -146,6 +146,11 @@ class Segmenter:
         return self._first + len(self._windows) - self._pause
 
     @property
+    def decided(self) -> float:
+        """Timeline position up to which the VAD has judged the audio."""
+        return round(self._position * _WINDOW_S, 3)
+
+    @property
     def onset(self) -> float:
         """Timeline position where the current utterance's speech began."""
         return round(self._onset * _WINDOW_S, 3)

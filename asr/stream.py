@@ -37,6 +37,9 @@ _LEAD_S = 3.0
 # where they are a whole final of _FEW_WORDS or fewer, however sure: see _unforceable.
 _DOUBTFUL = 0.5
 _FEW_WORDS = 2
+# A final that heard no words waits for a piece begun within _LEAD_PAUSE_S of its speech, which hears its audio
+# again, until the VAD has judged _UNHEARD_MARGIN_S more: time for such a piece to be confirmed as speech.
+_UNHEARD_MARGIN_S = 0.4
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,19 @@ class _Recent:
         return held[first - offset:last - offset]
 
 
+class _Unheard:
+    """A final that heard no words, until it is known whether a piece after it will hear its audio again."""
+
+    def __init__(self, end: float) -> None:
+        self.end = end  # of its speech, on the timeline
+        self.until = end + _LEAD_PAUSE_S + _UNHEARD_MARGIN_S  # by when such a piece has begun and been confirmed
+        self.again: asyncio.Future[bool] = asyncio.get_running_loop().create_future()  # True: hear it again
+
+    def settle(self, again: bool) -> None:
+        if not self.again.done():
+            self.again.set_result(again)
+
+
 @dataclass
 class _EarlyFinal:
     utterance: int
@@ -121,6 +137,8 @@ class SpeechStream:
         # Held: the lead, its gap and the fragment, with room for pre-roll, tail and windows yet to be decided.
         self._recent = _Recent(_LEAD_S + _REACH_S + options.fragment_s + 4.0) if options.fragment_s else None
         self._key = id(self)  # this stream's slot in the pool's keyed queues
+        self._unheard: _Unheard | None = None  # the final that heard no words, waiting for what comes after it
+        self._flushed = -1.0  # timeline position of the last flush
 
     @property
     def utterance(self) -> int:
@@ -155,6 +173,8 @@ class SpeechStream:
         self._segmenter.judging = ahead is not None and not ahead.result.done()
         for event in self._segmenter.advance(windows, probs):
             self._on_segment(event)
+        if self._unheard is not None and self._segmenter.decided >= self._unheard.until:
+            self._unheard.settle(again=True)
         self._maybe_early_final()
         self._maybe_end_sentence()
         self._maybe_partial()
@@ -171,6 +191,9 @@ class SpeechStream:
         ended = self._segmenter.flush(cause)
         for event in ended:
             self._on_segment(event)
+        self._flushed = self._segmenter.decided
+        if self._unheard is not None:  # its final is asked for now, not after more audio
+            self._unheard.settle(again=True)
         return bool(ended)
 
     async def finals_sent(self) -> None:
@@ -265,6 +288,8 @@ class SpeechStream:
 
     def _on_segment(self, event: SpeechStarted | SpeechEnded) -> None:
         if isinstance(event, SpeechStarted):
+            if self._unheard is not None:  # begun soon enough, this piece hears that audio again
+                self._unheard.settle(again=event.start - self._unheard.end > _LEAD_PAUSE_S)
             self._partial_audio = 0
             self._previous_words = []
             self._emit(events.speech_started(event.utterance, event.start))
@@ -295,11 +320,40 @@ class SpeechStream:
             self._emit(events.error(events.DECODE_FAILED, "transcription of an utterance failed"))
         if previous is not None:
             await asyncio.shield(previous)  # finals leave in utterance order
-        self._finals_pending -= 1
-        self._final_done.set()
         if decoded:
             self._remember(result, event)
+            if result is None:
+                result = await self._heard_again(event)
+        self._finals_pending -= 1
+        self._final_done.set()
         self._emit(_final_event(event, result, self.options.language))
+
+    async def _heard_again(self, event: SpeechEnded) -> Transcript | None:
+        """A final that heard no words. The piece after it hears its audio again where it begins soon
+        (`_after_no_words`); where none does, it is heard once more with Whisper's encoder over the whole
+        window, as offline: over a short piece's own encoding, with the encoding of silence pasted on, Whisper
+        may call a lone word silence ("six" alone, with --model base). Only on a pool with no final to do."""
+        unheard = self._unheard = _Unheard(event.end)
+        seg = self._segmenter
+        if seg.utterance > event.utterance:
+            unheard.settle(again=False)  # a piece began while this final was decoded: it goes out as it is
+        elif self._recent is None or self._flushed >= event.end or seg.decided >= unheard.until:
+            unheard.settle(again=True)
+        try:
+            if not await unheard.again or not self._pool.finals_idle:
+                return None
+            result = await self._pool.final(event.audio, self.options.language, self._before(), whole=True)
+        except Overloaded:
+            return None
+        except Exception:
+            log.exception("decode of a final heard again failed")  # the final stays empty
+            return None
+        finally:
+            self._unheard = None
+        if result is not None:
+            self._said.pop()  # the empty final remembered for the piece after it
+            self._remember(result, event)
+        return result
 
     def _remember(self, result: Transcript | None, event: SpeechEnded) -> None:
         """`result` None: Whisper heard no words in it."""

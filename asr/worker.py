@@ -31,6 +31,7 @@ class _Job:
     abandoned: bool = False  # set on the loop thread when nobody awaits the result any more
     first: bool = False  # a partial for an utterance that shows no words yet
     before: Before = Before()  # what the stream said before
+    whole: bool = False  # encoded over the whole window (WhisperEngine.transcribe)
     # How the engine is to decode it, set when a worker takes it (asr/policy.py).
     greedy: bool = False
     busy_window: bool = False
@@ -117,8 +118,10 @@ class DecodePool:
         """Finals not yet started: while any wait, extra work would only delay them."""
         return len(self._finals)
 
-    def final(self, audio: np.ndarray, language: str | None, before: Before = Before()) -> asyncio.Future:
+    def final(self, audio: np.ndarray, language: str | None, before: Before = Before(),
+              whole: bool = False) -> asyncio.Future:
         job = self._job(audio, language, final=True, before=before)
+        job.whole = whole
         with self._cond:
             if len(self._finals) >= self._max_finals:
                 raise Overloaded("too many utterances waiting for transcription")
@@ -286,7 +289,7 @@ class DecodePool:
         elif len(jobs) == 1:
             job = jobs[0]
             yield job, self.engine.transcribe(job.audio, job.language, job.final, greedy=job.greedy,
-                                              busy_window=job.busy_window, before=job.before)
+                                              busy_window=job.busy_window, before=job.before, whole=job.whole)
         elif jobs:
             for i, result in self.engine.transcribe_burst([job.audio for job in jobs], jobs[0].language,
                                                           [job.before for job in jobs]):

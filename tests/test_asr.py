@@ -961,6 +961,19 @@ async def test_a_word_heard_as_nothing_is_heard_again_before_the_words_after_it(
         assert word_errors(reference, finals[1]["text"])[0] <= offline + 1, finals
 
 
+@pytest.mark.parametrize("tail_s", [1.0, 3.0])
+async def test_a_lone_word_called_silence_with_nothing_after_it_is_heard_over_the_whole_window(vad_model, tail_s):
+    """ "six" alone: over the piece's own encoding, the encoding of silence pasted after it, Whisper base calls
+    it silence (no-speech probability 0.84, log probability -1.3), and its final was empty. No piece follows
+    to hear its audio again, so it is heard once more over the whole window, as offline Whisper hears it:
+    once the pause has outlasted the reach of such a piece (3 s of silence), or when the stream ends (1 s)."""
+    engine = WhisperEngine("base")
+    rec = data_recording("cv-en-22058267")
+    audio = np.concatenate([np.zeros(8000, np.float32), rec.audio, np.zeros(int(tail_s * 16000), np.float32)])
+    finals = await streamed_finals(engine, vad_model, audio, options=StreamOptions(language=None, partials=False))
+    assert [normalize(f["text"]) for f in finals] == [["six"]], finals
+
+
 async def test_a_word_heard_in_doubt_is_heard_again_before_the_words_after_it(engine, vad_model):
     """ "He [1 s] began a confused complaint...": the lone "He" may come back "Hey, big.", Whisper unsure of
     both words. Forced as the start of the piece after it, they made that piece "Ganna confused complaint";
