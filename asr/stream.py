@@ -97,9 +97,10 @@ class _Recent:
 class _Unheard:
     """A final that heard no words, until it is known whether a piece after it will hear its audio again."""
 
-    def __init__(self, end: float) -> None:
-        self.end = end  # of its speech, on the timeline
-        self.until = end + _LEAD_PAUSE_S + _UNHEARD_MARGIN_S  # by when such a piece has begun and been confirmed
+    def __init__(self, said: _Said) -> None:
+        self.said = said  # as remembered for the piece after it
+        # By when such a piece has begun and been confirmed as speech.
+        self.until = said.speech_end + _LEAD_PAUSE_S + _UNHEARD_MARGIN_S
         self.again: asyncio.Future[bool] = asyncio.get_running_loop().create_future()  # True: hear it again
 
     def settle(self, again: bool) -> None:
@@ -289,7 +290,7 @@ class SpeechStream:
     def _on_segment(self, event: SpeechStarted | SpeechEnded) -> None:
         if isinstance(event, SpeechStarted):
             if self._unheard is not None:  # begun soon enough, this piece hears that audio again
-                self._unheard.settle(again=event.start - self._unheard.end > _LEAD_PAUSE_S)
+                self._unheard.settle(again=not self._near(self._unheard.said, event.start))
             self._partial_audio = 0
             self._previous_words = []
             self._emit(events.speech_started(event.utterance, event.start))
@@ -333,7 +334,7 @@ class SpeechStream:
         (`_after_no_words`); where none does, it is heard once more with Whisper's encoder over the whole
         window, as offline: over a short piece's own encoding, with the encoding of silence pasted on, Whisper
         may call a lone word silence ("six" alone, with --model base). Only on a pool with no final to do."""
-        unheard = self._unheard = _Unheard(event.end)
+        unheard = self._unheard = _Unheard(self._said[-1])
         seg = self._segmenter
         if seg.utterance > event.utterance:
             unheard.settle(again=False)  # a piece began while this final was decoded: it goes out as it is

@@ -120,8 +120,7 @@ class DecodePool:
 
     def final(self, audio: np.ndarray, language: str | None, before: Before = Before(),
               whole: bool = False) -> asyncio.Future:
-        job = self._job(audio, language, final=True, before=before)
-        job.whole = whole
+        job = self._job(audio, language, final=True, before=before, whole=whole)
         with self._cond:
             if len(self._finals) >= self._max_finals:
                 raise Overloaded("too many utterances waiting for transcription")
@@ -189,9 +188,9 @@ class DecodePool:
                 del queue[key]
 
     def _job(self, audio: np.ndarray, language: str | None, final: bool, first: bool = False,
-             before: Before = Before()) -> _Job:
+             before: Before = Before(), whole: bool = False) -> _Job:
         loop = asyncio.get_running_loop()
-        job = _Job(audio, language, final, loop, loop.create_future(), first=first, before=before)
+        job = _Job(audio, language, final, loop, loop.create_future(), first=first, before=before, whole=whole)
         job.future.add_done_callback(lambda _: setattr(job, "abandoned", True))
         return job
 
