@@ -81,7 +81,8 @@ class Config:
     endpoint_ms: int = field(default=600, metadata={"help": "silence that ends an utterance"})
     unfinished_endpoint_ms: int = field(default=1600, metadata={
         "help": "silence that ends an utterance whose early final stops mid-clause (on a comma or dash, or a word "
-                "such as \"the\" or \"and\") or ends several words with no end mark; at least `--endpoint-ms`"})
+                "such as \"the\" or \"and\"), ends several words with no end mark, or is a word or two Whisper "
+                "doubted with nothing heard before them; at least `--endpoint-ms`"})
     verdict_wait_ms: int = field(default=300, metadata={
         "help": "how much longer than `--endpoint-ms` a pause may run while its early final, which may call the "
                 "words unfinished, is still being decoded"})

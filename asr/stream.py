@@ -15,6 +15,7 @@ from .audio import SAMPLE_RATE
 from .engine import Before, Transcript, Word
 from .events import Event
 from .segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
+from .text import answer
 from .vad import VadBatch
 from .worker import DecodePool, Overloaded
 
@@ -113,6 +114,7 @@ class _EarlyFinal:
     utterance: int
     voiced: int  # the segmenter's `voiced` when it was asked for: no word said since while it stands
     result: asyncio.Future
+    alone: bool  # decoded with no audio before it: nothing said within reach, or its audio forgotten
 
 
 class SpeechStream:
@@ -250,12 +252,13 @@ class SpeechStream:
             audio = seg.speech_audio()
             before = self._before_fragment(seg.onset, seg.speech_end, seg.audio_start)
             result = self._pool.early_final(self._key, audio, self.options.language, before)
-            self._early_final = _EarlyFinal(seg.utterance, seg.voiced, result)
+            self._early_final = _EarlyFinal(seg.utterance, seg.voiced, result, alone=before.audio is None)
 
     def _maybe_end_sentence(self) -> None:
         """The early final judges the pause: a finished sentence needs less silence to be sure of; words that
-        stop mid-clause, or several words that Whisper left without an end mark, need more. A lone word left
-        bare ("Three", "Six": an answer or a number) takes the plain endpoint."""
+        stop mid-clause, several words that Whisper left without an end mark, or a word or two it guessed with
+        nothing before them, need more. A lone word left bare ("Three", "Six": an answer or a number) takes
+        the plain endpoint."""
         seg, ahead = self._segmenter, self._early_final
         if (ahead is None or not ahead.result.done() or ahead.result.cancelled()
                 or ahead.result.exception() is not None
@@ -264,7 +267,9 @@ class SpeechStream:
         result = ahead.result.result()
         if result is None:
             return
-        if finished(result.text, result.language):
+        if ahead.alone and _guessed(result):
+            seg.unfinished = True
+        elif finished(result.text, result.language):
             if seg.pause_ms >= self.options.sentence_endpoint_ms:
                 event = seg.end_in_pause()
                 if event is not None:
@@ -518,13 +523,24 @@ def unfinished(text: str, language: str) -> bool:
     return text.endswith(_CLAUSE_END) or (language == "en" and _last_word(text) in _CONTINUING)
 
 
+def _doubted(words: list[Word]) -> bool:
+    return sum(w.probability for w in words) / len(words) < _DOUBTFUL
+
+
 def _unforceable(words: list[Word], first: int) -> bool:
     """A final's words from `first` on are no start to force on the piece after them: Whisper was unsure of
     them (a lone "He" heard as "Hey, big.", 0.09 and 0.52, made "began a confused complaint" "Ganna confused
     complaint"), or they are the whole of a final of a word or two, which Whisper guesses alone and may be
     sure of ("I'll go." for a lone "A" made "golden fortune" "fold in fortune")."""
-    lead = words[first:]
-    return sum(w.probability for w in lead) / len(lead) < _DOUBTFUL or (not first and len(words) <= _FEW_WORDS)
+    return _doubted(words[first:]) or (not first and len(words) <= _FEW_WORDS)
+
+
+def _guessed(result: Transcript) -> bool:
+    """A word or two that Whisper doubted: heard with nothing before them, most often a sentence's first word
+    alone before a hesitation ("Had he" as "Harris.", "The" as "then"), which only the words after it tell. A
+    number, a yes or a no said alone is an answer ("Six.", "No.", doubted too): no guess."""
+    words = result.words
+    return 0 < len(words) <= _FEW_WORDS and _doubted(words) and not answer(result.text, result.language)
 
 
 def _common_prefix(a: list[str], b: list[str]) -> list[str]:

@@ -23,6 +23,8 @@ _LONE_DIGIT = re.compile(r"(\d)([.,!?]?)")
 _LONE_DIGITS = re.compile(r"\d[.!?]?|(?:\d[.,!?]? )+\d[.,!?]?")  # one, or a list of them
 _UNSPACED = {"zh", "ja", "th", "lo", "my", "yue"}  # as faster-whisper splits their words
 _DIGIT_NAMES = ("Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine")
+# Said alone, these are a whole answer, which Whisper may doubt there and still hear right.
+_ANSWERS = frozenset(name.lower() for name in _DIGIT_NAMES) | {"yes", "no", "yeah", "yep", "nope", "okay", "ok"}
 
 
 class Decoded(NamedTuple):
@@ -133,6 +135,12 @@ def spell_lone_digits(text: str) -> str:
         spelt.append((name if capital else name.lower()) + mark)
         capital = mark in (".", "!", "?")
     return " ".join(spelt)
+
+
+def answer(text: str, language: str) -> bool:
+    """`text` is an answer: numbers ("3", in English "Six.", "One, two"), or in English yes, no or okay."""
+    words = [w.strip(".,!?;:").lower() for w in text.split()]
+    return bool(words) and all(w.isdigit() or (language == "en" and w in _ANSWERS) for w in words)
 
 
 def wordless(text: str) -> bool:

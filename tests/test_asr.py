@@ -24,7 +24,7 @@ from asr.engine import Before, DecodeOptions, WhisperEngine
 from asr.policy import MAX_BATCH
 from asr.segmenter import Segmenter, SegmenterConfig, SpeechEnded, SpeechStarted
 from asr.stream import SpeechStream, StreamOptions
-from asr.text import Decoded, cut_loop, cut_word_loop, punctuation, rejected, spell_lone_digits
+from asr.text import Decoded, answer, cut_loop, cut_word_loop, punctuation, rejected, spell_lone_digits
 from asr.vad import LIFT_DB, SileroModel, SileroVAD, VadBatch
 from asr.worker import DecodePool
 from speech import (at_level, data_recording, devset_variants, load_devset, lost_sentences, normalize, over_opus,
@@ -984,6 +984,30 @@ async def test_a_word_heard_in_doubt_is_heard_again_before_the_words_after_it(en
     said = [normalize(f["text"]) for f in finals]
     assert said[-1][:3] == (["began", "a", "confused"] if len(said) == 2 and said[0] else ["he", "began", "a"]), finals
     assert word_errors(rec.text, " ".join(f["text"] for f in finals))[0] <= 2, finals
+
+
+async def test_a_first_word_guessed_alone_is_heard_with_the_words_after_it(engine, vad_model):
+    """ "He [1 s] began a confused complaint...", the session's first words: alone, "He" came back "Hey, big."
+    (0.09 and 0.52), a guess that only the words after it can correct, in a final of its own. A word or two
+    that Whisper doubted, with no audio before them, hold the pause as words that stop mid-clause do, and the
+    speaker's next words come in the same final."""
+    rec = data_recording("lone-ls-61-70968-0000")
+    audio = np.concatenate([np.zeros(8000, np.float32), rec.audio, np.zeros(16000, np.float32)])
+    finals = await streamed_finals(engine, vad_model, audio)
+    assert [normalize(f["text"])[:4] for f in finals] == [["he", "began", "a", "confused"]], finals
+
+
+async def test_a_number_said_alone_is_an_answer_and_ends_at_the_plain_endpoint(engine, vad_model):
+    """ "six", the session's first and only word: Whisper doubts it and hears it right. A number (or a yes or
+    a no) said alone is an answer, not a guess: its final comes at the plain endpoint, within the second of
+    silence after it, not when the stream ends."""
+    assert all(answer(said, "en") for said in ("Six.", "One, two", "No.", "Okay!"))
+    assert answer("3", "de") and not answer("Harris.", "en") and not answer("Nein.", "de")
+    rec = data_recording("cv-en-22058267")
+    # "six" is said by 1.1 s: the recording's silence after that is cut, so that 1.1 s of pause follows it.
+    audio = np.concatenate([np.zeros(8000, np.float32), rec.audio[:int(1.1 * 16000)], np.zeros(16000, np.float32)])
+    finals = await streamed_finals(engine, vad_model, audio)
+    assert [(normalize(f["text"]), f["cause"]) for f in finals] == [(["six"], "endpoint")], finals
 
 
 async def test_a_lone_word_heard_as_other_words_is_heard_again_before_the_words_after_it(engine, vad_model):
