@@ -267,7 +267,7 @@ class SpeechStream:
         result = ahead.result.result()
         if result is None:
             return
-        if ahead.alone and _guessed(result):
+        if ahead.alone and _guessed(result):  # with nothing before it, only the words after it can tell
             seg.unfinished = True
         elif finished(result.text, result.language):
             if seg.pause_ms >= self.options.sentence_endpoint_ms:
@@ -536,9 +536,9 @@ def _unforceable(words: list[Word], first: int) -> bool:
 
 
 def _guessed(result: Transcript) -> bool:
-    """A word or two that Whisper doubted: heard with nothing before them, most often a sentence's first word
-    alone before a hesitation ("Had he" as "Harris.", "The" as "then"), which only the words after it tell. A
-    number, a yes or a no said alone is an answer ("Six.", "No.", doubted too): no guess."""
+    """A word or two that Whisper doubted, and no answer: heard alone, most often a sentence's first word before
+    a hesitation ("Had he" as "Harris.", "The" as "then"). A number, a yes or a no said alone is an answer
+    ("Six.", "No.", doubted too), not a guess."""
     words = result.words
     return 0 < len(words) <= _FEW_WORDS and _doubted(words) and not answer(result.text, result.language)
 
