@@ -66,7 +66,8 @@ class Config:
                 "19; see [Architecture](architecture.md#architecture))"})
     beam_size: int = field(default=5, metadata={
         "help": "beam size for a final (partials, and finals while other finals wait for a decode worker, are "
-                "greedy)"})
+                "greedy); 1: greedy for every final, sooner on a CPU too slow to decode a final within its endpoint "
+                "and less accurate (see [Performance](performance.md#latency-on-a-slower-cpu))"})
     decode_window_s: float = field(default=30.0, metadata={
         "help": "seconds of encoder output the decoder attends over: the encoder runs over the utterance plus 1 to 3 "
                 "s, the rest is a precomputed encoding of silence (Whisper's own: 30)"})
