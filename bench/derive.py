@@ -45,7 +45,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from faster_whisper import WhisperModel  # noqa: E402
 
 from asr import models  # noqa: E402
-from speech import active_level_db, read_audio, write_wav  # noqa: E402
+from speech import active_level_db, frame_rms, read_audio, write_wav  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "eval"
 SOURCES = (SHARED / "devset-wide", SHARED / "devset")
@@ -103,8 +103,7 @@ _FADE = np.linspace(1.0, 0.0, 80)  # 5 ms either side of a cut
 
 def _levels(speech: np.ndarray) -> tuple[np.ndarray, float]:
     """The RMS of each 10 ms of `speech`, and its room tone's: the 5th percentile, at least -75 dBFS."""
-    frames = speech[: speech.size // 160 * 160].reshape(-1, 160)
-    rms = np.sqrt((frames**2).mean(axis=1)) + 1e-9
+    rms = frame_rms(speech) + 1e-9
     return rms, max(np.percentile(rms, 5), 10 ** (-75 / 20))
 
 

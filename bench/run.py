@@ -34,7 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from client import RTCClient, ServerProcess  # noqa: E402
 import speech  # noqa: E402
-from speech import Recording, load_devset, wer  # noqa: E402
+from speech import Recording, frame_rms, load_devset, wer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 GAP_S = 1.5  # pause between sentences: longer than the endpoint
@@ -124,8 +124,7 @@ def _speech_span(audio: np.ndarray, last_word_end: float | None = None) -> tuple
     last = spans[-1]["end"] / 16000
     if last_word_end is not None:
         last = min(last, last_word_end + _LAST_WORD_MARGIN_S)
-    windows = audio[: audio.size // 160 * 160].reshape(-1, 160)
-    rms = np.sqrt((windows ** 2).mean(axis=1))
+    rms = frame_rms(audio)
     t = np.arange(rms.size) * 0.01
     voiced = (rms > 0.1 * rms.max()) & (t >= spans[0]["start"] / 16000)
     loud = np.flatnonzero(voiced & (t + 0.01 <= last))

@@ -87,6 +87,11 @@ def segment(vad_model: SileroModel, audio: np.ndarray, chunk: int = 320, **overr
     return events + segmenter.flush()
 
 
+def frame_rms(audio: np.ndarray) -> np.ndarray:
+    """The RMS of each whole 10 ms (160 samples) of `audio`."""
+    return np.sqrt((audio[: audio.size // 160 * 160].reshape(-1, 160) ** 2).mean(axis=1))
+
+
 def at_level(audio: np.ndarray, dbfs: float) -> np.ndarray:
     """`audio` scaled to an active speech level of `dbfs`."""
     return (audio * 10 ** ((dbfs - active_level_db(audio)) / 20)).astype(np.float32)

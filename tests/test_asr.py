@@ -27,8 +27,8 @@ from asr.stream import SpeechStream, StreamOptions
 from asr.text import Decoded, answer, cut_loop, cut_word_loop, punctuation, rejected, spell_lone_digits
 from asr.vad import LIFT_DB, SileroModel, SileroVAD, VadBatch
 from asr.worker import DecodePool
-from speech import (at_level, data_recording, devset_variants, load_devset, lost_sentences, normalize, over_opus,
-                    recording, segment, wer, word_errors)
+from speech import (at_level, data_recording, devset_variants, frame_rms, load_devset, lost_sentences, normalize,
+                    over_opus, recording, segment, wer, word_errors)
 
 PAD_S = 1.0
 
@@ -211,7 +211,7 @@ def test_the_endpoint_counts_the_pause_from_where_the_voice_stops(vad_model):
                 if how == "vad":
                     # Where the voice stops: the last 10 ms within 20 dB of the recording's peak, before
                     # the VAD's end (the JFK clip ends in loud applause).
-                    rms = np.sqrt((audio[: audio.size // 160 * 160].reshape(-1, 160) ** 2).mean(axis=1))
+                    rms = frame_rms(audio)
                     loud = np.flatnonzero(rms > 0.1 * rms.max()) * 0.01
                     voice_end = loud[loud < ends[-1][1].end][-1] + 0.01
                 declared[how].append(ends[-1][0] - voice_end)
@@ -868,9 +868,8 @@ def with_pause(engine: WhisperEngine, rec, after: str, until: str, pause_s: floa
     words = engine.transcribe(rec.audio, "en", final=True).words
     spoken = [w.word.strip(",.").lower() for w in words]
     ended = words[spoken.index(after)].end
-    first, last = int(ended * 100), int((ended + 0.05) * 100)
-    frames = rec.audio[first * 160:last * 160].reshape(-1, 160)
-    cut = (first + int((frames ** 2).mean(axis=1).argmin())) * 160 + 80
+    first = int(ended * 100)
+    cut = (first + int(frame_rms(rec.audio[first * 160:int((ended + 0.05) * 100) * 160]).argmin())) * 160 + 80
     end = int((words[spoken.index(until)].end + 0.1) * 16000)
     pause = np.zeros(int(pause_s * 16000), np.float32)
     audio = padded(np.concatenate([rec.audio[:cut], pause, rec.audio[cut:end]]))
