@@ -24,6 +24,15 @@ from .threads import on_daemon_thread
 log = logging.getLogger(__name__)
 
 
+class Abandoned(Exception):
+    """Nobody awaits the decode any more: it stops at its next step (encoder, search, word timings)."""
+
+
+def _going_on(stop: Callable[[], bool]) -> None:
+    if stop():
+        raise Abandoned
+
+
 @dataclass(frozen=True)
 class Word:
     word: str
@@ -180,13 +189,15 @@ class WhisperEngine:
 
     def transcribe(self, audio: np.ndarray, language: str | None, final: bool,
                    greedy: bool = False, busy_window: bool = False,
-                   before: Before = Before(), whole: bool = False) -> Transcript | None:
+                   before: Before = Before(), whole: bool = False,
+                   stop: Callable[[], bool] = lambda: False) -> Transcript | None:
         """Text of one utterance, or None when there is no credible speech in it.
 
         `greedy` (for a final: partials always are) and `busy_window` (`busy_window_s` instead of
         `window_s`) trade accuracy for time when other decodes run or wait. `before`: what the stream said
         just before: its text is continued, its language kept where this utterance's is unsure. `whole`:
         the encoder runs over the whole window, as offline, not over the utterance and a little after it.
+        `stop()` true: nobody awaits the result any more; the decode ends at its next step with Abandoned.
         """
         window = self.options.busy_window_s if busy_window else self.options.window_s
         # A continued final is heard and timed over the audio before it and its own: the piece alone is
@@ -200,13 +211,16 @@ class WhisperEngine:
         tokenizer = self._tokenizer(language)
         lead = self._continuation_input(audio, tokenizer, before, window) if final else None
         if lead is not None:
+            _going_on(stop)
             _, (result,) = self._batched(tokenizer, [lead], beam_size=1 if greedy else self.options.beam_size)
             continued = self._continued(result, tokenizer, lead)
             if continued is not None:
                 decoded, lead = continued
+                _going_on(stop)
                 return self._transcript(decoded, tokenizer, encoded, audio, final, quick_words=greedy, lead=lead)
         previous = text.previous_tokens(tokenizer, before.text, self.options.context_tokens)
-        decoded = self._generate(encoded(), tokenizer, audio.size / SAMPLE_RATE, final, greedy, previous)
+        decoded = self._generate(encoded(), tokenizer, audio.size / SAMPLE_RATE, final, greedy, previous, stop=stop)
+        _going_on(stop)
         return self._transcript(decoded, tokenizer, encoded, audio, final, quick_words=greedy)
 
     def _continuation_input(self, audio: np.ndarray, tokenizer: Tokenizer, before: Before,
@@ -385,7 +399,8 @@ class WhisperEngine:
         return self._tokenizers[language]
 
     def _generate(self, encoded: np.ndarray, tokenizer: Tokenizer, seconds: float, final: bool, greedy: bool,
-                  previous: list[int] = (), tried: Decoded | None = None) -> Decoded:
+                  previous: list[int] = (), tried: Decoded | None = None,
+                  stop: Callable[[], bool] = lambda: False) -> Decoded:
         """Greedy for partials; beam search with temperature fallback for finals, as offline.
 
         `previous`: context tokens the decoder continues. A decode with context that is doubtful or only
@@ -405,6 +420,7 @@ class WhisperEngine:
                                       "num_hypotheses": 5}) for t in _FALLBACK_TEMPERATURES]
         best = None
         for number, (storage, context, attempt) in enumerate(attempts):
+            _going_on(stop)
             if number == 0 and tried is not None:
                 candidate = tried
             else:

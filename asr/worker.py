@@ -288,7 +288,8 @@ class DecodePool:
         elif len(jobs) == 1:
             job = jobs[0]
             yield job, self.engine.transcribe(job.audio, job.language, job.final, greedy=job.greedy,
-                                              busy_window=job.busy_window, before=job.before, whole=job.whole)
+                                              busy_window=job.busy_window, before=job.before, whole=job.whole,
+                                              stop=lambda: job.abandoned)
         elif jobs:
             for i, result in self.engine.transcribe_burst([job.audio for job in jobs], jobs[0].language,
                                                           [job.before for job in jobs]):

@@ -1174,8 +1174,8 @@ async def test_only_finals_waiting_make_a_final_greedy(engine):
 
 
 async def test_an_early_final_nobody_awaits_leaves_capacity_for_the_next(engine):
-    """An early final outdated while it runs (a breath in the pause) cannot be stopped, but nobody awaits it:
-    the stream's next early final may start on the voice's own pause, as on an idle pool."""
+    """An early final outdated while it runs (a breath in the pause) runs on to the end of its step, but nobody
+    awaits it: the stream's next early final may start on the voice's own pause, as on an idle pool."""
     audio = np.zeros(16000, np.float32)
     pool = DecodePool(engine, max_finals=8, workers=2)  # not started: this test takes the jobs itself
     outdated = pool.early_final("a", audio, "en")
@@ -1186,6 +1186,30 @@ async def test_an_early_final_nobody_awaits_leaves_capacity_for_the_next(engine)
     assert pool.finals_idle
     pool._done(0.1, taken)
     assert pool.idle
+
+
+async def test_a_decode_nobody_awaits_stops_at_its_next_step(engine, monkeypatch):
+    """An early final outdated while it runs stops after the step it is in (the encoder, a search, the word
+    timings), not at its end: beside the decode that replaces it, it would slow that one by a third on two
+    cores. The pool goes on."""
+    rec = next(r for r in load_devset() if r.id == "jfk-inaugural-ask-not")
+    timed: list[int] = []
+    words = engine._words
+    monkeypatch.setattr(engine, "_words", lambda *args, **kwargs: timed.append(1) or words(*args, **kwargs))
+    pool = DecodePool(engine, max_finals=4)
+    pool.start()
+    try:
+        outdated = pool.early_final("a", rec.audio, "en")
+        while not pool._busy:
+            await asyncio.sleep(0.001)
+        outdated.cancel()
+        while not pool.idle:
+            await asyncio.sleep(0.01)
+        assert not timed  # stopped before its words were timed
+        final = await pool.final(rec.audio, "en")
+        assert final is not None and final.words and timed
+    finally:
+        await pool.close()
 
 
 def test_a_stream_keeps_its_language_where_a_short_piece_is_unsure(vad_model):
