@@ -13,7 +13,7 @@ from typing import Callable, Hashable, Iterator
 import numpy as np
 
 from . import policy
-from .engine import Before, Transcript, WhisperEngine
+from .engine import Abandoned, Before, Transcript, WhisperEngine
 
 
 class Overloaded(RuntimeError):
@@ -296,6 +296,8 @@ class DecodePool:
                 yield jobs[i], result
 
     def _deliver(self, job: _Job, result: Transcript | None | BaseException, batched: bool) -> None:
+        if isinstance(result, Abandoned):  # stopped part way, for a future already done: no decode to count
+            return
         with self._cond:  # counted before the loop can see the result
             self.decodes += 1
             self.batched_decodes += batched

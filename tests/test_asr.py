@@ -1206,8 +1206,9 @@ async def test_a_decode_nobody_awaits_stops_at_its_next_step(engine, monkeypatch
         while not pool.idle:
             await asyncio.sleep(0.01)
         assert not timed  # stopped before its words were timed
+        assert pool.decodes == 0  # nor counted as a decode run
         final = await pool.final(rec.audio, "en")
-        assert final is not None and final.words and timed
+        assert final is not None and final.words and timed and pool.decodes == 1
     finally:
         await pool.close()
 
