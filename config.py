@@ -86,7 +86,8 @@ class Config:
                 "doubted with nothing heard before them; at least `--endpoint-ms`"})
     verdict_wait_ms: int = field(default=300, metadata={
         "help": "how much longer than `--endpoint-ms` a pause may run while its early final, which may call the "
-                "words unfinished, is still being decoded"})
+                "words unfinished, is still being decoded, where the audio comes faster than real time (a stream "
+                "in real time waits for that verdict up to `--unfinished-endpoint-ms`)"})
     context_chars: int = field(default=200, metadata={
         "help": "characters of a session's last finals that the next decode continues (Whisper's previous-text "
                 "prompt), used when the last final stopped mid-clause and for a piece decoded as its continuation; "

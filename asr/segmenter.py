@@ -28,8 +28,9 @@ class SegmenterConfig:
     # that from its early final): a speaker who pauses after "for our purpose," has not finished. Longer
     # than most hesitations.
     unfinished_endpoint_ms: int = 1600
-    # How much longer than endpoint_ms a pause may run while the stream still waits for that verdict: the
-    # early final that would call it unfinished may be a decode away.
+    # How much longer than endpoint_ms a pause may run while the stream still waits for that verdict (the
+    # early final that would call it unfinished may be a decode away), where its audio comes faster than real
+    # time; a stream that keeps pace waits for the verdict up to unfinished_endpoint_ms.
     verdict_wait_ms: int = 300
     tail_ms: int = 200  # silence kept after the last speech: Whisper ends words better with it
     # Never beyond Whisper's 30 s window. A shorter limit makes the final that ends a long sentence cheaper,
@@ -74,6 +75,7 @@ class Segmenter:
         self.configure(config)
         self.unfinished = False  # set by the stream for the pause in progress; cleared when speech resumes
         self.judging = False  # set by the stream while the early final that judges this pause is decoded
+        self.patient = False  # set by the stream while its audio keeps pace with real time: see _endpoint
         self._unprocessed = np.zeros(0, dtype=np.float32)
         self._position = 0  # windows seen since the stream began
         self._voiced = 0
@@ -111,6 +113,21 @@ class Segmenter:
     @property
     def utterance(self) -> int:
         return self._utterance
+
+    @property
+    def _endpoint(self) -> int:
+        """Windows of pause that end the utterance in progress. A verdict still being decoded is waited for as
+        long as an unfinished one would hold the pause where the audio keeps pace with real time: there a late
+        decode is time the speaker's pause takes too. Where it comes faster (a file sent at once), only
+        verdict_wait_ms more: such a client runs through any pause before a decode comes back."""
+        if self.unfinished or (self.judging and self.patient):
+            return self._unfinished_windows
+        return self._judging_windows if self.judging else self._endpoint_windows
+
+    @property
+    def overdue(self) -> bool:
+        """The pause has run past the endpoint while its verdict is still being decoded."""
+        return self.judging and self._confirmed and self._pause >= self._judging_windows
 
     @property
     def _pause(self) -> int:
@@ -248,8 +265,7 @@ class Segmenter:
                 self._discard()
             return
         length = len(self._windows)
-        endpoint = (self._unfinished_windows if self.unfinished
-                    else self._judging_windows if self.judging else self._endpoint_windows)
+        endpoint = self._endpoint
         if self._pause >= endpoint or (
             length > self._max_windows // 2 and self._silence >= self._split_pause_windows
         ):
@@ -270,6 +286,13 @@ class Segmenter:
         event = self._end(keep)
         self._carry_over(keep)
         return event
+
+    def end_if_due(self) -> SpeechEnded | None:
+        """The utterance ends now if its pause has already reached the endpoint: the verdict it waited for came
+        back between windows, and a client that has sent its pause may send nothing more."""
+        if not (self._confirmed and self._silence) or self._pause < self._endpoint:
+            return None
+        return self.end_in_pause()
 
     def _kept(self) -> int:
         """Windows an ending utterance keeps: through the VAD's end of speech, and the tail after it."""

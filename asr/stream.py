@@ -41,6 +41,9 @@ _FEW_WORDS = 2
 # A final that heard no words waits for a piece begun within _LEAD_PAUSE_S of its speech, which hears its audio
 # again, until the VAD has judged _UNHEARD_MARGIN_S more: time for such a piece to be confirmed as speech.
 _UNHEARD_MARGIN_S = 0.4
+# A stream keeps pace with real time while its audio since an early final was asked for runs at most this far
+# ahead of the clock: network jitter, not a client that sends faster.
+_PACE_SLACK_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,8 @@ class _EarlyFinal:
     voiced: int  # the segmenter's `voiced` when it was asked for: no word said since while it stands
     result: asyncio.Future
     alone: bool  # decoded with no audio before it: nothing said within reach, or its audio forgotten
+    decided: float  # the segmenter's `decided` when it was asked for
+    asked: float  # and the loop's clock
 
 
 class SpeechStream:
@@ -174,8 +179,11 @@ class SpeechStream:
         self._maybe_end_sentence()
         ahead = self._early_final
         self._segmenter.judging = ahead is not None and not ahead.result.done()
+        self._segmenter.patient = ahead is not None and self._keeps_pace(ahead, windows)
         for event in self._segmenter.advance(windows, probs):
             self._on_segment(event)
+        if self._segmenter.overdue:  # decoded now as the final it would have been at the endpoint
+            self._pool.promote(self._key)
         if self._unheard is not None and self._segmenter.decided >= self._unheard.until:
             self._unheard.settle(again=True)
         self._maybe_early_final()
@@ -233,6 +241,11 @@ class SpeechStream:
             if task is not None and not task.done():
                 task.cancel()
 
+    def _keeps_pace(self, ahead: _EarlyFinal, windows: np.ndarray) -> bool:
+        """The audio since `ahead` was asked for, `windows` included, has come no faster than real time."""
+        heard = self._segmenter.decided + windows.size / SAMPLE_RATE - ahead.decided
+        return heard - (asyncio.get_running_loop().time() - ahead.asked) <= _PACE_SLACK_S
+
     def _maybe_early_final(self) -> None:
         """Decode the final while the endpoint silence runs, so it is ready when the endpoint is."""
         seg = self._segmenter
@@ -252,7 +265,20 @@ class SpeechStream:
             audio = seg.speech_audio()
             before = self._before_fragment(seg.onset, seg.speech_end, seg.audio_start)
             result = self._pool.early_final(self._key, audio, self.options.language, before)
-            self._early_final = _EarlyFinal(seg.utterance, seg.voiced, result, alone=before.audio is None)
+            self._early_final = _EarlyFinal(seg.utterance, seg.voiced, result, alone=before.audio is None,
+                                            decided=seg.decided, asked=asyncio.get_running_loop().time())
+            result.add_done_callback(self._on_verdict)
+
+    def _on_verdict(self, result: asyncio.Future) -> None:
+        """An early final came back: its verdict applies now, not with the next audio, which a client that has
+        sent its pause and waits for the final may never send."""
+        if self._early_final is None or self._early_final.result is not result:
+            return
+        self._segmenter.judging = False
+        self._maybe_end_sentence()
+        event = self._segmenter.end_if_due()
+        if event is not None:
+            self._on_segment(event)
 
     def _maybe_end_sentence(self) -> None:
         """The early final judges the pause: a finished sentence needs less silence to be sure of; words that

@@ -914,6 +914,61 @@ async def test_the_endpoint_waits_a_little_for_the_early_finals_verdict(engine, 
     assert len(finals) == (1 if verdict_wait_ms else 2), finals
 
 
+class _SlowFinals:
+    """`engine`, with every final `delay_s` slower: a busy server's decodes."""
+
+    def __init__(self, engine: WhisperEngine, delay_s: float) -> None:
+        self._engine, self._delay_s = engine, delay_s
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def transcribe(self, *args, **kwargs):
+        if kwargs.get("final", args[2] if len(args) > 2 else False):
+            time.sleep(self._delay_s)
+        return self._engine.transcribe(*args, **kwargs)
+
+
+async def paced_finals(engine, vad_model: SileroModel, audio: np.ndarray, then_s: float) -> list[dict]:
+    """`audio` through a stream of its own as a live client sends it, 20 ms every 20 ms; then nothing more for
+    `then_s`: the finals by then."""
+    pool = DecodePool(engine, max_finals=4)
+    pool.start()
+    events: list[dict] = []
+    stream = SpeechStream(pool, Segmenter(SileroVAD(vad_model), SegmenterConfig()),
+                          StreamOptions(language="en", partials=False), events.append)
+    loop = asyncio.get_running_loop()
+    try:
+        start = loop.time()
+        for n, i in enumerate(range(0, audio.size, 320)):
+            stream.feed(audio[i : i + 320])
+            await asyncio.sleep(max(0.0, start + (n + 1) * 0.02 - loop.time()))
+        await asyncio.sleep(then_s)
+        stream.close()
+    finally:
+        await pool.close()
+    return [e for e in events if e["type"] == "transcript.final"]
+
+
+async def test_a_live_stream_waits_for_the_verdict_however_late(engine, vad_model):
+    """On a server so busy that each final takes 1.5 s more, the early final that calls the lone "He" of "He
+    [1.4 s] began a confused complaint" a guess comes back after the speaker has gone on. A stream whose audio
+    comes in real time waits for it as long as it would for words left unfinished (a client sending faster
+    than that waits only `verdict_wait_ms`: above), and the sentence is one final. A verdict that comes back
+    after the client has sent its pause and nothing more still ends the utterance: "For the twentieth time
+    that evening the two men shook hands" and 1 s of silence get their final."""
+    slow = _SlowFinals(engine, 1.5)
+    rec = data_recording("lone-ls-61-70968-0000")
+    # Its pause (0.48 to 1.47 s) made 1.4 s long with more of its room tone: past the endpoint's 900 ms.
+    audio = np.concatenate([rec.audio[:16000], rec.audio[int(0.6 * 16000):16000], rec.audio[16000:]])
+    finals = await paced_finals(slow, vad_model, padded(audio), then_s=3.0)
+    assert [normalize(f["text"])[:4] for f in finals] == [["he", "began", "a", "confused"]], finals
+    rec = data_recording("arctic-aew-a0003")
+    finals = await paced_finals(slow, vad_model, np.concatenate([np.zeros(8000, np.float32), rec.audio,
+                                                                np.zeros(16000, np.float32)]), then_s=3.0)
+    assert len(finals) == 1 and word_errors(rec.text, finals[0]["text"])[0] <= 1, finals
+
+
 async def test_a_short_fragment_is_heard_after_the_words_before_it(engine, vad_model):
     """Kennedy pauses 1.2 s before and after "ask not", so the stream ends an utterance there. Quiet (-40
     dBFS), that fragment decoded alone came back "as not"; decoded after the audio and words before it, it
