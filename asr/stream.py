@@ -179,7 +179,7 @@ class SpeechStream:
         self._maybe_end_sentence()
         ahead = self._early_final
         self._segmenter.judging = ahead is not None and not ahead.result.done()
-        self._segmenter.patient = ahead is not None and self._keeps_pace(ahead, windows)
+        self._segmenter.patient = self._segmenter.judging and self._keeps_pace(ahead, windows)
         for event in self._segmenter.advance(windows, probs):
             self._on_segment(event)
         if self._segmenter.overdue:  # decoded now as the final it would have been at the endpoint

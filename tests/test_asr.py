@@ -923,10 +923,10 @@ class _SlowFinals:
     def __getattr__(self, name: str):
         return getattr(self._engine, name)
 
-    def transcribe(self, *args, **kwargs):
-        if kwargs.get("final", args[2] if len(args) > 2 else False):
+    def transcribe(self, audio, language, final, **kwargs):
+        if final:
             time.sleep(self._delay_s)
-        return self._engine.transcribe(*args, **kwargs)
+        return self._engine.transcribe(audio, language, final, **kwargs)
 
 
 async def paced_finals(engine, vad_model: SileroModel, audio: np.ndarray, then_s: float) -> list[dict]:
