@@ -11,8 +11,10 @@ these copies of each English original of devset-wide and of the small devset:
   - babble10-*: four talkers of devset-wide's other languages summed, at 10 dB SNR, a cafe's murmur
     that Silero hears as speech;
   - paused-*: the hesitations of spontaneous speech, where devset-wide has one meeting clip: a pause of
-    0.5 to 1.5 s (room tone at the recording's own floor) for about every six words, placed by
-    Whisper's word timings (tiny.en, greedy), never after a sentence's end and never inside a word;
+    0.5 to 1.5 s (room tone at the recording's own floor) for about every six words, at the quietest 10 ms
+    near a word boundary by Whisper's word timings (tiny.en, greedy), never after a sentence's end. Those
+    timings are approximate, and the quietest moment may be a stop's closure inside a word ("s|peech");
+    `--min-gap-ms 100` puts pauses only where the speech already falls quiet that long;
   - lone-*: the commonest hesitation of all, after a sentence's first word ("Yet... these thoughts"): a
     pause of 1 s of room tone at the quietest 10 ms between the first two words of every sentence, quiet or
     not (readers run them together).
@@ -34,7 +36,7 @@ import argparse
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,9 @@ class Settings:
     babble_snr_db: float
     pause_s: tuple[float, float]  # the hesitant copies' pauses, drawn between these
     lone_pause_s: tuple[float, float]  # the pause after each lone first word, drawn between these
+    # A pause goes only where the speech is already quiet this long: a stop's closure inside a word ("s|peech",
+    # "com|pelled") is quiet too, for 10 to 40 ms. 0: the quietest moment near a word boundary, however brief.
+    min_gap_s: float = 0.0
 
 
 TUNED = Settings(quiet_dbfs=-45, kitchen_snr_db=10, babble_snr_db=10, pause_s=(0.5, 1.5), lone_pause_s=(1.0, 1.0))
@@ -112,6 +117,18 @@ def _between(rms: np.ndarray, word, following) -> np.ndarray:
     return np.arange(max(0, int((word.end - 0.05) * 100)), min(rms.size, int((following.start + 0.05) * 100)))
 
 
+def _gap_s(rms: np.ndarray, frame: int, quiet: float) -> float:
+    """How long the audio around `frame` stays at or under `quiet`."""
+    if rms[frame] > quiet:
+        return 0.0
+    first, last = frame, frame
+    while first > 0 and rms[first - 1] <= quiet:
+        first -= 1
+    while last + 1 < rms.size and rms[last + 1] <= quiet:
+        last += 1
+    return (last - first + 1) / 100
+
+
 def _ends_sentence(word) -> bool:
     return word.word.rstrip().endswith((".", "?", "!"))
 
@@ -130,18 +147,26 @@ def _spliced(speech: np.ndarray, pauses: list[tuple[int, np.ndarray]]) -> np.nda
     return np.concatenate(pieces + [rest])
 
 
-def paused(speech: np.ndarray, words: list, key: str, pause_s: tuple[float, float]) -> np.ndarray:
+def _quiet(speech: np.ndarray, floor: float) -> float:
+    return max(2 * floor, 10 ** ((active_level_db(speech) - 40) / 20))
+
+
+def paused(speech: np.ndarray, words: list, key: str, pause_s: tuple[float, float],
+           min_gap_s: float = 0.0) -> np.ndarray:
     """`speech` with hesitations: a pause of `pause_s` (from, to) of room tone for about every six words, each at
     the quietest 10 ms between two words of a sentence. Word timings are approximate: a boundary with no
-    quiet moment near it (words run together) is passed over, so no word is cut in two."""
+    quiet moment near it (words run together), or none that lasts `min_gap_s`, is passed over."""
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big"))
     rms, floor = _levels(speech)
-    quiet = max(2 * floor, 10 ** ((active_level_db(speech) - 40) / 20))
+    quiet = _quiet(speech, floor)
     cuts = []  # the quietest 10 ms between two words of a sentence, where it is quiet
     for word, following in zip(words, words[1:]):
         near = _between(rms, word, following)
-        if not _ends_sentence(word) and near.size and rms[near].min() <= quiet:
-            cuts.append(int(near[rms[near].argmin()]) * 160 + 80)
+        if _ends_sentence(word) or not near.size:
+            continue
+        frame = int(near[rms[near].argmin()])
+        if rms[frame] <= quiet and _gap_s(rms, frame, quiet) >= min_gap_s:
+            cuts.append(frame * 160 + 80)
     chance = min(1.0, len(words) / 6 / max(1, len(cuts)))
     pauses, start = [], 0
     for cut in cuts:
@@ -152,15 +177,19 @@ def paused(speech: np.ndarray, words: list, key: str, pause_s: tuple[float, floa
     return _spliced(speech, pauses)
 
 
-def lone_first_words(speech: np.ndarray, words: list, pause_s: tuple[float, float]) -> np.ndarray | None:
-    """`speech` with a pause of `pause_s` (from, to) of room tone after the first word of every sentence; None if
-    none has two."""
+def lone_first_words(speech: np.ndarray, words: list, pause_s: tuple[float, float],
+                     min_gap_s: float = 0.0) -> np.ndarray | None:
+    """`speech` with a pause of `pause_s` (from, to) of room tone after the first word of every sentence (with
+    `min_gap_s`, only where a quiet gap that long lies between them); None if none has two."""
     rms, floor = _levels(speech)
+    quiet = _quiet(speech, floor)
     cuts = []
     for i, (word, following) in enumerate(zip(words, words[1:])):
         near = _between(rms, word, following)
         if (i == 0 or _ends_sentence(words[i - 1])) and not _ends_sentence(word) and near.size:
-            cuts.append(int(near[rms[near].argmin()]) * 160 + 80)
+            frame = int(near[rms[near].argmin()])
+            if not min_gap_s or _gap_s(rms, frame, quiet) >= min_gap_s:
+                cuts.append(frame * 160 + 80)
     if not cuts:
         return None
     tone, lengths = np.random.default_rng(1), np.random.default_rng(2).uniform(*pause_s, len(cuts))
@@ -194,8 +223,8 @@ def derive(out: Path, settings: Settings = TUNED) -> int:
             timed, _ = model.transcribe(speech.astype(np.float32), language="en", beam_size=1, temperature=0.0,
                                         word_timestamps=True, condition_on_previous_text=False)
             words = [w for s in timed for w in s.words]
-            copies["paused"] = (paused(speech, words, entry["id"], settings.pause_s), "hesitant")
-            lone = lone_first_words(speech, words, settings.lone_pause_s)
+            copies["paused"] = (paused(speech, words, entry["id"], settings.pause_s, settings.min_gap_s), "hesitant")
+            lone = lone_first_words(speech, words, settings.lone_pause_s, settings.min_gap_s)
             if lone is not None:
                 copies["lone"] = (lone, "hesitant")
             for name, (audio, condition) in copies.items():
@@ -212,9 +241,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help=f"default {OUT.name}, or {OUT.name}-other with --other")
     parser.add_argument("--other", action="store_true", help="the settings no lever was tuned on")
+    parser.add_argument("--min-gap-ms", type=int, default=0,
+                        help="pauses only where the speech is already quiet this long (0: as the copies were tuned on)")
     args = parser.parse_args()
     out = args.out or (OUT.with_name(OUT.name + "-other") if args.other else OUT)
-    print(f"{derive(out, OTHER if args.other else TUNED)} recordings in {out}")
+    settings = replace(OTHER if args.other else TUNED, min_gap_s=args.min_gap_ms / 1000)
+    print(f"{derive(out, settings)} recordings in {out}")
 
 
 if __name__ == "__main__":
