@@ -14,7 +14,7 @@ these copies of each English original of devset-wide and of the small devset:
     0.5 to 1.5 s (room tone at the recording's own floor) for about every six words, at the quietest 10 ms
     near a word boundary by Whisper's word timings (tiny.en, greedy), never after a sentence's end. Those
     timings are approximate, and the quietest moment may be a stop's closure inside a word ("s|peech");
-    `--min-gap-ms 100` puts pauses only where the speech already falls quiet that long;
+    `--min-gap-ms 100` puts pauses (the lone copies' too) only where the speech already falls quiet that long;
   - lone-*: the commonest hesitation of all, after a sentence's first word ("Yet... these thoughts"): a
     pause of 1 s of room tone at the quietest 10 ms between the first two words of every sentence, quiet or
     not (readers run them together).
@@ -62,7 +62,7 @@ class Settings:
     pause_s: tuple[float, float]  # the hesitant copies' pauses, drawn between these
     lone_pause_s: tuple[float, float]  # the pause after each lone first word, drawn between these
     # A pause goes only where the speech is already quiet this long: a stop's closure inside a word ("s|peech",
-    # "com|pelled") is quiet too, for 10 to 40 ms. 0: the quietest moment near a word boundary, however brief.
+    # "com|pelled") is quiet too, but briefly. 0: the quietest moment near a word boundary, however brief.
     min_gap_s: float = 0.0
 
 
@@ -239,12 +239,14 @@ def derive(out: Path, settings: Settings = TUNED) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help=f"default {OUT.name}, or {OUT.name}-other with --other")
+    parser.add_argument("--out", type=Path,
+                        help=f"default {OUT.name}, or {OUT.name}-other with --other; -gapN after with --min-gap-ms N")
     parser.add_argument("--other", action="store_true", help="the settings no lever was tuned on")
     parser.add_argument("--min-gap-ms", type=int, default=0,
                         help="pauses only where the speech is already quiet this long (0: as the copies were tuned on)")
     args = parser.parse_args()
-    out = args.out or (OUT.with_name(OUT.name + "-other") if args.other else OUT)
+    out = args.out or OUT.with_name(OUT.name + ("-other" if args.other else "")
+                                    + (f"-gap{args.min_gap_ms}" if args.min_gap_ms else ""))
     settings = replace(OTHER if args.other else TUNED, min_gap_s=args.min_gap_ms / 1000)
     print(f"{derive(out, settings)} recordings in {out}")
 
