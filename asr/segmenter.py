@@ -290,9 +290,7 @@ class Segmenter:
     def end_if_due(self) -> SpeechEnded | None:
         """The utterance ends now if its pause has already reached the endpoint: the verdict it waited for came
         back between windows, and a client that has sent its pause may send nothing more."""
-        if not (self._confirmed and self._silence) or self._pause < self._endpoint:
-            return None
-        return self.end_in_pause()
+        return self.end_in_pause() if self._pause >= self._endpoint else None
 
     def _kept(self) -> int:
         """Windows an ending utterance keeps: through the VAD's end of speech, and the tail after it."""

@@ -112,9 +112,11 @@ def _levels(speech: np.ndarray) -> tuple[np.ndarray, float]:
     return rms, max(np.percentile(rms, 5), 10 ** (-75 / 20))
 
 
-def _between(rms: np.ndarray, word, following) -> np.ndarray:
-    """The 10 ms frames from just before the end of `word` to just after the start of `following`."""
-    return np.arange(max(0, int((word.end - 0.05) * 100)), min(rms.size, int((following.start + 0.05) * 100)))
+def _quietest(rms: np.ndarray, word, following) -> int | None:
+    """The quietest 10 ms frame from just before the end of `word` to just after the start of `following`; None
+    where there is none."""
+    near = np.arange(max(0, int((word.end - 0.05) * 100)), min(rms.size, int((following.start + 0.05) * 100)))
+    return int(near[rms[near].argmin()]) if near.size else None
 
 
 def _gap_s(rms: np.ndarray, frame: int, quiet: float) -> float:
@@ -148,6 +150,8 @@ def _spliced(speech: np.ndarray, pauses: list[tuple[int, np.ndarray]]) -> np.nda
 
 
 def _quiet(speech: np.ndarray, floor: float) -> float:
+    """The RMS at or under which `speech` counts as quiet: 40 dB under its active level, at least twice its room
+    tone."""
     return max(2 * floor, 10 ** ((active_level_db(speech) - 40) / 20))
 
 
@@ -161,11 +165,9 @@ def paused(speech: np.ndarray, words: list, key: str, pause_s: tuple[float, floa
     quiet = _quiet(speech, floor)
     cuts = []  # the quietest 10 ms between two words of a sentence, where it is quiet
     for word, following in zip(words, words[1:]):
-        near = _between(rms, word, following)
-        if _ends_sentence(word) or not near.size:
-            continue
-        frame = int(near[rms[near].argmin()])
-        if rms[frame] <= quiet and _gap_s(rms, frame, quiet) >= min_gap_s:
+        frame = _quietest(rms, word, following)
+        if (not _ends_sentence(word) and frame is not None and rms[frame] <= quiet
+                and _gap_s(rms, frame, quiet) >= min_gap_s):
             cuts.append(frame * 160 + 80)
     chance = min(1.0, len(words) / 6 / max(1, len(cuts)))
     pauses, start = [], 0
@@ -185,11 +187,10 @@ def lone_first_words(speech: np.ndarray, words: list, pause_s: tuple[float, floa
     quiet = _quiet(speech, floor)
     cuts = []
     for i, (word, following) in enumerate(zip(words, words[1:])):
-        near = _between(rms, word, following)
-        if (i == 0 or _ends_sentence(words[i - 1])) and not _ends_sentence(word) and near.size:
-            frame = int(near[rms[near].argmin()])
-            if not min_gap_s or _gap_s(rms, frame, quiet) >= min_gap_s:
-                cuts.append(frame * 160 + 80)
+        frame = _quietest(rms, word, following)
+        if ((i == 0 or _ends_sentence(words[i - 1])) and not _ends_sentence(word) and frame is not None
+                and (not min_gap_s or _gap_s(rms, frame, quiet) >= min_gap_s)):
+            cuts.append(frame * 160 + 80)
     if not cuts:
         return None
     tone, lengths = np.random.default_rng(1), np.random.default_rng(2).uniform(*pause_s, len(cuts))
