@@ -9,6 +9,8 @@ reference, beside offline faster-whisper on the whole file (same model, beam 5).
     next 20 ms of audio (a machine with time to spare): minutes instead of real time, for tuning;
   - opus: the same, fed what a WebRTC session hears (the audio through aiortc's Opus encoder and the server's
     decoder): the codec's share of the WebRTC path, without its timing.
+Where a path hears Opus, offline Whisper also hears each whole file through that codec (`offline, Opus`):
+what the client's encoder leaves of the speech, which no server can hear better than this.
 A sentence is lost when less than half of its reference words appear in the streamed text. With a
 multilingual model (`--model base`), finals are also checked for their detected language, and languages
 written without spaces are scored by characters.
@@ -46,6 +48,7 @@ IN_PROCESS = ("sim", "opus")
 TAIL_S = 2.0  # silence the microphone sends after the speech, so the last endpoint comes by itself
 GAP_S = 1.5  # between recordings in one session (--one-session), unless --gap-s says otherwise
 LEAD_S = 0.5  # silence before the speech (the WebRTC client's, and the others' alike)
+OPUS_PATHS = ("webrtc", "opus")
 _NO_SPACES = {"ja", "zh", "th", "lo", "my", "km"}
 README = ROOT / "README.md"  # quotes a summary of the run docs/performance.md quotes whole
 SUMMARY_CONDITIONS = ("clean", "quiet", "noisy", "long-form", "spontaneous")
@@ -123,6 +126,14 @@ def score(item: Item, hypothesis: str) -> dict:
 def offline_text(model, item: Item, language: str | None) -> str:
     segments, _ = model.transcribe(item.audio, language=language, beam_size=5)
     return "".join(s.text for s in segments)
+
+
+def coded(item: Item) -> Item:
+    """`item` as a WebRTC session hears it, lead silence and all: the encoder's state at the speech is the
+    client's."""
+    lead = int(LEAD_S * 16000)
+    audio = over_opus(np.concatenate([np.zeros(lead, np.float32), item.audio]))
+    return replace(item, audio=audio[lead:lead + item.audio.size])
 
 
 async def sim_finals(registry, audio: np.ndarray, language: str | None, coded=None) -> list[dict]:
@@ -204,15 +215,19 @@ async def run(args: argparse.Namespace) -> dict:
     if not multilingual:
         items = [i for i in items if i.language == "en"]
     results: dict[str, dict[str, dict]] = defaultdict(dict)  # path -> item id -> outcome
+    baselines = ["offline"] + (["offline-opus"] if set(args.paths) & set(OPUS_PATHS) else [])
     for item in items:
-        results["offline"][item.id] = {"text": offline_text(offline, item, None if multilingual else "en")}
-        print(f"offline {item.id}: {results['offline'][item.id]['text'][:80]}", flush=True)
+        for baseline in baselines:
+            heard = coded(item) if baseline == "offline-opus" else item
+            results[baseline][item.id] = {"text": offline_text(offline, heard, None if multilingual else "en")}
+            print(f"{baseline} {item.id}: {results[baseline][item.id]['text'][:80]}", flush=True)
     del offline
     if args.repeat > 1:  # one long session: the recordings said again and again, each pass scored on its own
         passes = [[replace(i, id=f"{i.id} #{k}", conditions=(*i.conditions, f"pass {k}")) for i in items]
                   for k in range(1, args.repeat + 1)]
-        results["offline"].update({copy.id: results["offline"][i.id] for copies in passes
-                                   for copy, i in zip(copies, items)})
+        for baseline in baselines:
+            results[baseline].update({copy.id: results[baseline][i.id] for copies in passes
+                                      for copy, i in zip(copies, items)})
         items = [copy for copies in passes for copy in copies]
     if args.streams > 1:  # that many sessions at once, each a programme of about equal length
         groups = [g for g in split_by_duration(items, args.streams) if g]
@@ -253,7 +268,7 @@ async def run(args: argparse.Namespace) -> dict:
               "items": [{"id": i.id, "corpus": i.corpus, "language": i.language, "groups": i.groups,
                          "reference": i.text,
                          **{p: {**results[p][i.id], **score(i, results[p][i.id]["text"])}
-                            for p in ("offline", *args.paths)}} for i in items]}
+                            for p in (*baselines, *args.paths)}} for i in items]}
     return report
 
 
@@ -310,11 +325,17 @@ def _rate(items: list[dict], path: str) -> float:
     return sum(i[path]["errors"] for i in items) / words if words else 0.0
 
 
+def _baselines(items: list[dict]) -> list[str]:
+    """Offline Whisper on the files, and through Opus where the report has it (reports before it have not)."""
+    return ["offline"] + (["offline-opus"] if items and "offline-opus" in items[0] else [])
+
+
 def _row(name: str, items: list[dict], paths: list[str]) -> str:
-    """Items and words, offline's word error rate, then each path's with its ratio to offline and its lost
-    sentences."""
+    """Items and words, offline's word error rate (and through Opus), then each path's with its ratio to
+    offline and its lost sentences."""
     off = _rate(items, "offline")
-    cells = [str(len(items)), str(sum(i["offline"]["words"] for i in items)), f"{off:.1%}"]
+    cells = [str(len(items)), str(sum(i["offline"]["words"] for i in items)),
+             *(f"{_rate(items, b):.1%}" for b in _baselines(items))]
     for p in paths:
         r = _rate(items, p)
         lost = sum(len(i[p]["lost"]) for i in items)
@@ -323,9 +344,14 @@ def _row(name: str, items: list[dict], paths: list[str]) -> str:
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
-def _english_header(paths: list[str]) -> list[str]:
-    return ["| English | items | words | offline | " + " | ".join(paths) + " |",
-            "|---|---:|---:|---:|" + "---:|" * len(paths)]
+def _opus_note(items: list[dict]) -> str:
+    return (" `offline, Opus`: offline Whisper on the files as the WebRTC client's Opus encoder leaves them."
+            if "offline-opus" in _baselines(items) else "")
+
+
+def _header(first: str, units: str, paths: list[str], items: list[dict]) -> list[str]:
+    columns = ["offline, Opus" if b == "offline-opus" else b for b in _baselines(items)] + paths
+    return [f"| {first} | items | {units} | " + " | ".join(columns) + " |", "|---|---:|---:|" + "---:|" * len(columns)]
 
 
 def table(report: dict) -> list[str]:
@@ -345,14 +371,15 @@ def table(report: dict) -> list[str]:
                 else ", a session per recording")
              + (f", {report['gap_s']:g} s between recordings" if shared and report.get("gap_s", GAP_S) != GAP_S else "")
              + ". Word error rate of the streamed finals "
-             "(ratio to offline faster-whisper on the whole files, same model, beam 5; lost sentences).", "",
-             *_english_header(paths), row("**all**", english)]
+             "(ratio to offline faster-whisper on the whole files, same model, beam 5; lost sentences)."
+             + _opus_note(english), "",
+             *_header("English", "words", paths, english), row("**all**", english)]
     lines += [row(g, [i for i in english if g in i["groups"]]) for g in groups]
     lines += [row(f"corpus {c}", [i for i in english if i["corpus"] == c]) for c in corpora]
     others = [i for i in report["items"] if i["language"] != "en"]
     if others:
-        lines += ["", "| language | items | units | offline | " + " | ".join(paths) + " | language right, per final |",
-                  "|---|---:|---:|---:|" + "---:|" * len(paths) + "---|"]
+        header, rule = _header("language", "units", paths, others)
+        lines += ["", header + " language right, per final |", rule + "---|"]
         for lang in sorted({i["language"] for i in others}):
             chosen = [i for i in others if i["language"] == lang]
             detected = []
@@ -381,7 +408,7 @@ def summary(report: dict) -> list[str]:
     english = [i for i in report["items"] if i["language"] == "en"]
     lines = [f"`make bench-accuracy`, {report['date']}, {report['machine']}, {report['model']}: word error rate "
              f"of the streamed finals on {Path(report['devset']).name} (ratio to offline faster-whisper on the "
-             "whole files; lost sentences).", "", *_english_header(paths)]
+             "whole files; lost sentences)." + _opus_note(english), "", *_header("English", "words", paths, english)]
     for name in ("all", *SUMMARY_CONDITIONS):
         items = [i for i in english if name == "all" or name in i["groups"]]
         if items:
