@@ -10,7 +10,7 @@ reference, beside offline faster-whisper on the whole file (same model, beam 5).
   - opus: the same, fed what a WebRTC session hears (the audio through aiortc's Opus encoder and the server's
     decoder): the codec's share of the WebRTC path, without its timing.
 Where a path hears Opus, offline Whisper also hears each whole file through that codec (`offline, Opus`):
-what the client's encoder leaves of the speech, which no server can hear better than this.
+what the client's encoder leaves of the speech for any server to hear.
 A sentence is lost when less than half of its reference words appear in the streamed text. With a
 multilingual model (`--model base`), finals are also checked for their detected language, and languages
 written without spaces are scored by characters.
@@ -128,7 +128,7 @@ def offline_text(model, item: Item, language: str | None) -> str:
     return "".join(s.text for s in segments)
 
 
-def coded(item: Item) -> Item:
+def through_opus(item: Item) -> Item:
     """`item` as a WebRTC session hears it, lead silence and all: the encoder's state at the speech is the
     client's."""
     lead = int(LEAD_S * 16000)
@@ -218,7 +218,7 @@ async def run(args: argparse.Namespace) -> dict:
     baselines = ["offline"] + (["offline-opus"] if set(args.paths) & set(OPUS_PATHS) else [])
     for item in items:
         for baseline in baselines:
-            heard = coded(item) if baseline == "offline-opus" else item
+            heard = through_opus(item) if baseline == "offline-opus" else item
             results[baseline][item.id] = {"text": offline_text(offline, heard, None if multilingual else "en")}
             print(f"{baseline} {item.id}: {results[baseline][item.id]['text'][:80]}", flush=True)
     del offline
