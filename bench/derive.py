@@ -81,8 +81,8 @@ def originals():
     """(folder, manifest entry) of every English original of devset-wide and of the small devset."""
     for folder in SOURCES:
         for entry in manifest(folder):
-            if entry.get("language", "en") == "en" and not {"quiet-derived", "noisy-derived"} & {
-                    *entry.get("conditions", ())}:
+            derived = {"quiet-derived", "noisy-derived"} & set(entry.get("conditions", ()))
+            if entry.get("language", "en") == "en" and not derived:
                 yield folder, entry
 
 
