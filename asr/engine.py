@@ -53,7 +53,7 @@ class Before:
     """What a stream said before an utterance."""
 
     text: str = ""  # continued as Whisper's previous-text prompt; "" for none
-    language: str | None = None  # kept where detection on this utterance alone is unsure
+    language: str | None = None  # kept where detection is unsure
     # The audio just before a final's (ending where it begins) and the words said in it: the final is
     # decoded as their continuation (see WhisperEngine.transcribe). None: alone.
     audio: np.ndarray | None = field(default=None, compare=False)
@@ -203,13 +203,18 @@ class WhisperEngine:
         # A continued final is heard and timed over the audio before it and its own: the piece alone is
         # encoded only where it is needed.
         encoded = functools.cache(lambda: self._encode_window(audio, window) if whole else self._encode(audio, window))
+        continued = final and before.audio is not None
+        after = functools.cache(functools.partial(self._encode_after, before, audio, window))
         if language is None:
-            token, probability = self._ct2.detect_language(get_ctranslate2_storage(encoded()))[0][0]
+            # A piece that goes on from the audio before it is told by both: alone, a short piece is often
+            # heard as a neighbouring language ("zum Stillstand" as Portuguese).
+            heard = after() if continued else encoded()
+            token, probability = self._ct2.detect_language(get_ctranslate2_storage(heard))[0][0]
             language = token[2:-2]
             if before.language and probability < _SURE_OF_LANGUAGE:
                 language = before.language
         tokenizer = self._tokenizer(language)
-        lead = self._continuation_input(audio, tokenizer, before, window) if final else None
+        lead = self._continuation_input(after, audio, tokenizer, before) if continued else None
         if lead is not None:
             _going_on(stop)
             _, (result,) = self._batched(tokenizer, [lead], beam_size=1 if greedy else self.options.beam_size)
@@ -223,8 +228,8 @@ class WhisperEngine:
         _going_on(stop)
         return self._transcript(decoded, tokenizer, encoded, audio, final, quick_words=greedy)
 
-    def _continuation_input(self, audio: np.ndarray, tokenizer: Tokenizer, before: Before,
-                            window_s: float) -> _Input | None:
+    def _continuation_input(self, encoded: Callable[[], np.ndarray], audio: np.ndarray, tokenizer: Tokenizer,
+                            before: Before) -> _Input | None:
         """What decodes a piece as heard after the audio before it: that audio's words forced as the transcript's
         start (Whisper's prefix), the words said before those as the previous-text prompt. Decoded alone, a piece cut
         at a hesitation begins a sentence of its own ("It confused." for "a confused"), "ask not" after a pause
@@ -234,9 +239,13 @@ class WhisperEngine:
             return None
         # Forced tokens are decoded one step each, as dearly as generated ones; the prompt goes in one pass.
         previous = text.previous_tokens(tokenizer, before.earlier, self.options.context_tokens)
-        return _Input(self._encode(np.concatenate([before.audio, audio]), window_s), previous,
+        return _Input(encoded(), previous,
                       tokenizer.encode(" " + before.spoken.strip()) if before.spoken.strip() else [],
                       audio.size / SAMPLE_RATE, before.audio.size / SAMPLE_RATE, before.shown, before.onset)
+
+    def _encode_after(self, before: Before, audio: np.ndarray, window_s: float) -> np.ndarray:
+        """The piece encoded after the audio before it."""
+        return self._encode(np.concatenate([before.audio, audio]), window_s)
 
     def _continued(self, result, tokenizer: Tokenizer, lead: _Input) -> tuple[Decoded, _Input] | None:
         """Only the new words of a continuation's decode, and the input as they were decoded (the words heard
@@ -294,7 +303,8 @@ class WhisperEngine:
         tokenizer = self._tokenizer(language)
         encoded = [functools.cache(functools.partial(self._encode, audio, window)) for audio in audios]
         texts = [text.previous_tokens(tokenizer, b.text, self.options.context_tokens) for b in befores]
-        leads = [self._continuation_input(audio, tokenizer, before, window) for audio, before in zip(audios, befores)]
+        leads = [self._continuation_input(functools.partial(self._encode_after, before, audio, window), audio,
+                                          tokenizer, before) for audio, before in zip(audios, befores)]
         inputs, results = self._batched(tokenizer, [
             lead or _Input(e(), previous, [], audio.size / SAMPLE_RATE)
             for lead, e, previous, audio in zip(leads, encoded, texts, audios)], beam_size=1)

@@ -1285,6 +1285,24 @@ def test_a_stream_keeps_its_language_where_a_short_piece_is_unsure(vad_model):
     assert engine.transcribe(english, None, final=False, before=Before(language="de")).language == "en"
 
 
+def test_a_piece_that_goes_on_from_the_audio_before_it_is_heard_in_that_audios_language(vad_model):
+    """ "zum Stillstand", the last piece of German cut at its pauses: alone, Whisper base hears Portuguese
+    ("de som estilestante."). Decoded as the continuation of the piece before it, its language is told by
+    that audio and its own together, as offline Whisper tells a file's by its first 30 s."""
+    engine = WhisperEngine("base")
+    rec = data_recording("fleurs-de-007")
+    audio = padded(rec.audio)
+    ends = [e for e in segment(vad_model, audio) if isinstance(e, SpeechEnded)]
+    last, before = ends[-1], ends[-2]
+    lead = audio[round(max(before.audio_start, before.end - 3.0) * 16000):round(last.audio_start * 16000)]
+    alone = engine.transcribe(last.audio, None, final=True)
+    assert alone is not None and alone.language != "de", alone  # the case this guards against
+    after = engine.transcribe(last.audio, None, final=True,
+                              before=Before(audio=lead, spoken="die Sedimente im Fluss verteilen"))
+    assert after is not None and after.language == "de", after
+    assert normalize(after.text) == ["zum", "stillstand"], after
+
+
 async def _fed(stream: SpeechStream, audio: np.ndarray) -> None:
     """`audio` in 20 ms packets, the loop turning between them as it does for a live client."""
     for i in range(0, audio.size, 320):
