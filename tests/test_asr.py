@@ -1293,8 +1293,8 @@ def test_a_piece_that_goes_on_from_the_audio_before_it_is_heard_in_that_audios_l
     rec = data_recording("fleurs-de-007")
     audio = padded(rec.audio)
     ends = [e for e in segment(vad_model, audio) if isinstance(e, SpeechEnded)]
-    last, before = ends[-1], ends[-2]
-    lead = audio[round(max(before.audio_start, before.end - 3.0) * 16000):round(last.audio_start * 16000)]
+    previous, last = ends[-2], ends[-1]
+    lead = audio[round(max(previous.audio_start, previous.end - 3.0) * 16000):round(last.audio_start * 16000)]
     alone = engine.transcribe(last.audio, None, final=True)
     assert alone is not None and alone.language != "de", alone  # the case this guards against
     after = engine.transcribe(last.audio, None, final=True,
