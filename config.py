@@ -97,7 +97,7 @@ class Config:
                 "as that final's continuation: after the last 3 s of its audio, those words forced first and the "
                 "words before them as the prompt (0: alone)"})
     partial_interval_ms: int = field(default=600, metadata={
-        "help": "new audio between two partial hypotheses"})
+        "help": "new audio between two partial hypotheses; at least twice as long as the last one took to come back"})
     sentence_endpoint: float = field(default=0.8, metadata={
         "help": "share of the endpoint silence that ends an utterance whose early final already ends a sentence (. ? "
                 "!); 1: off"})

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 # Half a second of speech is often too little for Whisper to say anything credible: the first
 # partial is asked for again after this much more audio, not after a whole partial interval.
 _FIRST_PARTIAL_RETRY_MS = 200
+# A long utterance's partial costs about what its final does. A stream asks for the next partial only after
+# at least 1 / _PARTIAL_SHARE times as long as the last took to come back, so that its partials keep a worker
+# busy at most that share of the time: the final decoded when the voice stops then seldom shares a core with one.
+_PARTIAL_SHARE = 0.5
 # A piece is continued from the last final with words only where it began within _LEAD_PAUSE_S of that one's
 # speech end, or within _REACH_S where that final did not end its sentence: the speaker is still in it after a
 # pause longer than the endpoint such a final waits for. Continued, a new sentence often comes back without
@@ -136,6 +140,7 @@ class SpeechStream:
         self.utterances = 0
         self._partial_task: asyncio.Task | None = None
         self._partial_audio = 0  # utterance samples covered by the last partial request
+        self._partial_s = 0.0  # how long the utterance's last partial took to come back
         self._previous_words: list[str] = []  # of this utterance's last partial; [] before the first
         self._last_final: asyncio.Task | None = None
         self._finals_pending = 0
@@ -323,6 +328,7 @@ class SpeechStream:
             if self._unheard is not None:  # begun soon enough, this piece hears that audio again
                 self._unheard.settle(again=not self._near(self._unheard.said, event.start))
             self._partial_audio = 0
+            self._partial_s = 0.0
             self._previous_words = []
             self._emit(events.speech_started(event.utterance, event.start))
             return
@@ -496,7 +502,9 @@ class SpeechStream:
         interval_ms = self.options.partial_interval_ms
         if self._no_words_shown:
             interval_ms = min(interval_ms, _FIRST_PARTIAL_RETRY_MS)
-        interval = interval_ms * SAMPLE_RATE // 1000
+        else:
+            interval_ms = max(interval_ms, 1000 * self._partial_s / _PARTIAL_SHARE)
+        interval = int(interval_ms * SAMPLE_RATE / 1000)
         # The first partial goes as soon as speech is confirmed; then one per interval of new audio.
         if self._partial_audio and audio.size - self._partial_audio < interval:
             return
@@ -504,12 +512,15 @@ class SpeechStream:
         self._partial_task = asyncio.create_task(self._partial(self._segmenter.utterance, audio))
 
     async def _partial(self, utterance: int, audio: np.ndarray) -> None:
+        asked = asyncio.get_running_loop().time()
         try:
             result = await self._pool.partial(self._key, audio, self.options.language,
                                               first=self._no_words_shown, before=self._before())
         except Exception:
             log.exception("partial decode failed")
             return
+        if utterance == self._segmenter.utterance:
+            self._partial_s = asyncio.get_running_loop().time() - asked
         # A partial that comes back after its utterance ended would arrive after speech.stopped.
         if result is None or utterance != self._segmenter.utterance or not self._segmenter.in_speech:
             return

@@ -616,6 +616,45 @@ async def test_a_first_partial_that_says_nothing_is_asked_again_soon(engine, vad
     assert not late, late
 
 
+async def test_a_stream_waits_twice_as_long_as_its_last_partial_took_before_the_next(engine, vad_model):
+    """A long utterance's partial costs about what its final does: asked for every 600 ms, partials would keep
+    a worker busy all the time, and the final decoded when the voice stops would share a core with one.
+
+    Audio comes in real time; each partial is made to take 0.5 s, so the next one waits for 1 s of speech.
+    """
+    pool = DecodePool(engine, max_finals=4)
+    pool.start()
+    asked: list[tuple[int, bool]] = []  # speech samples of each partial asked for; whether words showed yet
+    ask = pool.partial
+
+    async def slow(answer):
+        await asyncio.sleep(0.5)
+        return await answer
+
+    def partial(key, audio, language, first=False, **kw):
+        asked.append((audio.size, not first))
+        return asyncio.ensure_future(slow(ask(key, audio, language, first, **kw)))
+
+    pool.partial = partial
+    events: list[dict] = []
+    stream = SpeechStream(pool, Segmenter(SileroVAD(vad_model), SegmenterConfig()),
+                          StreamOptions(language="en", early_final_ms=0), events.append)
+    audio = padded(recording("ls-61-70968-0000").audio)
+    try:
+        for i in range(0, audio.size, 320):
+            stream.feed(audio[i : i + 320])
+            await asyncio.sleep(0.02)
+        await stream.finish()
+    finally:
+        del pool.partial
+        await pool.close()
+    assert sum(e["type"] == "transcript.partial" for e in events) >= 2
+    # After a partial that showed words, the next waits for 1 s of new speech, where 600 ms was enough before.
+    gaps = [b - a for (a, _), (b, shown) in zip(asked, asked[1:]) if shown]
+    assert len(gaps) >= 2, asked
+    assert all(gap >= 0.95 * 16000 for gap in gaps), gaps
+
+
 async def test_a_partial_still_waiting_when_its_utterance_ends_is_never_decoded(engine, vad_model):
     """Its text could only come after speech.stopped, where the protocol has no place for it."""
     pool = DecodePool(engine, max_finals=4)  # not started yet: every decode waits
