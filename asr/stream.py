@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 # partial is asked for again after this much more audio, not after a whole partial interval.
 _FIRST_PARTIAL_RETRY_MS = 200
 # A long utterance's partial costs about what its final does. A stream asks for the next partial only after
-# at least 1 / _PARTIAL_SHARE times as long as the last took to come back, so that its partials keep a worker
-# busy at most that share of the time: the final decoded when the voice stops then seldom shares a core with one.
+# at least 1 / _PARTIAL_SHARE times as long as the last took to come back: its partials keep a worker busy at
+# most that share of the time, and leave the rest to finals and to other streams.
 _PARTIAL_SHARE = 0.5
 # A piece is continued from the last final with words only where it began within _LEAD_PAUSE_S of that one's
 # speech end, or within _REACH_S where that final did not end its sentence: the speaker is still in it after a
