@@ -231,7 +231,7 @@ class SocketSession:
     def use_container(self, format: str) -> None:
         assert self.session is not None
         self.raw = None
-        self.decoder = StreamDecoder(self.session.feed, self._decoder_failed, format=format)
+        self.decoder = StreamDecoder(self._decoded, self._decoder_failed, format=format)
 
     async def audio(self, data: bytes) -> None:
         """Audio as the client sent it, cut anywhere, to the session in order."""
@@ -253,7 +253,14 @@ class SocketSession:
             if not self._decoder_error:
                 await self.decoder.write(data)
         elif self.raw is not None:
+            self.session.stream.narrowband = self.raw.narrowband
             await self.feed(self.raw.decode(data))
+
+    def _decoded(self, pcm: np.ndarray, narrowband: bool) -> None:
+        """Audio the container's decoder delivers, and whether it was sent at 8 kHz or less."""
+        assert self.session is not None
+        self.session.stream.narrowband = narrowband
+        self.session.feed(pcm)
 
     async def feed(self, pcm: np.ndarray) -> None:
         """16 kHz audio to the session in slices, so the loop stays responsive and finals keep up."""

@@ -149,7 +149,7 @@ class FileJobs:
 
     # -- the work ----------------------------------------------------------------------------------
 
-    async def decode(self, data: bytes | None, raw: Raw | None = None) -> np.ndarray:
+    async def decode(self, data: bytes | None, raw: Raw | None = None) -> container.FileAudio:
         """The file as 16 kHz mono, decoded on a thread: 400 for what is no audio, 413 past --max-file-s."""
         if not data:
             raise ApiError(400, "invalid_value", "the file is empty" if data is not None else "no file was sent",
@@ -165,16 +165,16 @@ class FileJobs:
             raise ApiError(400, "invalid_value", f"{e}. Supported formats: {', '.join(container.FORMATS)}",
                            param="file") from None
 
-    async def transcribe(self, request: web.Request, audio: np.ndarray, asked: FileRequest,
+    async def transcribe(self, request: web.Request, audio: container.FileAudio, asked: FileRequest,
                          on_segment: Callable[[Segment], None] | None = None) -> tuple[FileTranscript, str | None]:
         """The file's transcript, and the id under which it was saved (None when it was not). Ends early, and
         decodes nothing more, when the client goes away."""
         worker = self.registry.worker
         transcriber = FileTranscriber(worker, self.registry.vad, self.registry.segmenter_config)
         options = FileOptions(asked.language, prompt=asked.prompt, batch=self.config.file_batch,
-                              context_chars=self.config.context_chars)
+                              context_chars=self.config.context_chars, narrowband=audio.narrowband)
         started = time.monotonic()
-        work = asyncio.ensure_future(transcriber.transcribe(audio, options, on_segment))
+        work = asyncio.ensure_future(transcriber.transcribe(audio.samples, options, on_segment))
         watch = asyncio.ensure_future(_client_leaves(request))
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -190,7 +190,7 @@ class FileJobs:
             raise ApiError(500, "decode_failed", "the file could not be transcribed") from None
         seconds = time.monotonic() - started
         metrics.file_done(asked.route, "ok", result.duration, seconds)
-        saved = await self._save(request, audio, result)
+        saved = await self._save(request, audio.samples, result)
         log.info("file transcribed: route=%s client=%s key=%s audio=%.1fs in %.1fs segments=%d", asked.route,
                  auth.client(request).address or "-", auth.client(request).key or "-", result.duration, seconds,
                  len(result.segments), extra={"event": "file.transcribed", "route": asked.route,

@@ -13,6 +13,7 @@ import numpy as np
 
 SAMPLE_RATE = 16000
 MIN_RATE, MAX_RATE = 8000, 48000
+NARROWBAND_RATE = 8000  # audio sampled at this rate or lower holds nothing above 4 kHz: telephone (G.711)
 
 
 def active_level_db(audio: np.ndarray) -> float:
@@ -100,6 +101,11 @@ class RawAudio:
         self._carry = b""
         self._resampler = Resampler()
 
+    @property
+    def narrowband(self) -> bool:
+        """Nothing above 4 kHz: the stream's VAD hears it at NARROWBAND_RATE (asr/vad.py)."""
+        return self.rate <= NARROWBAND_RATE
+
     def decode(self, data: bytes) -> np.ndarray:
         if self._carry:
             data = self._carry + data
@@ -162,10 +168,11 @@ class StreamDecoder:
     it is read (WAV, Ogg, FLAC, MP3), `format` naming libavformat's demuxer.
 
     libavformat's demuxer pulls bytes synchronously, so it runs on its own thread; decoded audio
-    comes back to the loop through `on_audio`, and an exception (bad data) through `on_error`.
+    comes back to the loop through `on_audio(pcm, narrowband)` (narrowband: sent at NARROWBAND_RATE or
+    lower), and an exception (bad data) through `on_error`.
     """
 
-    def __init__(self, on_audio: Callable[[np.ndarray], None], on_error: Callable[[str], None],
+    def __init__(self, on_audio: Callable[[np.ndarray, bool], None], on_error: Callable[[str], None],
                  max_chunks: int = 32, format: str = "matroska") -> None:
         self._loop = asyncio.get_running_loop()
         self._on_audio, self._on_error = on_audio, on_error
@@ -190,9 +197,11 @@ class StreamDecoder:
         error = None
         try:
             with av.open(self._pipe, mode="r", format=self._format) as container:
+                narrowband = False
                 for frame in container.decode(audio=0):
-                    self._deliver(resampler.frame(frame))
-            self._deliver(resampler.frame(None))
+                    narrowband = frame.sample_rate <= NARROWBAND_RATE
+                    self._deliver(resampler.frame(frame), narrowband)
+            self._deliver(resampler.frame(None), narrowband)
         except Exception as e:  # corrupt or other input ends this stream, not the server
             name = "WebM/Opus" if self._format == "matroska" else self._format.upper()
             error = f"could not decode {name}: {e}"
@@ -201,9 +210,9 @@ class StreamDecoder:
                 self._pipe.chunks.get_nowait()
         self._loop.call_soon_threadsafe(self._finish, error)
 
-    def _deliver(self, pcm: np.ndarray) -> None:
+    def _deliver(self, pcm: np.ndarray, narrowband: bool) -> None:
         if pcm.size:
-            self._loop.call_soon_threadsafe(self._on_audio, pcm)
+            self._loop.call_soon_threadsafe(self._on_audio, pcm, narrowband)
 
     def _finish(self, error: str | None) -> None:
         if error is not None:

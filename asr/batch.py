@@ -41,6 +41,7 @@ class FileOptions:
     # utterance alone ("Ask not", 1.1 s) is often misheard.
     join_s: float = 0.0
     join_gap_s: float = 1.0
+    narrowband: bool = False  # sent at NARROWBAND_RATE or lower: the VAD hears it so (asr/vad.py)
 
 
 @dataclass(frozen=True)
@@ -173,8 +174,9 @@ class FileTranscriber:
                          on_segment: Callable[[Segment], None] | None = None) -> FileTranscript:
         """16 kHz mono float32 in; `on_segment` gets each segment in order as soon as all before it are
         decoded. Cancelling it drops the file's waiting batches."""
-        pieces = await asyncio.to_thread(cut, audio, self._vad(), self._segmenter, options.join_s,
-                                         options.join_gap_s)
+        vad = self._vad()
+        vad.narrowband = options.narrowband
+        pieces = await asyncio.to_thread(cut, audio, vad, self._segmenter, options.join_s, options.join_gap_s)
         run = _Run(self._worker, audio, pieces, options, on_segment)
         language = await run.decode()
         return FileTranscript(round(audio.size / SAMPLE_RATE, 3), language,

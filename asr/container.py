@@ -8,11 +8,12 @@ concat) that make it open other files or URLs.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import av
 import numpy as np
 
-from .audio import MAX_RATE, MIN_RATE, SAMPLE_RATE, Resampler
+from .audio import G711, MAX_RATE, MIN_RATE, NARROWBAND_RATE, SAMPLE_RATE, Resampler
 
 # What OpenAI's API lists as accepted, for error messages.
 FORMATS = ("flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg", "wav", "webm")
@@ -21,6 +22,14 @@ RAW_ENCODINGS = ("linear16", "mulaw", "alaw")
 
 class BadAudio(ValueError):
     """The bytes are not audio this server decodes, or hold no audio at all."""
+
+
+@dataclass(frozen=True)
+class FileAudio:
+    """An upload, decoded."""
+
+    samples: np.ndarray  # 16 kHz mono float32
+    narrowband: bool  # sent at NARROWBAND_RATE or lower (a call's recording): its VAD hears it so (asr/vad.py)
 
 
 class TooLong(ValueError):
@@ -62,7 +71,7 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def decode(data: bytes, max_seconds: float) -> np.ndarray:
+def decode(data: bytes, max_seconds: float) -> FileAudio:
     """A whole file in any container `sniff` knows, first audio stream, downmixed and resampled.
 
     Raises BadAudio for anything else or for a file without decodable audio, TooLong past `max_seconds`.
@@ -74,6 +83,7 @@ def decode(data: bytes, max_seconds: float) -> np.ndarray:
     resampler = Resampler()
     pieces: list[np.ndarray] = []
     samples = 0
+    rate = SAMPLE_RATE
     limit = int(max_seconds * SAMPLE_RATE)
     try:
         with av.open(io.BytesIO(data), mode="r", format=fmt) as container:
@@ -81,6 +91,7 @@ def decode(data: bytes, max_seconds: float) -> np.ndarray:
                 raise BadAudio("the file has no audio stream")
             try:
                 for frame in container.decode(audio=0):
+                    rate = frame.sample_rate
                     pcm = resampler.frame(frame)
                     pieces.append(pcm)
                     samples += pcm.size
@@ -97,30 +108,10 @@ def decode(data: bytes, max_seconds: float) -> np.ndarray:
     audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
     if not audio.size:
         raise BadAudio("the file holds no audio")
-    return audio
+    return FileAudio(audio, rate <= NARROWBAND_RATE)
 
 
-def _mulaw_sample(u: int) -> int:
-    u = ~u & 0xFF
-    magnitude = ((((u & 0x0F) << 3) + 0x84) << ((u >> 4) & 7)) - 0x84
-    return -magnitude if u & 0x80 else magnitude
-
-
-_MULAW = np.array([_mulaw_sample(i) for i in range(256)], np.float32) / 32768.0
-
-
-def _alaw_sample(a: int) -> int:
-    a ^= 0x55
-    magnitude = (a & 0x0F) << 4
-    exponent = (a >> 4) & 7
-    magnitude = magnitude + 8 if exponent == 0 else (magnitude + 0x108) << (exponent - 1)
-    return magnitude if a & 0x80 else -magnitude
-
-
-_ALAW = np.array([_alaw_sample(i) for i in range(256)], np.float32) / 32768.0
-
-
-def decode_raw(data: bytes, encoding: str, rate: int, channels: int, max_seconds: float) -> np.ndarray:
+def decode_raw(data: bytes, encoding: str, rate: int, channels: int, max_seconds: float) -> FileAudio:
     """Headerless audio: 16-bit little-endian PCM or G.711 (mu-law, A-law), interleaved channels."""
     if encoding not in RAW_ENCODINGS:
         raise BadAudio(f"encoding must be one of {', '.join(RAW_ENCODINGS)}")
@@ -139,10 +130,10 @@ def decode_raw(data: bytes, encoding: str, rate: int, channels: int, max_seconds
     if encoding == "linear16":
         samples = raw.astype(np.float32) / 32768.0
     else:
-        samples = (_MULAW if encoding == "mulaw" else _ALAW)[raw]
+        samples = G711[encoding][raw].astype(np.float32) / 32768.0
     mono = samples.reshape(-1, channels).mean(axis=1).astype(np.float32)
     if rate == SAMPLE_RATE:
-        return mono
+        return FileAudio(mono, False)
     pcm = (np.clip(mono, -1, 1) * 32767).astype("<i2").tobytes()
     resampler = Resampler()
-    return np.concatenate([resampler.pcm16(pcm, rate), resampler.frame(None)])
+    return FileAudio(np.concatenate([resampler.pcm16(pcm, rate), resampler.frame(None)]), rate <= NARROWBAND_RATE)

@@ -159,6 +159,15 @@ class SpeechStream:
         to it has ended, or was discarded."""
         return self._segmenter.utterance
 
+    @property
+    def narrowband(self) -> bool:
+        """The client sends audio at NARROWBAND_RATE or lower: the VAD hears it at that rate (asr/vad.py)."""
+        return self._segmenter.vad.narrowband
+
+    @narrowband.setter
+    def narrowband(self, value: bool) -> None:
+        self._segmenter.vad.narrowband = value
+
     async def wait_capacity(self, max_pending: int) -> None:
         """Until at most `max_pending` finals wait: a sender faster than real time pauses here."""
         while self._finals_pending > max_pending:

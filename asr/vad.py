@@ -14,11 +14,10 @@ from typing import Callable
 import numpy as np
 import onnxruntime
 
-from .audio import SAMPLE_RATE
+from .audio import NARROWBAND_RATE, SAMPLE_RATE
 
 WINDOW = 512  # samples per VAD decision (32 ms), fixed by the model
 _CONTEXT = 64  # the model sees the tail of the previous window before each window
-_SR = np.array(SAMPLE_RATE, dtype=np.int64)
 # Silero's recurrent state remembers the level of what it heard: after loud speech, a quiet speaker's
 # words score low where a fresh state scores them high. Yet a fresh state warms up slowly, and scores a
 # soft onset low where the state carried on scores it high. So each stream runs two states over the same
@@ -33,38 +32,44 @@ LIFT_HOLD_WINDOWS = 31  # 1 s: a pause within a sentence is not lifted
 log = logging.getLogger(__name__)
 
 
-def default_model_path() -> str:
+def default_model_path(rate: int = SAMPLE_RATE) -> str:
     """Silero VAD v6 as its `silero-vad` wheel ships it for onnxruntime, one window per stream and call.
 
     The wheel is installed without its dependencies (torch), and never imported: its package runs
-    torch on import. Its probabilities are those of the sequence-only v6 file that faster-whisper
+    torch on import. At 16 kHz, its probabilities are those of the sequence-only v6 file that faster-whisper
     ships, to the last bit, but it takes a batch of streams, and most of a call's cost is the call
-    (VadBatch).
+    (VadBatch). At 8 kHz, the wheel's file that takes either rate.
     """
     spec = importlib.util.find_spec("silero_vad")  # locates the package without running it
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("silero-vad is not installed: pip install --no-deps -r requirements-nodeps.txt")
-    return os.path.join(list(spec.submodule_search_locations)[0], "data", "silero_vad_16k_op15.onnx")
+    name = "silero_vad_16k_op15.onnx" if rate == SAMPLE_RATE else "silero_vad.onnx"
+    return os.path.join(list(spec.submodule_search_locations)[0], "data", name)
 
 
 class SileroModel:
-    """The ONNX session, loaded once and shared by every stream (it is stateless)."""
+    """The ONNX sessions, one per rate, loaded once and shared by every stream (they are stateless)."""
 
     def __init__(self, path: str | None = None) -> None:
-        opts = onnxruntime.SessionOptions()
-        # One thread: a window is too small a job to share, and more threads would only contend with Whisper.
-        opts.inter_op_num_threads = 1
-        opts.intra_op_num_threads = 1
-        opts.log_severity_level = 4
-        self._session = onnxruntime.InferenceSession(
-            path or default_model_path(), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+        self._sessions = {SAMPLE_RATE: _session(path or default_model_path()),
+                          NARROWBAND_RATE: _session(default_model_path(NARROWBAND_RATE))}
 
-    def run(self, inputs: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`inputs`: one window with its context per stream, (b, 576); `state`: (2, b, 128).
-        Returns each stream's speech probability, (b,), and the next state."""
-        probs, state = self._session.run(None, {"input": inputs, "state": state, "sr": _SR})
+    def run(self, inputs: np.ndarray, state: np.ndarray,
+            rate: int = SAMPLE_RATE) -> tuple[np.ndarray, np.ndarray]:
+        """`inputs`: one window at `rate` with its context per stream, (b, 576) at 16 kHz, (b, 288) at 8 kHz;
+        `state`: (2, b, 128). Returns each stream's speech probability, (b,), and the next state."""
+        probs, state = self._sessions[rate].run(None, {"input": inputs, "state": state,
+                                                       "sr": np.array(rate, dtype=np.int64)})
         return np.asarray(probs, dtype=np.float32).reshape(-1), state
+
+
+def _session(path: str) -> onnxruntime.InferenceSession:
+    opts = onnxruntime.SessionOptions()
+    # One thread: a window is too small a job to share, and more threads would only contend with Whisper.
+    opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 4
+    return onnxruntime.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 class Lift:
@@ -93,25 +98,46 @@ class SileroVAD:
     """Per-stream VAD: whole 512-sample windows of 16 kHz float32 audio in, one probability each.
 
     The model runs `rows` times over each window: with the state carried on, and (refresh_windows > 0)
-    with a state refreshed after non-speech. A quiet stream is lifted first (lift_db > 0: Lift)."""
+    with a state refreshed after non-speech. A quiet stream is lifted first (lift_db > 0: Lift).
+
+    A stream sent at NARROWBAND_RATE or lower (a call: G.711) is heard at that rate (`narrowband`), as Silero
+    was also trained to hear it: at 16 kHz it scores speech cut to a telephone line's band low."""
 
     def __init__(self, model: SileroModel, refresh_windows: int = REFRESH_WINDOWS, lift_db: float = LIFT_DB) -> None:
         self._model = model
         self._lift = Lift(lift_db) if lift_db > 0 else None
         self._refresh = refresh_windows  # 0: never, one state only
         self.rows = 2 if refresh_windows else 1
+        self.rate = SAMPLE_RATE  # what the model hears the windows at
+        self._reset()
+
+    def _reset(self) -> None:
         self.state = np.zeros((2, self.rows, 128), dtype=np.float32)  # the recurrent states, (2, rows, 128)
-        self._context = np.zeros(_CONTEXT, dtype=np.float32)
+        self._context = np.zeros(_CONTEXT * self.rate // SAMPLE_RATE, dtype=np.float32)
         self._quiet = 0  # windows of non-speech since the last speech or refresh
+
+    @property
+    def narrowband(self) -> bool:
+        return self.rate != SAMPLE_RATE
+
+    @narrowband.setter
+    def narrowband(self, value: bool) -> None:
+        """Heard at NARROWBAND_RATE or not, from the next window on; a change starts the model afresh."""
+        rate = NARROWBAND_RATE if value else SAMPLE_RATE
+        if rate != self.rate:
+            self.rate = rate
+            self._reset()
 
     def input(self, window: np.ndarray) -> np.ndarray:
         """The model's input for this stream's next window, once per state: the tail of the window
-        before, then it, lifted. (rows, 576)."""
+        before, then it, lifted, at `rate`. (rows, 576) at 16 kHz, (rows, 288) at 8 kHz."""
         gain = self._lift(window) if self._lift is not None else 1
         if gain != 1:
             window = window * gain
+        if self.rate != SAMPLE_RATE:  # every other sample: the window holds nothing above 4 kHz to alias
+            window = window[::SAMPLE_RATE // self.rate]
         inputs = np.tile(np.concatenate([self._context, window]), (self.rows, 1))
-        self._context = window[-_CONTEXT:].copy()  # what the model heard of this window: the next one's context
+        self._context = window[-self._context.size:].copy()  # what the model heard of it: the next one's context
         return inputs
 
     def carry(self, state: np.ndarray, probs: np.ndarray) -> float:
@@ -129,7 +155,7 @@ class SileroVAD:
         """`windows`: shape (n, 512), in stream order; decided here and now, one call per window."""
         probs = np.empty(windows.shape[0], np.float32)
         for i, window in enumerate(windows):
-            out, state = self._model.run(self.input(window), self.state)
+            out, state = self._model.run(self.input(window), self.state, self.rate)
             probs[i] = self.carry(state, out)
         return probs
 
@@ -200,17 +226,20 @@ class VadBatch:
         windows = [np.concatenate(waiting[v][0]) if len(waiting[v][0]) > 1 else waiting[v][0][0] for v in vads]
         probs = [np.empty(w.shape[0], np.float32) for w in windows]
         for k in range(max(w.shape[0] for w in windows)):
-            rows = [i for i, w in enumerate(windows) if w.shape[0] > k]
-            inputs = np.concatenate([vads[i].input(windows[i][k]) for i in rows])
-            state = np.concatenate([vads[i].state for i in rows], axis=1)
-            out, state = self.model.run(inputs, state)
-            at = 0
-            for i in rows:
-                n = vads[i].rows
-                probs[i][k] = vads[i].carry(state[:, at:at + n], out[at:at + n])
-                at += n
-            self.calls += 1
-            self.windows += len(rows)
+            for rate in (SAMPLE_RATE, NARROWBAND_RATE):  # one call per rate the streams are heard at
+                rows = [i for i, w in enumerate(windows) if w.shape[0] > k and vads[i].rate == rate]
+                if not rows:
+                    continue
+                inputs = np.concatenate([vads[i].input(windows[i][k]) for i in rows])
+                state = np.concatenate([vads[i].state for i in rows], axis=1)
+                out, state = self.model.run(inputs, state, rate)
+                at = 0
+                for i in rows:
+                    n = vads[i].rows
+                    probs[i][k] = vads[i].carry(state[:, at:at + n], out[at:at + n])
+                    at += n
+                self.calls += 1
+                self.windows += len(rows)
         for vad, w, p in zip(vads, windows, probs):
             try:
                 waiting[vad][1](w, p)

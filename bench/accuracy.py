@@ -8,9 +8,12 @@ reference, beside offline faster-whisper on the whole file (same model, beam 5).
   - sim: the server's own segmenter, decode pool and engine in this process, every decode finished before the
     next 20 ms of audio (a machine with time to spare): minutes instead of real time, for tuning;
   - opus: the same, fed what a WebRTC session hears (the audio through aiortc's Opus encoder and the server's
-    decoder): the codec's share of the WebRTC path, without its timing.
+    decoder): the codec's share of the WebRTC path, without its timing;
+  - phone: the same, fed what a caller's telephone line carries (300-3400 Hz, G.711 mu-law at 8 kHz), heard as
+    the server hears a client that sends audio at 8 kHz.
 Where a path hears Opus, offline Whisper also hears each whole file through that codec (`offline, Opus`):
-what the client's encoder leaves of the speech for any server to hear.
+what the client's encoder leaves of the speech for any server to hear; likewise over the line
+(`offline, phone`).
 A sentence is lost when less than half of its reference words appear in the streamed text. With a
 multilingual model (`--model base`), finals are also checked for their detected language, and languages
 written without spaces are scored by characters.
@@ -39,16 +42,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from run import machine, replace_doc_block  # noqa: E402
-from speech import alignment, lost_sentences, over_opus, read_audio, split_by_duration  # noqa: E402
+from speech import alignment, lost_sentences, over_opus, over_phone, read_audio, split_by_duration  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WIDE = ROOT.parent / "shared" / "eval" / "devset-wide"
-PATHS = ("webrtc", "websocket", "sim", "opus")
-IN_PROCESS = ("sim", "opus")
+PATHS = ("webrtc", "websocket", "sim", "opus", "phone")
+IN_PROCESS = ("sim", "opus", "phone")
 TAIL_S = 2.0  # silence the microphone sends after the speech, so the last endpoint comes by itself
 GAP_S = 1.5  # between recordings in one session (--one-session), unless --gap-s says otherwise
 LEAD_S = 0.5  # silence before the speech (the WebRTC client's, and the others' alike)
-OPUS_PATHS = ("webrtc", "opus")
+# What each path's audio goes through before the server hears it; offline Whisper also hears the files so.
+CODED = {"webrtc": "opus", "opus": "opus", "phone": "phone"}
+CODECS = {"opus": over_opus, "phone": over_phone}
+CODEC_NAMES = {"opus": "Opus", "phone": "phone"}
 _NO_SPACES = {"ja", "zh", "th", "lo", "my", "km"}
 README = ROOT / "README.md"  # quotes a summary of the run docs/performance.md quotes whole
 SUMMARY_CONDITIONS = ("clean", "quiet", "noisy", "long-form", "spontaneous")
@@ -128,17 +134,18 @@ def offline_text(model, item: Item, language: str | None) -> str:
     return "".join(s.text for s in segments)
 
 
-def through_opus(item: Item) -> Item:
-    """`item` as a WebRTC session hears it, lead silence and all: the encoder's state at the speech is the
-    client's."""
+def heard_over(item: Item, codec: str) -> Item:
+    """`item` as a session over `codec` hears it, lead silence and all: the encoder's state at the speech is
+    the client's."""
     lead = int(LEAD_S * 16000)
-    audio = over_opus(np.concatenate([np.zeros(lead, np.float32), item.audio]))
+    audio = CODECS[codec](np.concatenate([np.zeros(lead, np.float32), item.audio]))
     return replace(item, audio=audio[lead:lead + item.audio.size])
 
 
-async def sim_finals(registry, audio: np.ndarray, language: str | None, coded=None) -> list[dict]:
+async def sim_finals(registry, audio: np.ndarray, language: str | None, coded=None,
+                     narrowband: bool = False) -> list[dict]:
     """The session's stream in this process, each decode done before the next 20 ms of audio; `coded`: what
-    the transport makes of the audio."""
+    the transport makes of the audio; `narrowband`: the client sends it at 8 kHz, as ws.py tells the stream."""
     import ctranslate2
 
     from sessions import SessionOptions
@@ -155,6 +162,7 @@ async def sim_finals(registry, audio: np.ndarray, language: str | None, coded=No
         audio = coded(audio)
     options = SessionOptions(language=language, partials=False, endpoint_ms=registry.config.endpoint_ms)
     stream = registry.stream_factory(options)(heard)
+    stream.narrowband = narrowband
     ctranslate2.set_random_seed(0)  # the temperature fallback samples: the same run, the same words
     for i in range(0, audio.size, 320):
         fed = (i + 320) / 16000
@@ -215,10 +223,10 @@ async def run(args: argparse.Namespace) -> dict:
     if not multilingual:
         items = [i for i in items if i.language == "en"]
     results: dict[str, dict[str, dict]] = defaultdict(dict)  # path -> item id -> outcome
-    baselines = ["offline"] + (["offline-opus"] if set(args.paths) & set(OPUS_PATHS) else [])
+    baselines = ["offline"] + [f"offline-{c}" for c in sorted({CODED[p] for p in args.paths if p in CODED})]
     for item in items:
         for baseline in baselines:
-            heard = through_opus(item) if baseline == "offline-opus" else item
+            heard = heard_over(item, baseline.split("-", 1)[1]) if "-" in baseline else item
             results[baseline][item.id] = {"text": offline_text(offline, heard, None if multilingual else "en")}
             print(f"{baseline} {item.id}: {results[baseline][item.id]['text'][:80]}", flush=True)
     del offline
@@ -238,7 +246,7 @@ async def run(args: argparse.Namespace) -> dict:
         if path in IN_PROCESS:
             registry = _registry(args)
             finals = functools.partial(sim_finals, registry, language=None if multilingual else "en",
-                                       coded=over_opus if path == "opus" else None)
+                                       coded=CODECS.get(CODED.get(path, "")), narrowband=path == "phone")
         else:
             server = ServerProcess("--model", args.model, "--data-dir", "", *args.server_args)
             finals = functools.partial(webrtc_finals if path == "webrtc" else websocket_finals, server.url, query=query)
@@ -326,8 +334,8 @@ def _rate(items: list[dict], path: str) -> float:
 
 
 def _baselines(items: list[dict]) -> list[str]:
-    """Offline Whisper on the files, and through Opus where the report has it (reports before it have not)."""
-    return ["offline"] + (["offline-opus"] if items and "offline-opus" in items[0] else [])
+    """Offline Whisper on the files, and through each codec the report has it over (older reports have none)."""
+    return ["offline"] + [f"offline-{c}" for c in CODECS if items and f"offline-{c}" in items[0]]
 
 
 def _row(name: str, items: list[dict], paths: list[str]) -> str:
@@ -344,13 +352,15 @@ def _row(name: str, items: list[dict], paths: list[str]) -> str:
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
-def _opus_note(items: list[dict]) -> str:
-    return (" `offline, Opus`: offline Whisper on the files as the WebRTC client's Opus encoder leaves them."
-            if "offline-opus" in _baselines(items) else "")
+def _coded_note(items: list[dict]) -> str:
+    notes = {"offline-opus": " `offline, Opus`: offline Whisper on the files as the WebRTC client's Opus encoder "
+                             "leaves them.",
+             "offline-phone": " `offline, phone`: offline Whisper on the files as a telephone line leaves them."}
+    return "".join(notes[b] for b in _baselines(items) if b in notes)
 
 
 def _header(first: str, units: str, paths: list[str], items: list[dict]) -> list[str]:
-    columns = ["offline, Opus" if b == "offline-opus" else b for b in _baselines(items)] + paths
+    columns = [f"offline, {CODEC_NAMES[b.split('-', 1)[1]]}" if "-" in b else b for b in _baselines(items)] + paths
     return [f"| {first} | items | {units} | " + " | ".join(columns) + " |", "|---|---:|---:|" + "---:|" * len(columns)]
 
 
@@ -372,7 +382,7 @@ def table(report: dict) -> list[str]:
              + (f", {report['gap_s']:g} s between recordings" if shared and report.get("gap_s", GAP_S) != GAP_S else "")
              + ". Word error rate of the streamed finals "
              "(ratio to offline faster-whisper on the whole files, same model, beam 5; lost sentences)."
-             + _opus_note(english), "",
+             + _coded_note(english), "",
              *_header("English", "words", paths, english), row("**all**", english)]
     lines += [row(g, [i for i in english if g in i["groups"]]) for g in groups]
     lines += [row(f"corpus {c}", [i for i in english if i["corpus"] == c]) for c in corpora]
@@ -408,7 +418,7 @@ def summary(report: dict) -> list[str]:
     english = [i for i in report["items"] if i["language"] == "en"]
     lines = [f"`make bench-accuracy`, {report['date']}, {report['machine']}, {report['model']}: word error rate "
              f"of the streamed finals on {Path(report['devset']).name} (ratio to offline faster-whisper on the "
-             "whole files; lost sentences)." + _opus_note(english), "", *_header("English", "words", paths, english)]
+             "whole files; lost sentences)." + _coded_note(english), "", *_header("English", "words", paths, english)]
     for name in ("all", *SUMMARY_CONDITIONS):
         items = [i for i in english if name == "all" or name in i["groups"]]
         if items:

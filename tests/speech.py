@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 
-from asr.audio import Resampler, active_level_db
+from asr.audio import G711, Resampler, RawAudio, active_level_db
 from asr.segmenter import SegmentEvent, Segmenter, SegmenterConfig
 from asr.vad import SileroModel, SileroVAD
 
@@ -191,6 +191,39 @@ def over_opus(audio: np.ndarray) -> np.ndarray:
         payloads, timestamp = encoder.encode(frame)
         heard += [f.to_ndarray().reshape(-1) for p in payloads for f in decoder.decode(JitterFrame(p, timestamp))]
     return np.concatenate(heard).astype(np.float32) / 32768
+
+
+def g711(samples: np.ndarray, encoding: str) -> bytes:
+    """16-bit samples as G.711 codes: each the code whose value is nearest (the decoder's table inverted)."""
+    table = G711[encoding].astype(np.int32)
+    order = np.argsort(table)
+    values = table[order]
+    at = np.clip(np.searchsorted(values, samples.astype(np.int32)), 1, len(values) - 1)
+    nearer = np.where(np.abs(values[at - 1] - samples) <= np.abs(values[at] - samples), at - 1, at)
+    return order[nearer].astype(np.uint8).tobytes()
+
+
+def telephone_band(audio: np.ndarray) -> np.ndarray:
+    """16 kHz `audio` with its band cut to 300-3400 Hz, with fourth-order slopes, as a telephone line's filters
+    fall off."""
+    spectrum = np.fft.rfft(audio.astype(np.float64))
+    hz = np.fft.rfftfreq(audio.size, 1 / 16000) + 1e-9
+    return np.fft.irfft(spectrum / np.sqrt((1 + (300 / hz) ** 8) * (1 + (hz / 3400) ** 8)), audio.size)
+
+
+def phone_line(audio: np.ndarray) -> bytes:
+    """16 kHz `audio` as a caller's telephone line carries it: its telephone band at 8 kHz in G.711 mu-law."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=8000)
+    frame = av.AudioFrame.from_ndarray((np.clip(telephone_band(audio), -1, 1) * 32767).astype(np.int16).reshape(1, -1),
+                                       format="s16", layout="mono")
+    frame.sample_rate = 16000
+    line = np.concatenate([f.to_ndarray().reshape(-1) for f in resampler.resample(frame) + resampler.resample(None)])
+    return g711(line, "mulaw")
+
+
+def over_phone(audio: np.ndarray) -> np.ndarray:
+    """`audio` as the server hears a caller: over the telephone line, decoded as a G.711 client's stream is."""
+    return RawAudio("mulaw", 8000).decode(phone_line(audio))
 
 
 def split_by_duration(recordings: list[Recording], parts: int) -> list[list[Recording]]:

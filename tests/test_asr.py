@@ -28,7 +28,7 @@ from asr.text import Decoded, answer, cut_loop, cut_word_loop, punctuation, reje
 from asr.vad import LIFT_DB, SileroModel, SileroVAD, VadBatch
 from asr.worker import DecodePool
 from speech import (at_level, data_recording, devset_variants, frame_rms, load_devset, lost_sentences, normalize,
-                    over_opus, recording, segment, wer, word_errors)
+                    over_opus, over_phone, recording, segment, wer, word_errors)
 
 PAD_S = 1.0
 
@@ -870,17 +870,27 @@ async def test_a_quiet_speaker_coded_by_opus_keeps_every_sentence(engine, vad_mo
     assert all(f["text"] for f in finals), finals
 
 
+@pytest.mark.parametrize("narrowband", [True, pytest.param(False, marks=pytest.mark.xfail(strict=True))])
+async def test_a_caller_on_a_telephone_line_keeps_every_word(engine, vad_model, narrowband):
+    """"One. Two. Three." over a telephone line (300-3400 Hz, G.711 at 8 kHz), each word alone. Heard at 16 kHz,
+    Silero scored a word below the threshold, and it was lost; a stream sent at 8 kHz is heard at 8 kHz."""
+    rec = recording("sr-english-one-two-three")
+    finals = await streamed_finals(engine, vad_model, over_phone(padded(rec.audio)), narrowband=narrowband)
+    assert word_errors(rec.text, " ".join(f["text"] for f in finals))[0] == 0, finals
+
+
 async def streamed_finals(engine: WhisperEngine, vad_model: SileroModel, audio: np.ndarray,
                           config: SegmenterConfig = SegmenterConfig(), decode_s: float = 0.0,
                           options: StreamOptions = StreamOptions(language="en", partials=False),
-                          vad_lift_db: float = LIFT_DB) -> list[dict]:
+                          vad_lift_db: float = LIFT_DB, narrowband: bool = False) -> list[dict]:
     """`audio` through a stream of its own, every decode done before the next 20 ms, or for an early final
-    `decode_s` of audio after it was asked for: the finals."""
+    `decode_s` of audio after it was asked for: the finals. `narrowband`: the client sends at 8 kHz."""
     pool = DecodePool(engine, max_finals=4)
     pool.start()
     events: list[dict] = []
     vad = SileroVAD(vad_model, lift_db=vad_lift_db)
     stream = SpeechStream(pool, Segmenter(vad, config), options, events.append)
+    stream.narrowband = narrowband
     early, asked = None, 0.0  # the latest early final, and the audio time when it was asked for
     try:
         for i in range(0, audio.size, 320):

@@ -20,8 +20,9 @@ from deepgram.core.api_error import ApiError
 from deepgram.core.events import EventType
 from deepgram.environment import DeepgramClientEnvironment
 
+from asr.audio import G711
 from client import ServerProcess, health
-from speech import pcm16, recording, wer
+from speech import pcm16, phone_line, recording, wer, word_errors
 from vendor import chunked, paced, spoken
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -188,6 +189,30 @@ async def test_a_wav_file_streamed_with_its_header_by_the_sync_client(server):
     print(f"\nREF: {said.reference}\nHYP: {hypothesis}")
     assert wer([(said.reference, hypothesis)]) <= 0.15
     assert received[-1].type == "Metadata"
+
+
+async def test_a_caller_on_a_telephone_line_keeps_every_word(server):
+    """"One. Two. Three." over a telephone line, each word alone, comes back whole from a telephone client's
+    stream (mulaw at 8 kHz, as a call's media stream comes) and from a WAV file at 8 kHz streamed as it is
+    read: both are heard at 8 kHz (asr/vad.py)."""
+    said = spoken("sr-english-one-two-three")
+    line = phone_line(said.audio)
+    wav = io.BytesIO()
+    with wave.open(wav, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(G711["mulaw"][np.frombuffer(line, np.uint8)].tobytes())
+    client = AsyncDeepgramClient(api_key="x", environment=environment(server))
+    for query, chunks, speed in (({"encoding": "mulaw", "sample_rate": "8000"}, chunked(line, 800), 1.0),
+                                 ({}, chunked(wav.getvalue(), 8192), 100.0)):  # the file as fast as it is read
+        async with client.listen.v1.connect(model="nova-3", **query) as connection:
+            messages = Messages(connection)
+            await paced(chunks, 0.1, connection.send_media, speed)
+            await connection.send_close_stream()
+            await asyncio.wait_for(messages.task, 20)
+        hypothesis = " ".join(f.channel.alternatives[0].transcript for f in messages.finals())
+        assert word_errors(said.reference, hypothesis)[0] == 0, (query, hypothesis)
 
 
 async def test_token_scheme_access_tokens_and_the_browser_subprotocol(private_network):

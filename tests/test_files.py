@@ -23,7 +23,8 @@ from deepgram import DeepgramClient
 from deepgram.environment import DeepgramClientEnvironment
 
 from client import RTCClient, ServerProcess, SpeechTrack, WSClient, wait_sessions
-from speech import GAP_S, Recording, load_devset, pcm16, recording, wer, with_pauses, word_errors
+from speech import (GAP_S, Recording, load_devset, pcm16, recording, telephone_band, wer, with_pauses,
+                    word_errors)
 
 # Word error rate bounds, with the plain normaliser ("1" is not "one"). The devset one after another with
 # pauses measured 6% (10 of 163 words); offline faster-whisper 4 to 5%.
@@ -179,6 +180,15 @@ async def test_containers_rates_and_channels(files_server, fmt, codec, rate, lay
     # Bytes, as the SDK sends them: filename "upload", no type: the server sniffs the content.
     result = await openai_client(files_server).audio.transcriptions.create(file=data, model="whisper-1")
     assert wer([(" ".join(r.text for r in clip), result.text)]) <= CLIP_BAR, result.text
+
+
+async def test_a_call_recorded_at_8_khz_keeps_every_word(files_server):
+    """A call's recording (G.711 mu-law at 8 kHz in a WAV) of "One. Two. Three." over a telephone line, each word
+    alone: heard at 8 kHz, as the file was sent, the VAD keeps every word (at 16 kHz it lost one)."""
+    rec = recording("sr-english-one-two-three")
+    data = encode(telephone_band(with_pauses([rec])), "wav", "pcm_mulaw", 8000, "mono")
+    result = await openai_client(files_server).audio.transcriptions.create(file=data, model="whisper-1")
+    assert word_errors(rec.text, result.text)[0] == 0, result.text
 
 
 async def test_models_through_the_openai_sdk(files_server):

@@ -21,8 +21,8 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from openai import AsyncOpenAI
 
 from client import ServerProcess, SpeechTrack, health, wait_sessions
-from speech import pcm16, recording, wer
-from vendor import chunked, g711, paced, spoken
+from speech import g711, pcm16, recording, wer
+from vendor import chunked, paced, spoken
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from asr.audio import G711
 from speech import GAP_S, Recording, recording
 
 LEAD_S, TAIL_S = 0.5, 1.5  # a microphone opened before the first word, left open after the last
@@ -33,16 +32,6 @@ def spoken(*ids: str) -> Speech:
         parts += [r.audio, gap]
     parts.append(np.zeros(int(TAIL_S * 16000), np.float32))
     return Speech(np.concatenate(parts), " ".join(r.text for r in recordings))
-
-
-def g711(samples: np.ndarray, encoding: str) -> bytes:
-    """16-bit samples as G.711 codes: each the code whose value is nearest (the decoder's table inverted)."""
-    table = G711[encoding].astype(np.int32)
-    order = np.argsort(table)
-    values = table[order]
-    at = np.clip(np.searchsorted(values, samples.astype(np.int32)), 1, len(values) - 1)
-    nearer = np.where(np.abs(values[at - 1] - samples) <= np.abs(values[at] - samples), at - 1, at)
-    return order[nearer].astype(np.uint8).tobytes()
 
 
 async def paced(chunks: list[bytes], seconds_each: float, send, speed: float = 1.0) -> None:
