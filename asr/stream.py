@@ -48,6 +48,9 @@ _UNHEARD_MARGIN_S = 0.4
 # A stream keeps pace with real time while its audio since an early final was asked for runs at most this far
 # ahead of the clock: network jitter, not a client that sends faster.
 _PACE_SLACK_S = 0.25
+# Two words take longer to say than this much speech: a final of one word twice in less was one word written
+# twice (see _said_once).
+_TWO_WORDS_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -368,6 +371,7 @@ class SpeechStream:
         if previous is not None:
             await asyncio.shield(previous)  # finals leave in utterance order
         if decoded:
+            result = _said_once(result, event)
             self._remember(result, event)
             if result is None:
                 result = await self._heard_again(event)
@@ -587,6 +591,21 @@ def _guessed(result: Transcript) -> bool:
     ("Six.", "No.", doubted too), not a guess."""
     words = result.words
     return 0 < len(words) <= _FEW_WORDS and _doubted(words) and not answer(result.text, result.language)
+
+
+def _said_once(result: Transcript | None, event: SpeechEnded) -> Transcript | None:
+    """A final of one word twice in less speech than two words take, as one word. Whisper writes a lone short
+    word twice: "One, one." for 0.16 s of speech under load, "six six" for 0.26 s over a telephone line, where
+    offline Whisper on the same audio reads it once. Spaced languages only: in Chinese, "谢谢" is one word."""
+    if (result is None or len(result.words) != 2 or event.end - event.start >= _TWO_WORDS_S
+            or result.text != " ".join(w.word for w in result.words)):
+        return result
+    first, second = result.words
+    bare = first.word.rstrip(".?!,;:-–—…")
+    if not bare or bare.casefold() != second.word.rstrip(".?!,;:-–—…").casefold():
+        return result
+    word = replace(first, word=bare + second.word[len(second.word.rstrip(".?!,;:-–—…")):])
+    return replace(result, text=word.word, words=[word])
 
 
 def _common_prefix(a: list[str], b: list[str]) -> list[str]:

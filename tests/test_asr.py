@@ -879,6 +879,15 @@ async def test_a_caller_on_a_telephone_line_keeps_every_word(engine, vad_model, 
     assert word_errors(rec.text, " ".join(f["text"] for f in finals))[0] == 0, finals
 
 
+async def test_a_lone_word_written_twice_is_one_word(engine, vad_model):
+    """"Six" alone over a telephone line: Whisper wrote it twice, "six six", for 0.26 s of speech, where offline
+    Whisper on the same audio reads it once. Two words take longer to say."""
+    rec = data_recording("cv-en-22058267")
+    finals = await streamed_finals(engine, vad_model, over_phone(padded(rec.audio)), narrowband=True)
+    assert [normalize(f["text"]) for f in finals] == [["six"]], finals
+    assert [w["word"] for w in finals[0]["words"]] == [finals[0]["text"]]
+
+
 async def streamed_finals(engine: WhisperEngine, vad_model: SileroModel, audio: np.ndarray,
                           config: SegmenterConfig = SegmenterConfig(), decode_s: float = 0.0,
                           options: StreamOptions = StreamOptions(language="en", partials=False),
