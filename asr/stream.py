@@ -401,6 +401,7 @@ class SpeechStream:
             return None
         finally:
             self._unheard = None
+        result = _said_once(result, event)
         if result is not None:
             self._said.pop()  # the empty final remembered for the piece after it
             self._remember(result, event)
@@ -549,10 +550,11 @@ _CONTINUING = frozenset("""a an the and or but nor of to for with from into onto
 because if although though whether my your his her its our their including""".split())
 _SENTENCE_END = (".", "?", "!", "。", "？", "！")
 _CLAUSE_END = (",", ";", ":", "-", "–", "—", "...", "…", "，", "、", "；", "：")
+_MARKS = ".?!,;:-–—…"  # what ends an English word in Whisper's text
 
 
 def _last_word(text: str) -> str:
-    words = text.rstrip(".?!,;:-–—…").split()
+    words = text.rstrip(_MARKS).split()
     return words[-1].strip("\"'").lower() if words else ""
 
 
@@ -601,10 +603,10 @@ def _said_once(result: Transcript | None, event: SpeechEnded) -> Transcript | No
             or result.text != " ".join(w.word for w in result.words)):
         return result
     first, second = result.words
-    bare = first.word.rstrip(".?!,;:-–—…")
-    if not bare or bare.casefold() != second.word.rstrip(".?!,;:-–—…").casefold():
+    bare, again = first.word.rstrip(_MARKS), second.word.rstrip(_MARKS)
+    if not bare or bare.casefold() != again.casefold():
         return result
-    word = replace(first, word=bare + second.word[len(second.word.rstrip(".?!,;:-–—…")):])
+    word = replace(first, word=bare + second.word[len(again):])  # with the second's mark: "One, one." is "One."
     return replace(result, text=word.word, words=[word])
 
 

@@ -53,13 +53,13 @@ class SileroModel:
     def __init__(self, path: str | None = None) -> None:
         self._sessions = {SAMPLE_RATE: _session(path or default_model_path()),
                           NARROWBAND_RATE: _session(default_model_path(NARROWBAND_RATE))}
+        self._rates = {rate: np.array(rate, dtype=np.int64) for rate in self._sessions}  # the model's `sr` input
 
     def run(self, inputs: np.ndarray, state: np.ndarray,
             rate: int = SAMPLE_RATE) -> tuple[np.ndarray, np.ndarray]:
         """`inputs`: one window at `rate` with its context per stream, (b, 576) at 16 kHz, (b, 288) at 8 kHz;
         `state`: (2, b, 128). Returns each stream's speech probability, (b,), and the next state."""
-        probs, state = self._sessions[rate].run(None, {"input": inputs, "state": state,
-                                                       "sr": np.array(rate, dtype=np.int64)})
+        probs, state = self._sessions[rate].run(None, {"input": inputs, "state": state, "sr": self._rates[rate]})
         return np.asarray(probs, dtype=np.float32).reshape(-1), state
 
 
