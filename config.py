@@ -111,7 +111,9 @@ class Config:
         "help": "most gain a quiet stream gets before Silero VAD hears it: the loudest sound of the last second is "
                 "brought up to -30 dBFS, never down, so that a quiet or distant speaker still starts utterances "
                 "(Whisper does not hear this gain: its own is --lift-dbfs); 0: off"})
-    min_speech_ms: int = field(default=250, metadata={"help": "shorter sounds are ignored"})
+    min_speech_ms: int = field(default=250, metadata={
+        "help": "shorter sounds do not start speech, but speech begun within the unfinished endpoint after one "
+                "starts at it"})
     preroll_ms: int = field(default=300, metadata={"help": "audio kept from before speech onset"})
     max_utterance_s: float = field(default=20.0, metadata={"help": "longer speech is split (max 30)"})
     max_sessions: int = field(default=16, metadata={"help": "concurrent sessions; more get 503"})

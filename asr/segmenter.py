@@ -21,7 +21,8 @@ CAUSES = ("endpoint", "split", "flush", "end")
 class SegmenterConfig:
     threshold: float = 0.5  # probability that starts speech
     neg_threshold: float = 0.35  # speech goes on until the probability falls below this
-    min_speech_ms: int = 250  # shorter bursts are noise
+    # Shorter bursts do not start speech; speech that begins within unfinished_endpoint_ms of one starts at it.
+    min_speech_ms: int = 250
     preroll_ms: int = 300  # audio kept from before the onset: VAD fires after the first phoneme
     endpoint_ms: int = 600  # silence that ends an utterance
     # Silence that ends an utterance whose words so far stop mid-clause or are left open (the stream judges
@@ -252,6 +253,10 @@ class Segmenter:
             self._silence += 1
         else:
             if prob >= c.threshold:
+                if not self._confirmed and self._silence >= self._endpoint_windows:
+                    # A burst too short to be speech ("The", then a pause) only starts the speech after it: that
+                    # speech must still be long enough on its own.
+                    self._speech = 0
                 self._silence = 0
                 self.unfinished = False
             if self._silence == 0:
@@ -261,7 +266,7 @@ class Segmenter:
                 self._confirmed = True
                 self._utterance += 1
                 events.append(SpeechStarted(self._utterance, round(self._onset * _WINDOW_S, 3)))
-            elif self._silence >= self._endpoint_windows:
+            elif self._silence >= self._unfinished_windows:
                 self._discard()
             return
         length = len(self._windows)

@@ -934,6 +934,24 @@ def with_pause(engine: WhisperEngine, rec, after: str, until: str, pause_s: floa
     return audio, rec.text[:rec.text.lower().index(until) + len(until)], cut
 
 
+def test_a_word_too_short_to_start_speech_starts_the_speech_after_it(engine, vad_model):
+    """ "The [1 s] hospital has followed ...": the VAD hears "The" for less than min_speech_ms, too short to start
+    speech on its own, and the pause after it ended it as noise: the utterance began at "hospital", the word lost.
+    Speech that begins within the unfinished endpoint of such a burst starts at the burst; a burst with no speech
+    after it is still nothing."""
+    rec = data_recording("fleurs-en-005")
+    audio, _, cut = with_pause(engine, rec, "the", "others", 1.0)
+    window_s = 512 / 16000
+    vad = SileroVAD(vad_model)
+    probs = vad(audio[:audio.size // 512 * 512].reshape(-1, 512))
+    burst = probs[:round((PAD_S + cut / 16000) / window_s)] >= SegmenterConfig().threshold
+    assert 0 < burst.sum() < SegmenterConfig().min_speech_ms / 1000 / window_s  # the case this guards against
+    starts = [e for e in segment(vad_model, audio) if isinstance(e, SpeechStarted)]
+    assert starts and starts[0].start <= np.argmax(burst) * window_s + 0.001, (starts, np.argmax(burst) * window_s)
+    alone = audio[:round((PAD_S + cut / 16000 + 1.0) * 16000)]
+    assert not [e for e in segment(vad_model, padded(alone)) if isinstance(e, SpeechStarted)]
+
+
 async def test_a_pause_mid_clause_does_not_end_the_utterance(engine, vad_model):
     """ "... infection control, including [700 ms] separating the patient ..." is one final: the early
     final ends on "including", so the pause must reach 1 s, not the 500 ms endpoint, to end it. Decodes
