@@ -91,10 +91,9 @@ class Segmenter:
         self._quiet = 0  # trailing windows quieter than quiet_db under it
         self._confirmed = False
         self._active = False
-        # Speech was just cut off (flush, discard): Silero still hears it for a window or two, a burst that is
-        # no word of its own and must not lead the next speech.
+        # Speech was just cut off (flush, discard): until the VAD next hears silence, what it hears is the cut
+        # speech's tail, a burst that is no word of its own and must not lead the next speech.
         self._cut = False
-        self._lead = True  # the candidate's burst may lead speech that begins within the unfinished endpoint
 
     def configure(self, config: SegmenterConfig) -> None:
         """New settings, from the next window on; the utterance in progress keeps what it has heard."""
@@ -249,7 +248,6 @@ class Segmenter:
                 self._onset = self._position
                 self._speech, self._silence = 1, 0
                 self._loudest, self._quiet = level, 0
-                self._lead = not self._cut
             elif prob < c.neg_threshold:
                 self._cut = False
             return
@@ -275,7 +273,7 @@ class Segmenter:
                 self._confirmed = True
                 self._utterance += 1
                 events.append(SpeechStarted(self._utterance, round(self._onset * _WINDOW_S, 3)))
-            elif self._silence >= (self._unfinished_windows if self._lead else self._endpoint_windows):
+            elif self._silence >= (self._endpoint_windows if self._cut else self._unfinished_windows):
                 self._discard()
             return
         length = len(self._windows)
